@@ -1,0 +1,1 @@
+"""Benchmarks as data: the native case format, the generated world, readers of foreign formats."""

@@ -1,0 +1,1 @@
+"""Benchmark readers, one module each, registered by name (``mmke.registry.benchmarks``)."""

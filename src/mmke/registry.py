@@ -1,0 +1,89 @@
+"""One lazy registry for every pluggable component (benchmarks, model families, methods, metrics).
+
+Components register themselves with a decorator in their own module. A registry imports
+the modules of its home package only when it is first asked for a name, so ``mmke list``
+never pays for importing torch unless a component needs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from mmke.errors import UnknownNameError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Names -> components of one kind, filled by ``@registry.register(name)``."""
+
+    kind: str
+    package: str
+    _items: dict[str, T] = field(default_factory=dict)
+    _help: dict[str, str] = field(default_factory=dict)
+    _loaded: bool = False
+
+    def register(self, name: str, help: str = "") -> Callable[[T], T]:
+        def add(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            doc = help or (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            self._help[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            return obj
+
+        return add
+
+    def get(self, name: str) -> T:
+        self._load()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownNameError(self._miss_message(name)) from None
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def describe(self) -> Iterator[tuple[str, str]]:
+        for name in self.names():
+            yield name, self._help.get(name, "")
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._items
+
+    def _miss_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self._items, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        known = ", ".join(sorted(self._items)) or "none"
+        return f"unknown {self.kind} {name!r}{hint} (known: {known})"
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        pkg = importlib.import_module(self.package)
+        paths = getattr(pkg, "__path__", None)
+        if paths is None:  # a plain module registers on import
+            return
+        for mod in pkgutil.walk_packages(paths, prefix=f"{self.package}."):
+            if not mod.name.rsplit(".", 1)[-1].startswith("_"):
+                importlib.import_module(mod.name)
+
+
+benchmarks: Registry = Registry("benchmark", "mmke.data.formats")
+model_families: Registry = Registry("model family", "mmke.models.families")
+methods: Registry = Registry("method", "mmke.methods")
+metrics: Registry = Registry("metric", "mmke.eval.metrics")
+
+register_benchmark = benchmarks.register
+register_family = model_families.register
+register_method = methods.register
+register_metric = metrics.register

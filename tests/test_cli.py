@@ -1,0 +1,43 @@
+"""The CLI turns bad input into one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmke.cli import main
+
+
+def test_unknown_benchmark_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--benchmark", "wrold"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "unknown benchmark 'wrold'" in err and "did you mean 'world'" in err
+
+
+def test_missing_native_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["run", "--benchmark", f"native:{tmp_path / 'nope.jsonl'}"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_validate_prints_each_problem(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"format": "mmke-cases", "version": 1}) + "\n{oops\n")
+    assert main(["validate", str(f)]) == 1
+    assert f"{f}:2: invalid JSON" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not a header\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmke.cli", "run", "--benchmark", f"native:{bad}"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("mmke: error:")
