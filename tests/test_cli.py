@@ -36,7 +36,9 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     bad.write_text("not a header\n")
     proc = subprocess.run(
         [sys.executable, "-m", "mmke.cli", "run", "--benchmark", f"native:{bad}"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -85,8 +85,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mmke.data.benchmark import load_benchmark
 
     bench = load_benchmark(args.benchmark)
-    console.print(f"benchmark {bench.name} ({bench.version}): {len(bench.cases)} eval cases, "
-                  f"{len(bench.train_cases)} train cases, images under {bench.image_root}")
+    console.print(
+        f"benchmark {bench.name} ({bench.version}): {len(bench.cases)} eval cases, "
+        f"{len(bench.train_cases)} train cases, images under {bench.image_root}"
+    )
     if bench.name == "world" and bench.image_root is not None:
         from mmke.data.world import world_stats
 

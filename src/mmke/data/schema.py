@@ -266,7 +266,7 @@ def iter_validated(path: Path, root: Path | None = None) -> Iterator[EditCase | 
     name = str(path)
     seen: dict[str, int] = {}
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8")  # noqa: SIM115 -- an unreadable file is a Problem, not a raise
     except OSError as e:
         yield Problem(name, 0, None, f"cannot open: {e.strerror}")
         return
@@ -286,7 +286,9 @@ def iter_validated(path: Path, root: Path | None = None) -> Iterator[EditCase | 
             yield _decode_line(line, lineno, name, root, seen)
 
 
-def _decode_line(line: str, lineno: int, name: str, root: Path | None, seen: dict[str, int]) -> EditCase | Problem:
+def _decode_line(
+    line: str, lineno: int, name: str, root: Path | None, seen: dict[str, int]
+) -> EditCase | Problem:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
-from mmke.cache import cache_dir
+from mmke.cache import cache_dir, materialize
 from mmke.data.benchmark import Benchmark
 from mmke.data.schema import read_cases
 from mmke.errors import ConfigError
@@ -14,27 +12,14 @@ from mmke.registry import register_benchmark
 
 #: Bump when the generator's output changes, so cached worlds are rebuilt rather than reused.
 WORLD_VERSION = "1"
-_DONE = ".complete"
 
 
 def world_dir(seed: int = 0, cache: Path | None = None) -> Path:
-    """The built world for ``seed`` (built on first use; the build is deterministic)."""
+    """The built world for ``seed``, built into the cache on first use (the build is deterministic)."""
     from mmke.data.world import build_world  # the generator pulls in PIL drawing; only when building
 
     out = cache_dir(cache) / "world" / f"v{WORLD_VERSION}-seed{seed}"
-    if (out / _DONE).is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        build_world(tmp, seed=seed)
-        (tmp / _DONE).write_text(WORLD_VERSION)
-        if out.exists():  # a half-built leftover from an interrupted run
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return materialize(out, lambda tmp: build_world(tmp, seed=seed), {"world": WORLD_VERSION, "seed": seed})
 
 
 def _seed(spec: str | None) -> int:
@@ -47,7 +32,9 @@ def _seed(spec: str | None) -> int:
 
 
 @register_benchmark("world", help="the generated world (embedded default): world[:SEED]")
-def load_world(spec: str | None = None, image_root: Path | None = None, train: str | None = None) -> Benchmark:
+def load_world(
+    spec: str | None = None, image_root: Path | None = None, train: str | None = None
+) -> Benchmark:
     root = world_dir(_seed(spec))
     return Benchmark(
         name="world",
@@ -56,4 +43,3 @@ def load_world(spec: str | None = None, image_root: Path | None = None, train: s
         image_root=root,
         train_cases=tuple(read_cases(root / "cases_train.jsonl", root)),
     )
-
