@@ -51,7 +51,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
     problems = validate(args.file, args.image_root if args.image_root else args.file.parent)
     for p in problems:
-        console.print(str(p), markup=False, highlight=False)
+        console.print(str(p), markup=False, highlight=False, soft_wrap=True)
     if problems:
         console.print(f"{len(problems)} problem(s) in {args.file}")
         return 1

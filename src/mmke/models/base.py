@@ -1,0 +1,236 @@
+"""The ``LVLM`` wrapper: an HF model and its processor, scored and decoded in batches, plus its edit sites.
+
+Everything model-specific (prompt format, preprocessing, where parts live) comes from the
+family; this module owns batching, answer spans, scoring and generation for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mmke.data.images import ImageStore
+from mmke.errors import MmkeError
+from mmke.models import _loading
+from mmke.models.batch import Batch, answer_labels, move_inputs
+from mmke.models.families import Encoded, Family
+from mmke.models.layout import Layout
+from mmke.models.scoring import ItemScore, ScoredBatch, score_answers
+from mmke.types import ImageRef
+
+
+class ModalityError(MmkeError):
+    """An item carries an image the model cannot take (text-only family) or no ImageStore to open it."""
+
+
+class Item(Protocol):
+    """Anything with a prompt, a target and an optional image: ``Probe``, ``Sample``, ``EditFact``."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def image(self) -> ImageRef | None: ...
+
+
+class LVLM:
+    """A loaded model, its processor and its family; score, generate and locate edit sites.
+
+    Build with ``LVLM.load(dir)`` (offline ``from_pretrained``) or ``LVLM(model, processor,
+    family)`` from objects in memory.
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, family: str | Family) -> None:
+        self.model = model.eval()  # scoring runs without dropout; methods switch modes themselves
+        self.processor = processor
+        self.family = _loading.family_named(family)
+        self.layout = Layout(model, self.family.layout_spec)
+        self.tokenizer = self.family.tokenizer(processor)
+        if self.tokenizer.pad_token is None:  # batching needs a pad id; it is always masked out
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # A chat template writes BOS itself; a plain format relies on the tokenizer adding it.
+        self._add_special_tokens = not self.family.chat_template(processor)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        family: str | Family | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+    ) -> LVLM:
+        """Load a saved HF model directory offline; the family is inferred from its config when not given."""
+        path = Path(path)
+        config = _loading.read_config(path)
+        fam = _loading.resolve_family(family, config, path)
+        processor = _loading.load_processor(fam, path)
+        model = _loading.load_model(fam, config, path, dtype, str(device))
+        return cls(model, processor, fam)
+
+    def __repr__(self) -> str:
+        return f"LVLM(family={self.family.name!r}, model={type(self.model).__name__}, dtype={self.dtype})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # --- text -----------------------------------------------------------------------------
+
+    def prompt_text(self, item: Item) -> str:
+        """The model's input text up to where the answer starts."""
+        return self.family.format_prompt(self.processor, item.prompt, item.image is not None)
+
+    def full_text(self, item: Item) -> str:
+        """Prompt and target as one text: the target follows after one space unless whitespace is there."""
+        prefix = self.prompt_text(item)
+        join = "" if not prefix or prefix[-1].isspace() or item.target[:1].isspace() else " "
+        return prefix + join + item.target
+
+    # --- teacher forcing ------------------------------------------------------------------
+
+    def encode(self, items: Sequence[Item], images: ImageStore | None = None) -> Batch:
+        """Tokenise prompt+target of each item (images processed once for the batch), right-padded."""
+        pictures = self._images(items, images)
+        texts = [self.full_text(it) for it in items]
+        enc = self._preprocess(texts, pictures, "right")
+        labels = answer_labels(enc, [it.target for it in items])  # (B, T)
+        batch = Batch(enc.inputs, labels, tuple(texts), enc.offsets, tuple(enc.text_lengths))
+        return batch.to(self.device, self.dtype)
+
+    def logits(self, batch: Batch, answer_only: bool = True) -> torch.Tensor:
+        """Answer-span logits (N, V), item-major in ``batch.answer_positions`` order; or all (B, T, V).
+
+        For the answer span the lm head only sees the hidden states that predict answer tokens,
+        so a batch never materialises (B, T, V).
+        """
+        if not answer_only:
+            return self.family.forward(self.model, batch.inputs).logits  # (B, T, V)
+        rows, cols = batch.answer_positions  # (N,), (N,)
+        with _gather_lm_head_input(self.model.get_output_embeddings(), batch.labels.shape, rows, cols - 1):
+            return self.family.forward(self.model, batch.inputs).logits  # (N, V)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean over items of each item's mean target NLL (differentiable; a scalar)."""
+        logits = self.logits(batch)  # (N, V)
+        nll = F.cross_entropy(logits.float(), batch.answer_labels, reduction="none")  # (N,)
+        rows, _ = batch.answer_positions  # (N,)
+        lengths = torch.tensor(batch.answer_lengths, dtype=nll.dtype, device=nll.device)  # (B,)
+        per_item = torch.zeros_like(lengths).index_add(0, rows, nll) / lengths  # (B,)
+        return per_item.mean()
+
+    def score(
+        self,
+        items: Sequence[Item],
+        images: ImageStore | None = None,
+        batch_size: int = 32,
+        topk: int = 10,
+    ) -> ScoredBatch:
+        """Token accuracy, exact match, NLL and answer-span top-k ids of each item, in input order."""
+        out: list[ItemScore | None] = [None] * len(items)
+        with torch.inference_mode():
+            for chunk in _chunks(self._by_length(items), batch_size):
+                batch = self.encode([items[i] for i in chunk], images)
+                logits = self.logits(batch)  # (N, V)
+                scores = score_answers(logits, batch.answer_labels, batch.answer_lengths, topk)
+                for i, s in zip(chunk, scores, strict=True):
+                    out[i] = s
+        return ScoredBatch(tuple(s for s in out if s is not None))
+
+    # --- generation -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        items: Sequence[Item],
+        images: ImageStore | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 32,
+    ) -> list[str]:
+        """Greedy continuations of each item's prompt (targets ignored): the new text only."""
+        out: list[str] = [""] * len(items)
+        with torch.inference_mode():
+            for chunk in _chunks(self._by_length(items), batch_size):
+                texts = self._decode_batch([items[i] for i in chunk], images, max_new_tokens)
+                for i, text in zip(chunk, texts, strict=True):
+                    out[i] = text
+        return out
+
+    def _decode_batch(
+        self, items: Sequence[Item], images: ImageStore | None, max_new_tokens: int
+    ) -> list[str]:
+        pictures = self._images(items, images)
+        enc = self._preprocess([self.prompt_text(it) for it in items], pictures, "left")
+        inputs = move_inputs(enc.inputs, self.device, self.dtype)
+        new = self.family.generate(
+            self.model,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )  # (B, N)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _preprocess(self, texts: list[str], pictures: list[Image.Image | None], side: str) -> Encoded:
+        return self.family.preprocess(self.processor, texts, pictures, side, self._add_special_tokens)
+
+    def _images(self, items: Sequence[Item], images: ImageStore | None) -> list[Image.Image | None]:
+        out: list[Image.Image | None] = []
+        for i, it in enumerate(items):
+            if it.image is None:
+                out.append(None)
+            elif not self.family.multimodal:
+                raise ModalityError(
+                    f"item {i}: has image {it.image.path!r} but {self.family.name} is text-only"
+                )
+            elif images is None:
+                raise ModalityError(f"item {i}: has image {it.image.path!r} but no ImageStore was given")
+            else:
+                out.append(images.open(it.image))
+        return out
+
+    def _by_length(self, items: Sequence[Item]) -> list[int]:
+        """Indices grouped image/text and sorted by text length, so batches pad little."""
+        return sorted(range(len(items)), key=lambda i: (items[i].image is not None, len(items[i].prompt)))
+
+
+def _chunks(order: list[int], size: int) -> Iterator[list[int]]:
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+@contextmanager
+def _gather_lm_head_input(
+    head: nn.Module, shape: torch.Size, rows: torch.Tensor, cols: torch.Tensor
+) -> Iterator[None]:
+    """While active, the lm head sees only hidden[rows, cols] (N, D) instead of (B, T, D)."""
+
+    def gather(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]  # (B, T, D)
+        if tuple(hidden.shape[:2]) != tuple(shape):  # a model that re-lays out tokens before its head
+            raise RuntimeError(
+                f"lm head input {tuple(hidden.shape)} does not line up with tokens {tuple(shape)}"
+            )
+        return (hidden[rows, cols], *args[1:])  # (N, D)
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()

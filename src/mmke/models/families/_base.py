@@ -1,0 +1,148 @@
+"""What a model family decides: how it loads, how a prompt is written, how inputs are built, where parts live.
+
+Everything else (batching, answer spans, scoring, generation) is shared in ``mmke.models.base``.
+A family holds no state; ``LVLM`` keeps one instance next to the model and processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import BatchFeature
+
+from mmke.models.layout import LayoutSpec
+
+
+@dataclass
+class Encoded:
+    """A processed batch before labels: model inputs plus where each token came from in the text.
+
+    ``offsets[b, t]`` is the (start, end) character span of token t in item b's final text (after
+    the processor expanded image placeholders); tokens the tokenizer added itself (BOS, padding,
+    image query tokens) have an empty span. ``text_lengths[b]`` is the length of that final text,
+    so the last ``len(target)`` characters of it are the answer.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    offsets: torch.Tensor  # (B, T, 2)
+    text_lengths: list[int]
+
+
+class Family:
+    """Base family: a processor-driven VLM (one image placeholder per image item, chat template if any).
+
+    Subclasses set the class attributes and override only what differs.
+    """
+
+    name: ClassVar[str] = ""
+    #: HF ``architectures`` entries and ``model_type`` values this family drives (for inference).
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layout_spec: ClassVar[LayoutSpec]
+    multimodal: ClassVar[bool] = True
+    #: Prompt format when the processor has no chat template; ``{image}`` is the placeholder or "".
+    plain_format: ClassVar[str] = "USER: {image}{prompt} ASSISTANT:"
+    #: What ``{image}`` expands to in ``plain_format`` (the processor's image token followed by this).
+    image_suffix: ClassVar[str] = "\n"
+
+    # --- loading --------------------------------------------------------------------------
+
+    def load_processor(self, path: Path) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+
+    def model_class(self, config: Any) -> type[nn.Module]:
+        """The transformers class to instantiate: the config's own architecture when we drive it."""
+        import transformers
+
+        for arch in getattr(config, "architectures", None) or ():
+            if arch in self.architectures and hasattr(transformers, arch):
+                return getattr(transformers, arch)
+        return transformers.AutoModelForImageTextToText
+
+    # --- prompts --------------------------------------------------------------------------
+
+    def tokenizer(self, processor: Any) -> Any:
+        return getattr(processor, "tokenizer", processor)
+
+    def chat_template(self, processor: Any) -> str | None:
+        return getattr(processor, "chat_template", None) or getattr(
+            self.tokenizer(processor), "chat_template", None
+        )
+
+    def image_placeholder(self, processor: Any) -> str:
+        return str(processor.image_token)
+
+    def format_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
+        """The model's text up to where the answer starts (the assistant turn when there is one)."""
+        if self.chat_template(processor):
+            return self._templated(processor, prompt, has_image)
+        image = self.image_placeholder(processor) + self.image_suffix if has_image else ""
+        return self.plain_format.format(image=image, prompt=prompt)
+
+    def _templated(self, processor: Any, prompt: str, has_image: bool) -> str:
+        content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+        # explicit template: some checkpoints keep it only on the tokenizer, not the processor
+        template = self.chat_template(processor)
+        return processor.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def preprocess(
+        self,
+        processor: Any,
+        texts: list[str],
+        images: list[Image.Image | None],
+        padding_side: str,
+        add_special_tokens: bool,
+    ) -> Encoded:
+        """Tokenise a batch and process its images in one processor call (text-only items mixed in)."""
+        pixels = [im for im in images if im is not None]
+        # Python lists first: some processors cannot tensorise their own replacement offsets.
+        enc = processor(
+            text=list(texts),
+            images=pixels or None,
+            padding=True,
+            padding_side=padding_side,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            return_token_type_ids=False,
+        )
+        offsets = torch.tensor(enc.pop("offset_mapping"), dtype=torch.long)  # (B, T, 2)
+        replaced = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
+        lengths = [len(t) + _growth(r) for t, r in zip(texts, replaced, strict=True)]
+        return Encoded(dict(BatchFeature(dict(enc), tensor_type="pt")), offsets, lengths)
+
+    # --- running --------------------------------------------------------------------------
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        return model(**inputs, use_cache=False)
+
+    def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        """New token ids only, (B, N) (left-padded inputs)."""
+        out = model.generate(**inputs, **kwargs)  # (B, T + N)
+        return out[:, inputs["input_ids"].shape[1] :]
+
+
+def _growth(replacements: list[dict[str, Any]]) -> int:
+    """How many characters the processor's placeholder expansion added to one text."""
+    return sum((r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]) for r in replacements)
+
+
+def pad_rows(rows: list[list[Any]], value: Any, side: str) -> list[list[Any]]:
+    """Pad ragged rows to one length on the given side."""
+    width = max(len(r) for r in rows)
+    if side == "left":
+        return [[value] * (width - len(r)) + r for r in rows]
+    return [r + [value] * (width - len(r)) for r in rows]

@@ -1,0 +1,80 @@
+"""BLIP-2 (Blip2ForConditionalGeneration with OPT): ViT, Q-Former with learned queries, OPT decoder.
+
+Paper: Li et al., "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image Encoders
+and Large Language Models", ICML 2023. The prompt is the bare question (as EasyEdit/VLKEB feed
+it); an image item starts with ``num_query_tokens`` image tokens before BOS, the order the
+official processor uses, so query outputs land where the model expects them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mmke.models.families._base import Encoded, Family, pad_rows
+from mmke.models.layout import LayoutSpec
+from mmke.registry import register_family
+
+
+@register_family("blip2")
+class Blip2(Family):
+    """BLIP-2 with a decoder-only language model (OPT); the Q-Former is its connector."""
+
+    name = "blip2"
+    architectures = ("Blip2ForConditionalGeneration",)
+    model_types = ("blip-2",)
+    plain_format = "{prompt}"
+    layout_spec = LayoutSpec(
+        decoder_layers=("language_model.model.decoder.layers", "language_model.model.layers"),
+        # OPT layers have no MLP module: mlp() falls back to the output projection fc2
+        mlp=("mlp", "fc2"),
+        vision_tower=("vision_model",),
+        vision_layers=("vision_model.encoder.layers",),
+        projector=("language_projection",),
+        qformer=("qformer",),
+    )
+
+    def format_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
+        # image query tokens are inserted as ids in preprocess, before BOS
+        return self.plain_format.format(prompt=prompt)
+
+    def preprocess(
+        self,
+        processor: Any,
+        texts: list[str],
+        images: list[Image.Image | None],
+        padding_side: str,
+        add_special_tokens: bool,
+    ) -> Encoded:
+        tok = processor.tokenizer
+        enc = tok(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        n_query = processor.num_query_tokens
+        image_id = tok.convert_tokens_to_ids(str(processor.image_token))
+        ids, spans = [], []
+        for row, offs, image in zip(enc["input_ids"], enc["offset_mapping"], images, strict=True):
+            lead = n_query if image is not None else 0
+            ids.append([image_id] * lead + list(row))
+            spans.append([(0, 0)] * lead + [tuple(o) for o in offs])
+        input_ids = torch.tensor(pad_rows(ids, tok.pad_token_id, padding_side))  # (B, T)
+        mask = torch.tensor(pad_rows([[1] * len(r) for r in ids], 0, padding_side))  # (B, T)
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": mask}
+        pixels = [im for im in images if im is not None]
+        if pixels:
+            inputs["pixel_values"] = processor.image_processor(pixels, return_tensors="pt")["pixel_values"]
+        offsets = torch.tensor(pad_rows(spans, (0, 0), padding_side))  # (B, T, 2)
+        return Encoded(inputs, offsets, [len(t) for t in texts])
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        if "pixel_values" not in inputs:  # BLIP-2's forward needs images; text runs the LM alone
+            return model.language_model(**inputs, use_cache=False)
+        return model(**inputs, use_cache=False)
+
+    def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        if "pixel_values" not in inputs:
+            out = model.language_model.generate(**inputs, **kwargs)  # (B, T + N)
+        else:
+            out = model.generate(**inputs, **kwargs)  # (B, T + N): input_ids are passed through
+        return out[:, inputs["input_ids"].shape[1] :]

@@ -1,0 +1,73 @@
+"""Qwen2-VL and Qwen2.5-VL: ViT with 2x2 patch merger, Qwen2 decoder with multimodal RoPE.
+
+Papers: Wang et al., "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at Any
+Resolution", 2024; Bai et al., "Qwen2.5-VL Technical Report", 2025. Prompts go through the chat
+template; the answer follows ``<|im_start|>assistant\\n`` with no separator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+from mmke.models.families._base import Family
+from mmke.models.layout import LayoutSpec
+from mmke.registry import register_family
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video half, whose processor needs torchvision.
+
+    Images and text are processed exactly as by ``Qwen2VLProcessor`` (Qwen2.5-VL's processor
+    does the same for images).
+    """
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None):
+        # The base passes video_processor positionally; our signature lists only two
+        # sub-processors, so ProcessorMixin never asks for (or type-checks) a video processor.
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Saved as the real class, so a saved directory looks like any Qwen2-VL checkpoint.
+        return super().to_dict() | {"processor_class": "Qwen2VLProcessor"}
+
+
+@register_family("qwen2_vl")
+class Qwen2VL(Family):
+    """Qwen2-VL / Qwen2.5-VL: native-resolution ViT, patch merger, Qwen2 decoder with M-RoPE."""
+
+    name = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    plain_format = "{image}{prompt}"
+    image_suffix = ""
+    layout_spec = LayoutSpec(
+        decoder_layers=("model.language_model.layers", "model.layers"),
+        vision_tower=("model.visual", "visual"),
+        vision_layers=("model.visual.blocks", "visual.blocks"),
+        projector=("model.visual.merger", "visual.merger"),
+    )
+
+    def image_placeholder(self, processor: Any) -> str:
+        return f"<|vision_start|>{processor.image_token}<|vision_end|>"
+
+    def load_processor(self, path: Path) -> Any:
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except (ImportError, ValueError, TypeError, OSError) as e:
+            # The video processor needs torchvision; we only ever process images.
+            first: Exception = e
+        else:
+            if hasattr(processor, "image_processor"):
+                return processor
+            first = ValueError("AutoProcessor found no image processor")
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (ImportError, ValueError, TypeError, OSError):
+            raise first from None
+        return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)

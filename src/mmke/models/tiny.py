@@ -1,0 +1,318 @@
+"""Tiny randomly initialised models of the real transformers classes, built offline in code (for tests).
+
+Each has 2 decoder layers of width 64, a 2-layer vision tower on 32x32 images, a byte-level BPE
+tokenizer trained here on a fixed corpus (so " paris" and "paris" are different ids, as in
+OPT/Qwen/GPT-2) and the family's real processor with its PIL image processor (no torchvision).
+``tiny_model(kind, seed)`` is deterministic; ``save_tiny`` writes one in HF format so
+``LVLM.load(dir)`` goes through the real ``from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from mmke.models.base import LVLM
+
+#: Every tiny model that can be built; "qwen2_5_vl" is a Qwen2.5-VL model driven by family qwen2_vl.
+TINY_KINDS = ("llava", "blip2", "qwen2_vl", "qwen2_5_vl", "idefics3", "causal_lm")
+
+_CORPUS = (
+    "paris is the capital of france",
+    "the capital of france is paris",
+    "rome is the capital of italy and paris is in france",
+    "london is a city in england",
+    "what is the colour of the sign in the picture",
+    "the sign is red and the sky is blue",
+    "who painted this picture of a red square",
+    "question answer user assistant image",
+)
+
+_WIDTH = 64
+_IMAGE = 32
+
+# Qwen2-VL's chat template, reduced to the parts a single-turn prompt uses.
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_model(kind: str, seed: int = 0) -> LVLM:
+    """A tiny random model of ``kind`` (one of ``TINY_KINDS``), identical for the same seed."""
+    builders: dict[str, Callable[[int], LVLM]] = {
+        "llava": _llava,
+        "blip2": _blip2,
+        "qwen2_vl": _qwen2_vl,
+        "qwen2_5_vl": _qwen2_5_vl,
+        "idefics3": _idefics3,
+        "causal_lm": _causal_lm,
+    }
+    if kind not in builders:
+        raise ValueError(f"no tiny model {kind!r}; known: {', '.join(TINY_KINDS)}")
+    return builders[kind](seed)
+
+
+def save_tiny(model: LVLM, path: str | Path) -> Path:
+    """Write weights, config and processor/tokenizer in HF format (what ``LVLM.load`` reads)."""
+    path = Path(path)
+    model.model.save_pretrained(path)
+    model.processor.save_pretrained(path)
+    return path
+
+
+# --- tokenizers ---------------------------------------------------------------------------
+
+
+def bpe_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>", pad: str = "<pad>") -> Any:
+    """A byte-level BPE trained on a fixed corpus, wrapped as a fast HF tokenizer.
+
+    ``specials`` become special tokens; BOS (when given) is prepended by the post-processor.
+    """
+    names = [t for t in (bos, eos, pad) if t] + [s for s in specials if s not in (bos, eos, pad)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=names,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_CORPUS) * 10, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    extra = {"image_token": "<image>"} if "<image>" in specials else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, extra_special_tokens=extra
+    )
+
+
+def _llama_text(tok: Any, **overrides: Any) -> dict[str, Any]:
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": _WIDTH,
+        "intermediate_size": 2 * _WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "initializer_range": 0.2,  # wide logits: no near-ties for argmax comparisons in tests
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+    return cfg | overrides
+
+
+def _build(cls: type[nn.Module], config: Any, seed: int) -> nn.Module:
+    with torch.random.fork_rng():  # leave the caller's RNG as it was
+        torch.manual_seed(seed)
+        return cls(config).eval()
+
+
+# --- families -----------------------------------------------------------------------------
+
+
+def _llava(seed: int) -> LVLM:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = bpe_tokenizer(["<image>"])
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE}
+    )
+    # CLIP keeps a CLS token (num_additional_image_tokens=1) that "default" selection drops again
+    processor = LlavaProcessor(
+        image_processor,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    text = _llama_text(tok)
+    text.pop("model_type")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_vit(), projection_dim=32),
+        text_config=LlamaConfig(**text),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=tok.pad_token_id,
+    )
+    return LVLM(_build(LlavaForConditionalGeneration, config, seed), processor, "llava")
+
+
+def _blip2(seed: int) -> LVLM:
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = bpe_tokenizer(["<image>"])
+    n_query = 4
+    processor = Blip2Processor(
+        BlipImageProcessorPil(size={"height": _IMAGE, "width": _IMAGE}), tok, num_query_tokens=n_query
+    )
+    opt = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=_WIDTH,
+        ffn_dim=2 * _WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        word_embed_proj_dim=_WIDTH,
+        init_std=0.2,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**_vit(), initializer_range=0.02),
+        qformer_config=Blip2QFormerConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+        ),
+        text_config=opt,
+        num_query_tokens=n_query,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    return LVLM(_build(Blip2ForConditionalGeneration, config, seed), processor, "blip2")
+
+
+def _qwen_processor() -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from mmke.models.families.qwen2_vl import ImageOnlyQwen2VLProcessor
+
+    specials = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tok = bpe_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    # 32x32 images -> 8x8 patches of 4 px -> 16 image tokens after the 2x2 merge
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": _IMAGE**2},
+    )
+    return ImageOnlyQwen2VLProcessor(image_processor, tok, chat_template=_QWEN_TEMPLATE)
+
+
+def _qwen_ids(tok: Any) -> dict[str, int]:
+    names = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>"}
+    ids = {f"{k}_token_id": tok.convert_tokens_to_ids(v) for k, v in names.items()}
+    return ids | {"vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>")}
+
+
+def _qwen_text(tok: Any) -> dict[str, Any]:
+    text = _llama_text(tok, bos_token_id=None)
+    text.pop("model_type")
+    # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width)
+    return text | {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    }
+
+
+def _qwen2_vl(seed: int) -> LVLM:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    processor = _qwen_processor()
+    tok = processor.tokenizer
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": _WIDTH, "num_heads": 2, "mlp_ratio": 2}
+    vision |= {"patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    config = Qwen2VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
+    return LVLM(_build(Qwen2VLForConditionalGeneration, config, seed), processor, "qwen2_vl")
+
+
+def _qwen2_5_vl(seed: int) -> LVLM:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = _qwen_processor()
+    tok = processor.tokenizer
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": _WIDTH,
+    }
+    vision |= {"patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision |= {"window_size": 16, "fullatt_block_indexes": [1]}
+    config = Qwen2_5_VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
+    return LVLM(_build(Qwen2_5_VLForConditionalGeneration, config, seed), processor, "qwen2_vl")
+
+
+def _idefics3(seed: int) -> LVLM:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    specials = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<|im_start|>"]
+    tok = bpe_tokenizer(specials)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": _IMAGE}, max_image_size={"longest_edge": _IMAGE}, do_image_splitting=False
+    )
+    # (32 / 8)^2 = 16 patches, pixel-shuffled by 2 -> 4 image tokens
+    processor = Idefics3Processor(image_processor, tok, image_seq_len=4)
+    config = Idefics3Config(
+        vision_config=_vit(),
+        text_config=_llama_text(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LVLM(_build(Idefics3ForConditionalGeneration, config, seed), processor, "idefics3")
+
+
+def _causal_lm(seed: int) -> LVLM:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = bpe_tokenizer([])
+    text = _llama_text(tok)
+    text.pop("model_type")
+    return LVLM(_build(LlamaForCausalLM, LlamaConfig(**text), seed), tok, "causal_lm")
+
+
+def _vit() -> dict[str, Any]:
+    """A 2-layer ViT of width 32 on 32x32 images in 8x8 patches."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": _IMAGE,
+        "patch_size": 8,
+    }
