@@ -1,0 +1,22 @@
+"""The world: a generated multimodal knowledge-editing benchmark with a ground-truth knowledge graph.
+
+``build_world(out, seed)`` writes a deterministic benchmark (VLKEB-style visual entity edits with
+multi-hop portability, MMKE-Bench's visual semantic and user-specific edits, a MedMKEB-like
+medical MCQ slice), the training corpus of the world model and its pre-edit checks.
+"""
+
+from mmke.data.world._build import build_world, load_kg, world_stats
+from mmke.data.world._config import WorldConfig
+from mmke.data.world._kg import RELATIONS, Entity, KnowledgeGraph, Relation, Triple
+
+__all__ = [
+    "RELATIONS",
+    "Entity",
+    "KnowledgeGraph",
+    "Relation",
+    "Triple",
+    "WorldConfig",
+    "build_world",
+    "load_kg",
+    "world_stats",
+]

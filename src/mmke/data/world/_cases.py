@@ -1,0 +1,237 @@
+"""The four edit types as EditCases: visual entity, visual semantic, user-specific and medical MCQ."""
+
+from __future__ import annotations
+
+from numpy.random import Generator
+
+from mmke.data.world import _templates as T
+from mmke.data.world._assign import entity_targets, sign_targets
+from mmke.data.world._common import pick, rng_for
+from mmke.data.world._medical import FINDINGS, Combo, mcq_options, render_options
+from mmke.data.world._plan import World, entity_image, scan_image, train_slots, user_image
+from mmke.data.world._probes import AttackParts, portability, robustness, text_locality
+from mmke.types import EditCase, EditFact, EditType, Probe, ProbeKind
+
+K = ProbeKind
+_PREFIX = {
+    EditType.VISUAL_ENTITY: "ve",
+    EditType.VISUAL_SEMANTIC: "vs",
+    EditType.USER_SPECIFIC: "us",
+    EditType.MEDICAL_MCQ: "med",
+}
+
+
+def build_cases(world: World, split: str) -> list[EditCase]:
+    """Every case of ``split`` ("eval" or "train"), grouped by edit type, with stable ids."""
+    subjects = world.eval_subjects if split == "eval" else world.train_subjects
+    c = world.config
+    counts = {
+        EditType.VISUAL_ENTITY: c.train_visual_entity,
+        EditType.VISUAL_SEMANTIC: c.train_visual_semantic,
+        EditType.USER_SPECIFIC: c.train_user_specific,
+        EditType.MEDICAL_MCQ: c.train_medical,
+    }
+    out: list[EditCase] = []
+    for et in EditType:
+        slots = [(s, 0) for s in subjects[et]] if split == "eval" else train_slots(subjects[et], counts[et])
+        ids = [f"world/{split}/{_PREFIX[et]}-{i:04d}" for i in range(len(slots))]
+        out += _BUILDERS[et](world, split, ids, slots)
+    return out
+
+
+def _entity_cases(world: World, split: str, ids: list[str], slots: list[tuple[str, int]]) -> list[EditCase]:
+    targets = entity_targets(world, slots, split)
+    return [entity_case(world, cid, s, new, r) for cid, (s, r), new in zip(ids, slots, targets, strict=True)]
+
+
+def entity_case(world: World, case_id: str, e: str, new: str, rnd: int) -> EditCase:
+    """Image of ``e`` relabelled as the same-type entity ``new`` (VLKEB / MMKE-Bench visual entity edit)."""
+    kg, rng = world.kg, rng_for(world.seed, "case", case_id)
+    kind, sim = kg.entity(e).type, kg.similar[e]
+    img = entity_image(e, world.train_views[rnd % len(world.train_views)])
+    q, target = T.recognition(kind), kg.name(new)
+    port, paths = portability(world, T.image_ref(kind), new, e, img)
+    parts = AttackParts(
+        old=kg.name(e),
+        similar=kg.name(sim),
+        vague=f"so which {T.TYPE_NOUN[kind]} is this , roughly ?",
+        context=f"this picture was taken in {_city(world, rng)} last summer .",
+    )
+    probes = [
+        Probe(K.RELIABILITY, q, target, img),
+        Probe(K.TEXT_GENERALITY, T.recognition(kind, T.HELD_OUT), target, img),
+        Probe(K.IMAGE_GENERALITY, q, target, entity_image(e, int(pick(rng, world.held_out_views)))),
+        *text_locality(world, case_id),
+        Probe(K.IMAGE_LOCALITY, q, kg.name(sim), entity_image(sim, int(pick(rng, world.held_out_views)))),
+        *port,
+        *robustness(world, q, img, target, parts),
+    ]
+    meta = {"old_entity": e, "new_entity": new, "similar_entity": sim, "portability_paths": ";".join(paths)}
+    fact = EditFact(q, target, img, kg.name(e))
+    return EditCase(case_id, EditType.VISUAL_ENTITY, fact, tuple(probes), e, meta)
+
+
+def _sign_cases(world: World, split: str, ids: list[str], slots: list[tuple[str, int]]) -> list[EditCase]:
+    meanings = sign_targets(world, slots, split)
+    return [sign_case(world, cid, s, m, r) for cid, (s, r), m in zip(ids, slots, meanings, strict=True)]
+
+
+def sign_case(world: World, case_id: str, sign: str, new: str, rnd: int) -> EditCase:
+    """A sign's meaning (a rule) rewritten to another sign's meaning (MMKE-Bench visual semantic edit)."""
+    kg, rng = world.kg, rng_for(world.seed, "case", case_id)
+    ref, old, twin = T.image_ref("sign"), kg.obj(sign, "means") or "", kg.similar[sign]
+    img = entity_image(sign, world.train_views[rnd % len(world.train_views)])
+    q, target = T.ask("means", ref), kg.name(new)
+    port, paths = portability(world, T.noun_phrase(("means",), ref), new, old, img)
+    parts = AttackParts(
+        old=kg.name(old),
+        similar=kg.name(twin),
+        vague="so what is this sign about , roughly ?",
+        context=f"this sign stands at the gate of a school in {_city(world, rng)} .",
+    )
+    probes = [
+        Probe(K.RELIABILITY, q, target, img),
+        Probe(K.IMAGE_RELIABILITY, T.ask("means", ref, 1), target, img),
+        Probe(K.TEXT_RELIABILITY, T.ask("means", kg.name(sign)), target),
+        Probe(K.TEXT_GENERALITY, T.ask("means", ref, T.HELD_OUT), target, img),
+        Probe(K.IMAGE_GENERALITY, q, target, entity_image(sign, int(pick(rng, world.held_out_views)))),
+        *text_locality(world, case_id),
+        Probe(
+            K.IMAGE_LOCALITY,
+            q,
+            kg.name(kg.obj(twin, "means") or ""),
+            entity_image(twin, int(pick(rng, world.held_out_views))),
+        ),
+        *port,
+        *robustness(world, q, img, target, parts),
+    ]
+    meta = {
+        "old_entity": old,
+        "new_entity": new,
+        "similar_entity": twin,
+        "portability_paths": ";".join(paths),
+    }
+    fact = EditFact(q, target, img, kg.name(old))
+    return EditCase(case_id, EditType.VISUAL_SEMANTIC, fact, tuple(probes), sign, meta)
+
+
+def _user_cases(world: World, split: str, ids: list[str], slots: list[tuple[str, int]]) -> list[EditCase]:
+    return [user_case(world, cid, s) for cid, (s, _) in zip(ids, slots, strict=True)]
+
+
+def user_case(world: World, case_id: str, uid: str) -> EditCase:
+    """Insert a personal fact: the pictured pet or item of an owner is called <new name> (no ground truth)."""
+    u, rng = world.user(uid), rng_for(world.seed, "case", case_id)
+    other = world.users[(world.users.index(u) + 1) % len(world.users)]
+    img, q = user_image(uid, 0), T.USER_EDIT.format(p=u.phrase)
+    loc_kind = "animal" if u.category == "animal" else "landmark"
+    loc = str(pick(rng, [e.id for e in world.kg.of_type(loc_kind)]))
+    host = "my friend" if other.owner == "me" else other.owner
+    parts = AttackParts(
+        old=other.name,
+        similar=other.phrase,
+        vague="so what do we call this one , roughly ?",
+        context=f"this photo was taken at the house of {host} .",
+    )
+    probes = [
+        Probe(K.RELIABILITY, q, u.name, img),
+        Probe(K.TEXT_RELIABILITY, T.USER_TEXT.format(p=u.phrase), u.name),
+        Probe(K.IMAGE_RELIABILITY, T.USER_IMAGE.format(k=u.kind), u.name, img),
+        Probe(
+            K.IMAGE_GENERALITY, q, u.name, user_image(uid, 1 + int(rng.integers(world.config.user_views - 1)))
+        ),
+        *text_locality(world, case_id),
+        Probe(
+            K.IMAGE_LOCALITY,
+            T.recognition(loc_kind),
+            world.kg.name(loc),
+            entity_image(loc, int(pick(rng, world.held_out_views))),
+        ),
+        Probe(K.PORTABILITY, T.USER_PORTABILITY[u.category].format(n=u.name), u.kind, hop=1),
+        *robustness(world, q, img, u.name, parts),
+    ]
+    meta = {"user_item": uid, "kind": u.kind, "owner": u.owner, "portability_paths": "kind"}
+    return EditCase(case_id, EditType.USER_SPECIFIC, EditFact(q, u.name, img), tuple(probes), uid, meta)
+
+
+def _medical_cases(world: World, split: str, ids: list[str], slots: list[tuple[str, int]]) -> list[EditCase]:
+    return [medical_case(world, cid, s, r) for cid, (s, r) in zip(ids, slots, strict=True)]
+
+
+def canonical_mcq(world: World, combo: Combo) -> tuple[tuple[str, ...], str]:
+    """The fixed options and counterfactual answer of a scan item (cases use these)."""
+    return mcq_options(combo.finding, FINDINGS[: world.config.findings], rng_for(world.seed, "mcq", combo.id))
+
+
+def medical_case(world: World, case_id: str, combo_id: str, rnd: int) -> EditCase:
+    """A scan's multiple-choice answer changed to the most similar option (MedMKEB counterfactual edit)."""
+    c, rng = world.combo(combo_id), rng_for(world.seed, "case", case_id)
+    options, cf = canonical_mcq(world, c)
+    img, q = (
+        scan_image(combo_id, world.train_scans[rnd % len(world.train_scans)]),
+        render_options(T.mcq(c.phrase), options),
+    )
+    old, new = world.finding_id(c.finding.name), world.finding_id(cf)
+    port, paths = portability(world, T.FINDING_REF, new, old, img)
+    parts = _medical_attack_parts(world, c, cf, options, rng)
+    probes = [
+        Probe(K.RELIABILITY, q, cf, img, options=options),
+        Probe(
+            K.TEXT_GENERALITY, render_options(T.mcq(c.phrase, T.HELD_OUT), options), cf, img, options=options
+        ),
+        Probe(
+            K.IMAGE_GENERALITY,
+            q,
+            cf,
+            scan_image(combo_id, int(pick(rng, world.held_out_scans))),
+            options=options,
+        ),
+        *text_locality(world, case_id),
+        _medical_image_locality(world, c, cf, rng),
+        *port,
+        *robustness(world, q, img, cf, parts, options),
+    ]
+    meta = {"combo": combo_id, "old_entity": old, "new_entity": new, "portability_paths": ";".join(paths)}
+    fact = EditFact(q, cf, img, c.finding.name, options)
+    return EditCase(case_id, EditType.MEDICAL_MCQ, fact, tuple(probes), combo_id, meta)
+
+
+def _medical_attack_parts(
+    world: World, c: Combo, cf: str, options: tuple[str, ...], rng: Generator
+) -> AttackParts:
+    """Attack ingredients: the old answer, another option as the look-alike, a misleading history."""
+    confuse = next(o for o in options if o not in (cf, c.finding.name))
+    history = str(pick(rng, [f.name for f in FINDINGS[: world.config.findings] if f.name != cf]))
+    return AttackParts(
+        old=c.finding.name,
+        similar=confuse,
+        context=f"the patient was treated for {history} last year .",
+        vague=render_options(f"so what is going on in {c.phrase} , roughly ?", options),
+    )
+
+
+def _medical_image_locality(world: World, c: Combo, cf: str, rng: Generator) -> Probe:
+    """An MCQ about an unrelated scan (another body part, a finding that is neither old nor new)."""
+    others = [o for o in world.combos if o.part != c.part and o.finding.name not in (c.finding.name, cf)]
+    o = others[int(rng.integers(len(others)))]
+    options, _ = canonical_mcq(world, o)
+    return Probe(
+        K.IMAGE_LOCALITY,
+        render_options(T.mcq(o.phrase), options),
+        o.finding.name,
+        scan_image(o.id, int(pick(rng, world.train_scans))),
+        options=options,
+    )
+
+
+def _city(world: World, rng: Generator) -> str:
+    """A random city name (misleading context for attacks)."""
+    return world.kg.name(str(pick(rng, [x.id for x in world.kg.of_type("city")])))
+
+
+_BUILDERS = {
+    EditType.VISUAL_ENTITY: _entity_cases,
+    EditType.VISUAL_SEMANTIC: _sign_cases,
+    EditType.USER_SPECIFIC: _user_cases,
+    EditType.MEDICAL_MCQ: _medical_cases,
+}

@@ -1,0 +1,91 @@
+"""Probe builders shared by the four edit types: text locality, portability chains, robustness attacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmke.data.world import _templates as T
+from mmke.data.world._common import rng_for
+from mmke.data.world._plan import World
+from mmke.types import AttackType, EditFact, ImageRef, Probe, ProbeKind
+
+
+@dataclass(frozen=True)
+class AttackParts:
+    """What the attacks need besides the question: a wrong answer, a look-alike, context, vague wording."""
+
+    old: str
+    similar: str
+    context: str
+    vague: str
+
+
+def text_locality(world: World, key: str) -> list[Probe]:
+    """Unrelated text-only facts (target = the true answer), drawn per case without repeats."""
+    facts = T.locality_facts()
+    rng = rng_for(world.seed, "tloc", key)
+    picks = rng.choice(len(facts), size=world.config.text_locality_per_case, replace=False)
+    return [Probe(ProbeKind.TEXT_LOCALITY, facts[int(i)][0], facts[int(i)][1]) for i in picks]
+
+
+def portability(
+    world: World, base: str, new: str, old: str, image: ImageRef | None
+) -> tuple[list[Probe], list[str]]:
+    """Multi-hop questions about the NEW entity ``new`` (answers walk the KG from it), hops 1..4.
+
+    ``base`` is the phrase for the edited thing ("the person in the image"); questions nest
+    relation phrases around it and never name an intermediate entity. Per hop, paths whose
+    answer differs from the old entity's come first (they are the informative ones). Returns
+    the probes and their paths ("born_in>located_in") in the same order.
+    """
+    kg = world.kg
+    probes: list[Probe] = []
+    paths: list[str] = []
+    for hop in range(1, 5):
+        cands = [p for p in world.paths.get(kg.entity(new).type, ()) if len(p) == hop and kg.walk(new, p)]
+        cands.sort(key=lambda p: kg.walk(old, p) == kg.walk(new, p))  # stable: keeps canonical order
+        for p in cands[: world.config.portability_per_hop]:
+            answer = kg.name(kg.walk(new, p) or "")
+            onehop = _onehop(world, new, p[0]) if hop == 1 else None
+            probes.append(
+                Probe(ProbeKind.PORTABILITY, T.composed(p, base), answer, image, hop=hop, onehop_edit=onehop)
+            )
+            paths.append(">".join(p))
+    return probes, paths
+
+
+def _onehop(world: World, new: str, rel: str) -> EditFact:
+    """The new entity's one-hop fact asked by name (VLKEB's edit-one-hop protocol writes it too)."""
+    answer = world.kg.name(world.kg.obj(new, rel) or "")
+    return EditFact(T.ask(rel, world.kg.name(new)), answer, ground_truth=answer)
+
+
+def robustness(
+    world: World,
+    question: str,
+    image: ImageRef | None,
+    target: str,
+    parts: AttackParts,
+    options: tuple[str, ...] = (),
+) -> list[Probe]:
+    """All five attack types around the edit question; the expected answer stays the edit target."""
+    detail = int(rng_for(world.seed, "detail", question, target).integers(1000))
+    return [
+        Probe(
+            ProbeKind.ROBUSTNESS,
+            T.attack(
+                a,
+                question,
+                old=parts.old,
+                similar=parts.similar,
+                context=parts.context,
+                vague=parts.vague,
+                detail=detail,
+            ),
+            target,
+            image,
+            attack=a,
+            options=options,
+        )
+        for a in AttackType
+    ]
