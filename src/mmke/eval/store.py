@@ -1,0 +1,216 @@
+"""The results store: one directory per run with its resolved config, append-only case records, a summary.
+
+``runs/<id>/config.yaml`` + ``config_hash``, ``cases.jsonl`` (one canonical JSON line per case,
+fsync'd before ``append`` returns, so a kill loses at most the case in flight) and
+``summary.json`` (replaced atomically). ``done_keys`` lets ``--resume`` skip finished cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmke.data.schema import dumps_line
+from mmke.errors import BadRecordError, ConfigError
+
+CONFIG_FILE = "config.yaml"
+HASH_FILE = "config_hash"
+CASES_FILE = "cases.jsonl"
+SUMMARY_FILE = "summary.json"
+RECORD_SCHEMA = "mmke-case/1"
+
+ResumeKey = tuple[Any, Any, Any, Any, str]
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as JSON-native data (tuples -> lists), the form that is saved and hashed."""
+    return json.loads(dumps_line(dict(config)))
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved config (its canonical JSON)."""
+    return hashlib.sha256(dumps_line(plain_config(config)).encode()).hexdigest()[:16]
+
+
+def record_key(record: Mapping[str, Any]) -> ResumeKey:
+    """What makes a case record unique in a run: (method, protocol, gap, checkpoint, case_id)."""
+    run = record.get("run") or {}
+    return (run.get("method"), run.get("protocol"), run.get("gap"), run.get("checkpoint"), record["case_id"])
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a newly created or renamed entry durable; not supported everywhere (e.g. Windows).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _new_run_dir(root: Path, digest: str) -> Path:
+    """``<UTC timestamp>-<hash8>``, with a numeric suffix if two runs start in the same second."""
+    stem = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{digest[:8]}"
+    for n in range(1000):
+        path = root / (stem if n == 0 else f"{stem}-{n}")
+        try:
+            path.mkdir()  # atomic: two processes never get the same directory
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot create a run directory under {root}: too many runs named {stem}")
+
+
+@dataclass
+class RunStore:
+    """A run directory; records go to ``cases.jsonl`` one line at a time."""
+
+    path: Path
+    config: dict[str, Any]
+    config_hash: str
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def cases_path(self) -> Path:
+        return self.path / CASES_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @classmethod
+    def create(cls, root: Path, run_id: str | None, config: Mapping[str, Any]) -> RunStore:
+        """Start a run under ``root`` (``runs/``); refuses to reuse an existing run directory."""
+        plain = plain_config(config)
+        digest = config_hash(plain)
+        root.mkdir(parents=True, exist_ok=True)
+        if run_id is None:
+            path = _new_run_dir(root, digest)
+        else:
+            if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
+                raise ConfigError(f"bad run id {run_id!r}: use a plain directory name")
+            path = root / run_id
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise ConfigError(f"run {path} already exists; resume it with --resume {path}") from None
+        _write_atomic(path / CONFIG_FILE, yaml.safe_dump(plain, sort_keys=True, allow_unicode=True))
+        _write_atomic(path / HASH_FILE, digest + "\n")
+        (path / CASES_FILE).touch()
+        _fsync_dir(path)
+        return cls(path, plain, digest)
+
+    @classmethod
+    def open(cls, path: Path) -> RunStore:
+        """Reopen a run for ``--resume``; the saved config is the one that counts."""
+        cfg_file = path / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise ConfigError(f"{path} is not an mmke run (no {CONFIG_FILE}); pass a directory under runs/")
+        config = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ConfigError(f"{cfg_file}: expected a mapping of settings")
+        digest = config_hash(config)
+        hash_file = path / HASH_FILE
+        saved = hash_file.read_text(encoding="utf-8").strip() if hash_file.is_file() else digest
+        if saved != digest:
+            raise ConfigError(
+                f"{cfg_file} was edited after the run started (hash {digest} != {saved}); "
+                "start a new run instead of resuming"
+            )
+        return cls(path, config, digest)
+
+    # ------------------------------------------------------------ records
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record as a canonical JSON line; durable (fsync'd) when this returns."""
+        data = (dumps_line(dict(record)) + "\n").encode("utf-8")
+        fd = os.open(self.cases_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            end = self._drop_torn_tail(fd)
+            # One positioned write per record: a kill leaves at most one line without its newline.
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, end)
+                end += n
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _drop_torn_tail(fd: int) -> int:
+        """Truncate a partial last line (a kill mid-write) and return the end offset."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        keep = size
+        chunk = 65536
+        while keep > 0:  # scan back for the last newline
+            start = max(0, keep - chunk)
+            block = os.pread(fd, keep - start, start)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            keep = start
+        os.ftruncate(fd, keep)
+        return keep
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete record, in order; a torn last line (no newline) is ignored."""
+        if not self.cases_path.is_file():
+            return []
+        raw = self.cases_path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]  # a line counts only once its newline is written
+        try:
+            text = complete.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecordError(f"{self.cases_path}: byte {e.start} is not UTF-8") from None
+        out = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadRecordError(f"{self.cases_path}:{lineno}: not a JSON record ({e.msg})") from None
+        return out
+
+    def done_keys(self) -> set[ResumeKey]:
+        """Keys of every recorded case (ok, collapsed or error), so a resumed run skips them."""
+        return {record_key(r) for r in self.records()}
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` atomically (temp file + rename): readers never see half a summary."""
+        text = json.dumps(summary, ensure_ascii=False, sort_keys=True, indent=2) + "\n"
+        _write_atomic(self.summary_path, text)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.is_file():
+            return None
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
