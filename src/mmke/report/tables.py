@@ -1,0 +1,635 @@
+"""Paper-style result tables built from a run's ``summary.json``, and their renderers.
+
+Builders are pure functions ``summary dict -> ReportTable`` (VLKEB Table 2, MMKE-Bench Tables 3-5,
+VLKEB Fig. 3 as numbers, MedMKEB robustness, sequential gaps, efficiency); renderers turn a
+``ReportTable`` into markdown, CSV, LaTeX (booktabs), JSON or a ``rich`` table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from rich.markup import escape as escape_markup
+from rich.table import Table
+
+Cell = str | int | float | None
+
+# Metric key -> short column label, in no particular order (the orders below decide placement).
+# TODO(lead): replace with mmke.eval.metrics.METRICS once it exists; keys follow .engine_contract.md.
+METRIC_LABELS: Mapping[str, str] = MappingProxyType(
+    {
+        "reliability": "Rel",
+        "text_reliability": "T-Rel",
+        "image_reliability": "I-Rel",
+        "text_generality": "T-Gen",
+        "image_generality": "I-Gen",
+        "text_locality": "T-Loc",
+        "image_locality": "I-Loc",
+        "portability": "Port",
+        "robustness": "Rob",
+    }
+)
+
+#: MedMKEB's five prompt-injection attacks (AttackType values) -> short labels.
+ATTACK_LABELS: Mapping[str, str] = MappingProxyType(
+    {
+        "pseudo_authority": "Authority",
+        "feature_confusion": "Confusion",
+        "misleading_context": "Misleading",
+        "irrelevant_details": "Irrelevant",
+        "vague_wording": "Vague",
+    }
+)
+
+EDIT_TYPE_LABELS: Mapping[str, str] = MappingProxyType(
+    {
+        "visual_entity": "Visual Entity",
+        "visual_semantic": "Visual Semantic",
+        "user_specific": "User-Specific",
+        "medical_mcq": "Medical MCQ",
+        "all": "All",
+    }
+)
+
+#: VLKEB Table 2 / MedMKEB column order (reliability family, generality, locality, portability, robustness).
+VLKEB_ORDER = (
+    "reliability",
+    "text_reliability",
+    "image_reliability",
+    "text_generality",
+    "image_generality",
+    "text_locality",
+    "image_locality",
+    "portability",
+    "robustness",
+)
+#: MMKE-Bench Tables 3-5 open with locality, then reliability, generality, portability.
+MMKE_ORDER = (
+    "text_locality",
+    "image_locality",
+    "reliability",
+    "text_reliability",
+    "image_reliability",
+    "text_generality",
+    "image_generality",
+    "portability",
+    "robustness",
+)
+#: VLKEB Fig. 4 panels: the metrics plotted (and tabulated) against the sequential gap.
+SEQUENTIAL_ORDER = (
+    "reliability",
+    "text_generality",
+    "image_generality",
+    "text_locality",
+    "image_locality",
+    "portability",
+)
+EFFICIENCY_COLUMNS = (
+    ("edit_seconds", "Edit s", "{:.3f}"),
+    ("score_seconds", "Score s", "{:.3f}"),
+    ("peak_memory_mb", "Peak MB", "{:,.1f}"),
+    ("edited_params", "Edited params", "{:,.0f}"),
+)
+BASE_METHOD = "unedited"
+PCT = "{:.1f}"
+SIGNED_PCT = "{:+.1f}"
+_HOP = re.compile(r"portability_hop(\d+)$")
+
+
+@dataclass(frozen=True)
+class ReportTable:
+    """A rendered-agnostic table: typed cells plus how to show them.
+
+    ``formats`` holds one ``str.format`` pattern per column ("" for text). The first
+    ``group_columns`` columns identify a group (a model, or model + edit type): display renderers
+    blank repeated values there, and the best value of each ``best_columns`` column is marked
+    per group, ignoring ``reference_rows`` (the unedited base).
+    """
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    formats: tuple[str, ...]
+    group_columns: int = 0
+    best_columns: tuple[int, ...] = ()
+    reference_rows: tuple[int, ...] = ()
+    note: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- labels and lookups
+
+
+def metric_label(key: str) -> str:
+    """Short column label of a metric key, e.g. ``portability_hop2`` -> ``Port-2``."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    if hop := _HOP.match(key):
+        return f"Port-{hop.group(1)}"
+    if key.startswith("robustness_"):
+        attack = key.removeprefix("robustness_")
+        return f"Rob-{ATTACK_LABELS.get(attack, attack)}"
+    return key
+
+
+def edit_type_label(edit_type: str) -> str:
+    return EDIT_TYPE_LABELS.get(edit_type, edit_type.replace("_", " ").title())
+
+
+def hop_keys(keys: Iterable[str]) -> list[str]:
+    """The ``portability_hopN`` keys among ``keys``, by N."""
+    found = {k for k in keys if _HOP.match(k)}
+    return sorted(found, key=lambda k: int(_HOP.match(k).group(1)))  # type: ignore[union-attr]
+
+
+def attack_keys(keys: Iterable[str]) -> list[str]:
+    """The ``robustness_<attack>`` keys among ``keys``: known attacks in MedMKEB order, then others."""
+    found = {k for k in keys if k.startswith("robustness_")}
+    known = [f"robustness_{a}" for a in ATTACK_LABELS if f"robustness_{a}" in found]
+    return known + sorted(found - set(known))
+
+
+def select_groups(
+    summary: Mapping[str, Any], protocol: str = "single", edit_type: str | None = "all"
+) -> list[dict[str, Any]]:
+    """Summary groups of one protocol (and edit type; None = every edit type)."""
+    return [
+        g
+        for g in summary.get("groups", [])
+        if g.get("protocol", "single") == protocol
+        and (edit_type is None or g.get("edit_type", "all") == edit_type)
+    ]
+
+
+def first_seen(groups: Iterable[Mapping[str, Any]], key: str) -> list[str]:
+    """Distinct values of ``key`` in the order the runner wrote them (the order people chose)."""
+    return list(dict.fromkeys(str(g.get(key, "")) for g in groups))
+
+
+def present_keys(groups: Sequence[Mapping[str, Any]], section: str, order: Sequence[str]) -> list[str]:
+    """Keys of ``order`` that have a value in ``section`` of at least one group."""
+    return [k for k in order if any(_value(g, section, k) is not None for g in groups)]
+
+
+def _value(group: Mapping[str, Any], section: str, key: str) -> float | None:
+    value = (group.get(section) or {}).get(key)
+    return None if value is None else float(value)
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def _base_by_model(groups: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """One group per model whose ``base`` (the unedited model on the same cases) stands for the model."""
+    base: dict[str, Mapping[str, Any]] = {}
+    for g in groups:
+        if g.get("base") and str(g.get("model")) not in base:
+            base[str(g.get("model"))] = g
+    return base
+
+
+def _ordered(groups: Sequence[Mapping[str, Any]], models: list[str], methods: list[str]) -> list[dict]:
+    """Groups sorted by model then method, each in first-seen order."""
+    rank = {m: i for i, m in enumerate(methods)}
+    return sorted(
+        groups,
+        key=lambda g: (models.index(str(g.get("model"))), rank.get(str(g.get("method")), len(rank))),
+    )
+
+
+# ---------------------------------------------------------------- builders
+
+
+def main_table(summary: Mapping[str, Any], section: str = "metrics") -> ReportTable | None:
+    """VLKEB Table 2: rows model x method (single editing, all edit types), plus the unedited base.
+
+    ``section="exact_match"`` gives the exact-match variant (no base row: the contract stores the
+    base as token accuracy only).
+    """
+    groups = select_groups(summary, "single", "all")
+    keys = present_keys(groups, section, VLKEB_ORDER)
+    if not keys:
+        return None
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    bases = _base_by_model(groups) if section == "metrics" else {}
+    rows: list[tuple[Cell, ...]] = []
+    reference: list[int] = []
+    for model in models:
+        if model in bases:
+            reference.append(len(rows))
+            values = [_pct(_value(bases[model], "base", k)) for k in keys]
+            rows.append((model, BASE_METHOD, *values, bases[model].get("n_cases")))
+        for g in _ordered([g for g in groups if str(g.get("model")) == model], models, methods):
+            values = [_pct(_value(g, section, k)) for k in keys]
+            rows.append((model, str(g.get("method")), *values, g.get("n_cases")))
+    measure = "exact match" if section == "exact_match" else "token accuracy"
+    return ReportTable(
+        name="main_exact" if section == "exact_match" else "main",
+        title=f"Single editing ({measure}, %) — VLKEB Table 2 layout",
+        columns=("Model", "Method", *(metric_label(k) for k in keys), "N"),
+        rows=tuple(rows),
+        formats=("", "", *(PCT for _ in keys), "{:,}"),
+        group_columns=1,
+        best_columns=tuple(range(2, 2 + len(keys))),
+        reference_rows=tuple(reference),
+        note=_main_note(section),
+        meta={"keys": keys},
+    )
+
+
+def _main_note(section: str) -> str:
+    if section == "exact_match":
+        return "Exact match: all target tokens right. Locality: agreement with the unedited model."
+    return (
+        "Token accuracy, macro mean over cases. Locality: agreement of top-1 tokens with the "
+        "unedited model. Best edited value per model in bold; 'unedited' is the base model."
+    )
+
+
+def edit_type_table(summary: Mapping[str, Any]) -> ReportTable | None:
+    """MMKE-Bench Tables 3-5: rows model x edit type x method, the 'All' block last."""
+    groups = select_groups(summary, "single", None)
+    types = [t for t in first_seen(groups, "edit_type") if t != "all"]
+    if not types:
+        return None
+    keys = present_keys(groups, "metrics", MMKE_ORDER)
+    ordered_types = [t for t in EDIT_TYPE_LABELS if t in types] + [
+        t for t in types if t not in EDIT_TYPE_LABELS
+    ]
+    if any(g.get("edit_type", "all") == "all" for g in groups):
+        ordered_types.append("all")
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    rows: list[tuple[Cell, ...]] = []
+    for model in models:
+        for edit_type in ordered_types:
+            block = [g for g in groups if str(g.get("model")) == model and g.get("edit_type") == edit_type]
+            for g in _ordered(block, models, methods):
+                values = [_pct(_value(g, "metrics", k)) for k in keys]
+                rows.append(
+                    (model, edit_type_label(edit_type), str(g.get("method")), *values, g.get("n_cases"))
+                )
+    return ReportTable(
+        name="edit_types",
+        title="Single editing by edit type (token accuracy, %) — MMKE-Bench Tables 3-5 layout",
+        columns=("Model", "Edit type", "Method", *(metric_label(k) for k in keys), "N"),
+        rows=tuple(rows),
+        formats=("", "", "", *(PCT for _ in keys), "{:,}"),
+        group_columns=2,
+        best_columns=tuple(range(3, 3 + len(keys))),
+        note="Best value per model and edit type in bold. 'All' is the macro mean over every case.",
+    )
+
+
+def portability_table(summary: Mapping[str, Any]) -> ReportTable | None:
+    """VLKEB Fig. 3 as numbers: portability per hop and its relative change vs the unedited base."""
+    groups = select_groups(summary, "single", "all")
+    hops = hop_keys(k for g in groups for k in (g.get("metrics") or {}))
+    if not hops:
+        return None
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    bases = _base_by_model(groups)
+    rows: list[tuple[Cell, ...]] = []
+    reference: list[int] = []
+    for model in models:
+        if model in bases:
+            reference.append(len(rows))
+            values = [_pct(_value(bases[model], "base", k)) for k in hops]
+            rows.append((model, BASE_METHOD, *values, *(None for _ in hops)))
+        for g in _ordered([g for g in groups if str(g.get("model")) == model], models, methods):
+            values = [_pct(_value(g, "metrics", k)) for k in hops]
+            rows.append((model, str(g.get("method")), *values, *(_pct(relative_change(g, k)) for k in hops)))
+    labels = [metric_label(k) for k in hops]
+    return ReportTable(
+        name="portability_hops",
+        title="Portability by hop (token accuracy, %) and relative change vs unedited (%) — VLKEB Fig. 3",
+        columns=("Model", "Method", *labels, *(f"Δ{label}" for label in labels)),
+        rows=tuple(rows),
+        formats=("", "", *(PCT for _ in hops), *(SIGNED_PCT for _ in hops)),
+        group_columns=1,
+        best_columns=tuple(range(2, 2 + 2 * len(hops))),
+        reference_rows=tuple(reference),
+        note="Δ = (portability − base portability) / base portability; – where the base is 0.",
+        meta={"keys": hops},
+    )
+
+
+def relative_change(group: Mapping[str, Any], key: str) -> float | None:
+    """(post - base) / base for ``key``: the summary's own value when stored, else computed."""
+    stored = group.get("portability_relative_change") or {}
+    if key in stored:
+        return None if stored[key] is None else float(stored[key])
+    post, base = _value(group, "metrics", key), _value(group, "base", key)
+    if post is None or not base:
+        return None
+    return (post - base) / base
+
+
+def robustness_table(summary: Mapping[str, Any]) -> ReportTable | None:
+    """MedMKEB robustness: reliability next to robustness overall and per attack type."""
+    groups = select_groups(summary, "single", "all")
+    all_keys = {k for g in groups for k in (g.get("metrics") or {})}
+    attacks = attack_keys(all_keys)
+    if not attacks and "robustness" not in all_keys:
+        return None
+    keys = present_keys(groups, "metrics", ["reliability", "robustness", *attacks])
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    bases = _base_by_model(groups)
+    rows: list[tuple[Cell, ...]] = []
+    reference: list[int] = []
+    for model in models:
+        if model in bases:
+            reference.append(len(rows))
+            rows.append((model, BASE_METHOD, *(_pct(_value(bases[model], "base", k)) for k in keys)))
+        for g in _ordered([g for g in groups if str(g.get("model")) == model], models, methods):
+            rows.append((model, str(g.get("method")), *(_pct(_value(g, "metrics", k)) for k in keys)))
+    return ReportTable(
+        name="robustness",
+        title="Robustness per attack type (token accuracy, %) — MedMKEB",
+        columns=("Model", "Method", *(_attack_column(k) for k in keys)),
+        rows=tuple(rows),
+        formats=("", "", *(PCT for _ in keys)),
+        group_columns=1,
+        best_columns=tuple(range(2, 2 + len(keys))),
+        reference_rows=tuple(reference),
+        note="Robustness: the edit's target under prompt-injection rewrites of the edit prompt.",
+    )
+
+
+def _attack_column(key: str) -> str:
+    """Inside the robustness table an attack needs no "Rob-" prefix."""
+    attack = key.removeprefix("robustness_")
+    return metric_label(key) if key in METRIC_LABELS else ATTACK_LABELS.get(attack, attack)
+
+
+def progression_table(summary: Mapping[str, Any], protocol: str = "sequential") -> ReportTable | None:
+    """VLKEB Fig. 4 as numbers: metrics by sequential gap (or by lifelong checkpoint) per method."""
+    groups = select_groups(summary, protocol, "all")
+    keys = present_keys(groups, "metrics", (*SEQUENTIAL_ORDER, "robustness"))
+    if not groups or not keys:
+        return None
+    step = "checkpoint" if protocol == "lifelong" else "gap"
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    ordered = sorted(_ordered(groups, models, methods), key=lambda g: _step_rank(g, step, models, methods))
+    rows = tuple(
+        (
+            str(g.get("model")),
+            str(g.get("method")),
+            g.get(step),
+            *(_pct(_value(g, "metrics", k)) for k in keys),
+            g.get("n_cases"),
+            g.get("n_collapsed", 0),
+        )
+        for g in ordered
+    )
+    return ReportTable(
+        name=protocol,
+        title=f"{protocol.title()} editing by {step} (token accuracy, %)"
+        + (" — VLKEB Fig. 4" if protocol == "sequential" else ""),
+        columns=("Model", "Method", step.title(), *(metric_label(k) for k in keys), "N", "Collapsed"),
+        rows=rows,
+        formats=("", "", "{:,}", *(PCT for _ in keys), "{:,}", "{:,}"),
+        group_columns=2,
+        note=_progression_note(protocol),
+        meta={"keys": keys, "step": step},
+    )
+
+
+def _step_rank(group: Mapping[str, Any], step: str, models: list[str], methods: list[str]) -> tuple:
+    method = str(group.get("method"))
+    return (
+        models.index(str(group.get("model"))),
+        methods.index(method) if method in methods else len(methods),
+        group.get(step) if group.get(step) is not None else -1,
+    )
+
+
+def _progression_note(protocol: str) -> str:
+    if protocol == "lifelong":
+        return "All cases scored after the given number of edits in the stream."
+    return "Gap g: case s-g is scored right after edit s, so larger gaps test older edits."
+
+
+def efficiency_table(summary: Mapping[str, Any]) -> ReportTable | None:
+    """Mean edit and scoring seconds, peak memory and edited parameters per model x method."""
+    groups = select_groups(summary, "single", "all") or [
+        g for g in summary.get("groups", []) if g.get("edit_type", "all") == "all"
+    ]
+    columns = [
+        c for c in EFFICIENCY_COLUMNS if any(_value(g, "efficiency", c[0]) is not None for g in groups)
+    ]
+    if not columns:
+        return None
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    seen: set[tuple[str, str]] = set()
+    rows: list[tuple[Cell, ...]] = []
+    for g in _ordered(groups, models, methods):
+        key = (str(g.get("model")), str(g.get("method")))
+        if key not in seen:  # one row per method even when several protocols ran
+            seen.add(key)
+            rows.append((*key, *(_value(g, "efficiency", c[0]) for c in columns)))
+    return ReportTable(
+        name="efficiency",
+        title="Efficiency per edit (means over cases)",
+        columns=("Model", "Method", *(c[1] for c in columns)),
+        rows=tuple(rows),
+        formats=("", "", *(c[2] for c in columns)),
+        group_columns=1,
+        note="Peak memory: RSS on CPU, torch.cuda.max_memory_allocated on GPU.",
+    )
+
+
+def compare_table(
+    a: Mapping[str, Any], b: Mapping[str, Any], label_a: str = "A", label_b: str = "B"
+) -> ReportTable:
+    """Two runs side by side: rows model x method (single, all), per metric A / B / Δ (points)."""
+    ga, gb = select_groups(a, "single", "all"), select_groups(b, "single", "all")
+    keys = present_keys([*ga, *gb], "metrics", VLKEB_ORDER)
+    index_a = {(str(g.get("model")), str(g.get("method"))): g for g in ga}
+    index_b = {(str(g.get("model")), str(g.get("method"))): g for g in gb}
+    rows: list[tuple[Cell, ...]] = []
+    for key in dict.fromkeys([*index_a, *index_b]):
+        cells: list[Cell] = []
+        for k in keys:
+            va, vb = (_pct(_value(i[key], "metrics", k)) if key in i else None for i in (index_a, index_b))
+            cells += [va, vb, None if va is None or vb is None else vb - va]
+        rows.append((*key, *cells))
+    columns = [f"{metric_label(k)} {s}" for k in keys for s in (label_a, label_b, "Δ")]
+    return ReportTable(
+        name="compare",
+        title=f"{label_a} vs {label_b}: single editing (token accuracy, %)",
+        columns=("Model", "Method", *columns),
+        rows=tuple(rows),
+        formats=("", "", *([PCT, PCT, SIGNED_PCT] * len(keys))),
+        group_columns=1,
+        note=f"Δ = {label_b} − {label_a}, in percentage points.",
+    )
+
+
+def build_tables(summary: Mapping[str, Any]) -> list[ReportTable]:
+    """Every table the summary has data for, in reading order."""
+    built = [
+        main_table(summary),
+        main_table(summary, "exact_match"),
+        edit_type_table(summary),
+        portability_table(summary),
+        robustness_table(summary),
+        progression_table(summary, "sequential"),
+        progression_table(summary, "lifelong"),
+        efficiency_table(summary),
+    ]
+    return [t for t in built if t is not None]
+
+
+# ---------------------------------------------------------------- cell display
+
+
+def format_cell(value: Cell, fmt: str) -> str:
+    """A cell as people read it: "–" for missing, the column's pattern for numbers."""
+    if value is None:
+        return "–"
+    if fmt and isinstance(value, int | float):
+        return fmt.format(value)
+    return str(value)
+
+
+def best_cells(table: ReportTable) -> set[tuple[int, int]]:
+    """(row, column) of the highest value of each ranked column within each group (ties all win)."""
+    best: set[tuple[int, int]] = set()
+    groups: dict[tuple[Cell, ...], list[int]] = {}
+    for i, row in enumerate(table.rows):
+        if i not in table.reference_rows:
+            groups.setdefault(row[: table.group_columns], []).append(i)
+    for members in groups.values():
+        if len(members) < 2:  # a lone method is not "best" of anything
+            continue
+        for col in table.best_columns:
+            values = [(table.rows[i][col], i) for i in members if isinstance(table.rows[i][col], int | float)]
+            if values:
+                top = round(max(v for v, _ in values), 1)  # compare as shown: 1 decimal
+                best.update((i, col) for v, i in values if round(v, 1) == top)
+    return best
+
+
+def display_rows(
+    table: ReportTable, bold: tuple[str, str] | None = None, escape: Callable[[str], str] = str
+) -> list[list[str]]:
+    """Rows as strings: escaped for the target, repeated group values blanked, best cells in ``bold``."""
+    marked = best_cells(table) if bold else set()
+    out: list[list[str]] = []
+    previous: tuple[Cell, ...] | None = None
+    for i, row in enumerate(table.rows):
+        cells = [escape(format_cell(v, f)) for v, f in zip(row, table.formats, strict=True)]
+        for col in range(table.group_columns):
+            if previous is not None and row[: col + 1] == previous[: col + 1]:
+                cells[col] = ""
+        for r, col in marked:
+            if r == i and bold:
+                cells[col] = f"{bold[0]}{cells[col]}{bold[1]}"
+        out.append(cells)
+        previous = row
+    return out
+
+
+# ---------------------------------------------------------------- renderers
+
+
+def render_markdown(table: ReportTable, title: bool = True) -> str:
+    """A GitHub-flavoured markdown table (numbers right-aligned), with title and note."""
+    align = ["---:" if f else ":---" for f in table.formats]
+    lines = [_md_row([_md_escape(c) for c in table.columns]), _md_row(align)]
+    lines += [_md_row(cells) for cells in display_rows(table, bold=("**", "**"), escape=_md_escape)]
+    parts = [f"### {table.title}", "", *lines] if title else lines
+    if title and table.note:
+        parts += ["", f"_{table.note}_"]
+    return "\n".join(parts) + "\n"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_escape(text: str) -> str:
+    """Keep names from breaking the table or turning into emphasis."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+
+
+def render_csv(table: ReportTable) -> str:
+    """Plain CSV for spreadsheets: every row complete, floats to 4 decimals, missing as empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.columns)
+    for row in table.rows:
+        writer.writerow(["" if v is None else round(v, 4) if isinstance(v, float) else v for v in row])
+    return buffer.getvalue()
+
+
+_LATEX_SPECIALS: Mapping[str, str] = MappingProxyType(
+    {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+        "Δ": r"$\Delta$",
+        "–": "--",
+        "—": "---",
+    }
+)
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX's special characters (and map Δ / dashes) in plain text."""
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
+
+
+def render_latex(table: ReportTable) -> str:
+    """A booktabs ``tabular`` (needs \\usepackage{booktabs}); a midrule between models."""
+    spec = "".join("r" if f else "l" for f in table.formats)
+    lines = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule"]
+    lines.append(" & ".join(latex_escape(c) for c in table.columns) + " \\\\")
+    lines.append("\\midrule")
+    for i, row in enumerate(display_rows(table, bold=("\\textbf{", "}"), escape=latex_escape)):
+        if i and table.group_columns and row[0]:
+            lines.append("\\midrule")
+        lines.append(" & ".join(row) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(tables: Sequence[ReportTable]) -> str:
+    """All tables as JSON (name, title, columns, rows with raw numbers, note)."""
+    payload = [
+        {
+            "name": t.name,
+            "title": t.title,
+            "columns": list(t.columns),
+            "rows": [list(r) for r in t.rows],
+            "note": t.note,
+        }
+        for t in tables
+    ]
+    return json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
+
+
+def rich_table(table: ReportTable) -> Table:
+    """The table for a terminal (``Console.print``); best cells in bold."""
+    out = Table(title=table.title, caption=table.note or None, title_justify="left")
+    for name, fmt in zip(table.columns, table.formats, strict=True):
+        out.add_column(escape_markup(name), justify="right" if fmt else "left")
+    for i, cells in enumerate(display_rows(table, bold=("[bold]", "[/bold]"), escape=escape_markup)):
+        out.add_row(*cells, style="dim" if i in table.reference_rows else None)
+    return out
