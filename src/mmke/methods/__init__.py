@@ -1,0 +1,47 @@
+"""Editing methods: each registers by name (``methods.get("ft")``) and returns an ``Edited`` handle.
+
+``editor.apply(model, case, images)`` writes one edit; the handle scores the edited model and
+``restore()`` puts it back bit-identically. Shared mechanisms (snapshot/restore, freezing,
+module swapping, config validation) live in ``mmke.methods.base``.
+"""
+
+from mmke.methods.base import (
+    EditCollapsed,
+    Edited,
+    Editor,
+    EditorNotReadyError,
+    ModuleEdited,
+    ParamEdited,
+    PromptEdited,
+    make_config,
+    restore_params,
+    snapshot,
+    swap_module,
+    trainable_only,
+)
+from mmke.methods.ft import FineTune, FTConfig
+from mmke.methods.ike import IKE, IKEConfig, MiniLM, Retriever
+from mmke.methods.noop import NoOp, NoOpConfig
+
+__all__ = [
+    "IKE",
+    "EditCollapsed",
+    "Edited",
+    "Editor",
+    "EditorNotReadyError",
+    "FTConfig",
+    "FineTune",
+    "IKEConfig",
+    "MiniLM",
+    "ModuleEdited",
+    "NoOp",
+    "NoOpConfig",
+    "ParamEdited",
+    "PromptEdited",
+    "Retriever",
+    "make_config",
+    "restore_params",
+    "snapshot",
+    "swap_module",
+    "trainable_only",
+]

@@ -1,0 +1,320 @@
+"""What every editing method shares: the ``Editor`` contract, the ``Edited`` handle and exact restore.
+
+An editor's ``apply(model, case, images)`` returns an ``Edited`` handle; scoring goes through the
+handle and ``restore()`` undoes the edit exactly. Three kinds of handle cover the methods:
+``ParamEdited`` (weights changed in place, restored from a snapshot of only those weights),
+``PromptEdited`` (inference-time prompt rewriting, nothing to restore) and ``ModuleEdited``
+(a submodule swapped for a wrapper and swapped back: SERAC / GRACE / WISE style).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import fields, replace
+from typing import Any, ClassVar, Generic, Self, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import torch
+from torch import nn
+
+from mmke.data.images import ImageStore
+from mmke.errors import ConfigError, MmkeError
+from mmke.models.base import LVLM, Item
+from mmke.models.scoring import ScoredBatch
+from mmke.types import EditCase, Sample
+
+C = TypeVar("C")
+
+
+class EditCollapsed(MmkeError):
+    """An edit diverged (non-finite loss or weights); what it touched is already restored.
+
+    ``step`` is the optimisation step at which it was seen, for the record's ``collapsed_at``.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class EditorNotReadyError(MmkeError):
+    """An editor was applied before its ``train`` / ``prepare`` step gave it what it needs."""
+
+
+# --- the handle ---------------------------------------------------------------------------
+
+
+class Edited(ABC):
+    """A live edit of one model: score and generate through it, then ``restore()`` (exact, idempotent).
+
+    Use as a context manager so the edit is undone even when scoring raises. ``details`` holds
+    what the method reports about this edit (e.g. FT's loss per step).
+    """
+
+    def __init__(self, model: LVLM, details: Mapping[str, Any] | None = None) -> None:
+        self.model = model
+        self.details: dict[str, Any] = dict(details or {})
+        self._restored = False
+
+    @property
+    def edited_params(self) -> int:
+        """How many parameters the edit changed or added (0 for prompt-only methods)."""
+        return 0
+
+    @property
+    def restored(self) -> bool:
+        return self._restored
+
+    def view(self, items: Sequence[Item]) -> Sequence[Item]:
+        """The items as the edited model is asked them: unchanged unless the method rewrites prompts."""
+        return items
+
+    def score(
+        self, items: Sequence[Item], images: ImageStore | None = None, batch_size: int = 32, topk: int = 10
+    ) -> ScoredBatch:
+        self._check_live()
+        return self.model.score(self.view(items), images, batch_size=batch_size, topk=topk)
+
+    def generate(
+        self,
+        items: Sequence[Item],
+        images: ImageStore | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 32,
+    ) -> list[str]:
+        self._check_live()
+        return self.model.generate(self.view(items), images, max_new_tokens, batch_size)
+
+    def restore(self) -> None:
+        """Undo the edit; calling it again does nothing."""
+        if not self._restored:
+            self._release()
+            self._restored = True
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Put the model back as it was before this edit (called once)."""
+
+    def _check_live(self) -> None:
+        # after restore the model is the unedited one: scoring it here would mislabel results
+        if self._restored:
+            raise RuntimeError(f"{type(self).__name__}: this edit was already restored")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+class ParamEdited(Edited):
+    """Weights changed in place; ``snapshot`` holds the pre-edit values of exactly those weights."""
+
+    def __init__(
+        self, model: LVLM, snapshot: Mapping[str, torch.Tensor], details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(model, details)
+        self.snapshot = dict(snapshot)
+
+    @property
+    def edited_params(self) -> int:
+        return sum(t.numel() for t in self.snapshot.values())
+
+    def _release(self) -> None:
+        restore_params(self.model.model, self.snapshot)
+
+
+class PromptEdited(Edited):
+    """Inference-time editing: every item's prompt is rewritten (image kept); the model is untouched."""
+
+    def __init__(
+        self, model: LVLM, rewrite: Callable[[str], str], details: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(model, details)
+        self.rewrite = rewrite
+
+    def view(self, items: Sequence[Item]) -> list[Sample]:
+        return [Sample(self.rewrite(it.prompt), it.target, it.image) for it in items]
+
+    def _release(self) -> None:
+        pass  # nothing was changed; dropping the handle releases the rewrite
+
+
+class ModuleEdited(Edited):
+    """A submodule swapped for ``replacement`` (a wrapper holding the edit); restore swaps it back."""
+
+    def __init__(
+        self,
+        model: LVLM,
+        site: str,
+        replacement: nn.Module,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, details)
+        self.site = site
+        self.replacement = replacement
+        self.original = swap_module(model.model, site, replacement)
+
+    @property
+    def edited_params(self) -> int:
+        # only what the wrapper adds: the original it may hold inside is not an edit
+        kept = {id(p) for p in self.original.parameters()}
+        return sum(p.numel() for p in self.replacement.parameters() if id(p) not in kept)
+
+    def _release(self) -> None:
+        swap_module(self.model.model, self.site, self.original)
+
+
+# --- shared mechanisms --------------------------------------------------------------------
+
+
+def snapshot(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters a method will touch (and only those), keyed by full name."""
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def restore_params(module: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Copy a snapshot back in place (bit-identical: same dtype, no arithmetic) and drop stale grads."""
+    with torch.no_grad():
+        for name, value in saved.items():
+            param = module.get_parameter(name)
+            param.copy_(value)
+            param.grad = None
+
+
+@contextmanager
+def trainable_only(module: nn.Module, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """While active only ``params`` require grad and the module is in eval mode; flags and mode come back.
+
+    Eval mode keeps dropout off so an edit is deterministic (the anchors' LVLMs use no dropout).
+    """
+    flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    was_training = module.training
+    chosen = {id(p) for p in params.values()}
+    try:
+        for p in module.parameters():
+            p.requires_grad_(id(p) in chosen)
+        module.eval()
+        yield
+    finally:
+        for name, p in module.named_parameters():
+            p.requires_grad_(flags[name])
+        module.train(was_training)
+
+
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` inside ``root`` and return the module that was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = parent.get_submodule(child)
+    setattr(parent, child, new)  # also right for ModuleList entries ("layers.3")
+    return old
+
+
+def check_finite(params: Mapping[str, nn.Parameter], method: str, step: int) -> None:
+    """Raise ``EditCollapsed`` when any edited weight became NaN or infinite."""
+    for name, p in params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise EditCollapsed(f"{method}: weight {name} became non-finite at step {step}", step)
+
+
+# --- editors ------------------------------------------------------------------------------
+
+
+class Editor(ABC, Generic[C]):
+    """An editing method: ``apply(model, case, images) -> Edited``; trainable ones also ``train``.
+
+    Subclasses set ``name`` and ``defaults`` (an instance of their frozen config dataclass); the
+    constructor takes that config, a mapping of overrides, or nothing.
+    """
+
+    name: ClassVar[str] = ""
+    defaults: ClassVar[Any]
+
+    def __init__(self, config: C | Mapping[str, Any] | None = None) -> None:
+        self.config: C = make_config(self.defaults, config, self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    @property
+    def needs_train_cases(self) -> bool:
+        """Whether ``train`` must see the train split before ``apply`` works."""
+        return False
+
+    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+        """Learn or index what the method needs from the train split; by default there is nothing."""
+
+    @abstractmethod
+    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> Edited:
+        """Write ``case.edit`` into ``model``; the handle scores the edited model and restores it."""
+
+    @contextmanager
+    def applied(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> Iterator[Edited]:
+        """``apply`` as a context manager: the edit is restored on exit, exceptions included."""
+        with self.apply(model, case, images) as edited:
+            yield edited
+
+
+# --- configs ------------------------------------------------------------------------------
+
+
+def make_config(defaults: C, overrides: C | Mapping[str, Any] | None, method: str = "") -> C:
+    """``defaults`` with ``overrides`` applied; unknown keys and ill-typed values are ``ConfigError``s."""
+    if overrides is None:
+        return defaults
+    if isinstance(overrides, type(defaults)):
+        return overrides
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{method} config must be a mapping, got {type(overrides).__name__}")
+    valid = [f.name for f in fields(defaults)]  # type: ignore[arg-type]
+    for key in overrides:
+        if key not in valid:
+            raise ConfigError(_unknown_key(method, key, valid))
+    hints = get_type_hints(type(defaults))
+    values = {key: _coerce(method, key, hints[key], value) for key, value in overrides.items()}
+    return replace(defaults, **values)  # type: ignore[type-var]
+
+
+def _unknown_key(method: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {method} config key {key!r}{hint} (valid keys: {', '.join(valid) or 'none'})"
+
+
+def _coerce(method: str, key: str, hint: Any, value: Any) -> Any:
+    """``value`` as the field's type: numbers from numeric strings, tuples from lists, None for optionals."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(method, key, inner, value)
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(method, key, args[0], v) for v in items)
+    try:
+        return _scalar(hint, value)
+    except (TypeError, ValueError):
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{method} config key {key!r} must be {name}, got {value!r}") from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise TypeError("a bool is not a number")
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise TypeError("not a bool")
+        return value
+    if kind is int and isinstance(value, float):
+        raise TypeError("not an integer")
+    if kind is str and not isinstance(value, str | os.PathLike):
+        raise TypeError("not a string")
+    return kind(value)
