@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -59,6 +61,17 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _bundled_rows() -> list[tuple[str, str]]:
+    from mmke.models.bundled import BUNDLED, bundled_dir
+
+    rows = []
+    for name in BUNDLED:
+        built = (bundled_dir(name) / "config.json").is_file()
+        state = "ready" if built else "not built: run `mmke build model`"
+        rows.append((name, f"bundled model (LLaVA trained on the world, {state})"))
+    return rows
+
+
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from mmke import registry
 
@@ -72,28 +85,142 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         table.add_column("name")
         table.add_column("what it is")
         try:
-            for name, help_ in kinds[kind].describe():
-                table.add_row(name, escape(help_))
+            rows = list(kinds[kind].describe())
         except ModuleNotFoundError as e:  # a kind whose package has not been written yet
             log.debug("no %s registered: %s", kind, e)
+            rows = []
+        if kind == "models":
+            rows = [(f"family: {n}", h) for n, h in rows] + _bundled_rows()
+        for name, help_ in rows:
+            table.add_row(name, escape(help_))
         console.print(table)
     return 0
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    """The main job. Until the evaluation engine lands: build/load the world and show its stats."""
-    from mmke.data.benchmark import load_benchmark
+def cmd_build_model(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bench = load_benchmark(args.benchmark)
-    console.print(
-        f"benchmark {bench.name} ({bench.version}): {len(bench.cases)} eval cases, "
-        f"{len(bench.train_cases)} train cases, images under {bench.image_root}"
+    from mmke.data.formats.world import world_dir
+    from mmke.models.bundled import WorldModelSpec, bundled_dir, train_world_model
+
+    spec = WorldModelSpec.smoke() if args.smoke else WorldModelSpec()
+    if args.epochs is not None:
+        spec = replace(spec, epochs=args.epochs)
+    out = args.out or bundled_dir("world")
+    world = world_dir(args.world_seed)
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
     )
-    if bench.name == "world" and bench.image_root is not None:
-        from mmke.data.world import world_stats
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train", total=None, loss="-")
 
-        _print_stats(console, world_stats(bench.image_root), "world")
+        def step(done: int, total: int, loss: float) -> None:
+            bar.update(task, completed=done, total=total, loss=f"{loss:.3f}")
+
+        report = train_world_model(world, out, spec, step)
+    console.print(
+        f"saved the world model to {out} ({report['parameters']:,} parameters, {report['train_seconds']} s)"
+    )
+    _print_checks(console, report["checks"])
     return 0
+
+
+def _print_checks(console: Console, checks: dict) -> None:
+    table = Table(title="pre-edit accuracy on the world's checks")
+    for col in ("check", "items", "exact match %", "token accuracy %"):
+        table.add_column(col)
+    for name, c in checks.items():
+        table.add_row(name, str(c["n"]), f"{100 * c['exact_match']:.1f}", f"{100 * c['token_accuracy']:.1f}")
+    console.print(table)
+
+
+def cmd_eval_base(args: argparse.Namespace, console: Console) -> int:
+    from mmke.data.formats.world import world_dir
+    from mmke.models import LVLM
+    from mmke.models.bundled import evaluate_checks
+
+    model = LVLM.load(args.model)
+    _print_checks(console, evaluate_checks(model, world_dir(args.world_seed)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    """The main job: edit and evaluate every configured method, record each case, report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mmke.config import load_config
+    from mmke.eval.runner import run
+    from mmke.eval.store import RunStore
+
+    if args.resume:
+        store = RunStore.open(args.resume)
+        cfg = load_config(None, _as_overrides(store.config))
+    else:
+        cfg = load_config(args.config, args.overrides)
+        store = RunStore.create(Path(cfg.out), args.run_id, cfg.to_dict())
+    console.print(f"run {store.path}: {', '.join(cfg.methods)} on {cfg.benchmark} with model {cfg.model}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("scoring the unedited model", total=None)
+
+        def step(done: int, total: int, method: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"editing ({method})")
+
+        summary = run(cfg, store, step)
+    _print_summary(console, summary)
+    _write_report(console, store.path)
+    return 0
+
+
+def _as_overrides(config: dict) -> list[str]:
+    """A saved config as key=value overrides (JSON values parse as YAML), to rebuild the RunConfig."""
+    return [f"{k}={json.dumps(v)}" for k, v in config.items() if k != "method_options"] + [
+        f"method_options.{m}.{k}={json.dumps(v)}"
+        for m, opts in (config.get("method_options") or {}).items()
+        for k, v in opts.items()
+    ]
+
+
+def _print_summary(console: Console, summary: dict) -> None:
+    from mmke.report.tables import build_tables, rich_table
+
+    for table in build_tables(summary)[:2]:
+        console.print(rich_table(table))
+
+
+def _write_report(console: Console, run_dir: Path) -> None:
+    from mmke.report import write_report
+
+    console.print(f"report: {write_report(run_dir)}")
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from mmke.eval.store import RunStore
+
+    store = RunStore.open(args.run)
+    summary = store.read_summary()
+    if summary is None:
+        raise MmkeError(f"{args.run}: no summary.json yet (finish it with `mmke run --resume {args.run}`)")
+    _print_summary(console, summary)
+    _write_report(console, args.run)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> int:
+    from mmke.report import compare_runs
+
+    console.print(compare_runs(args.a, args.b), markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def _run_help() -> str:
+    from mmke.config import describe_fields
+
+    rows = [f"  {n:<15} {t:<22} default {d:<32} {h}" for n, t, d, h in describe_fields()]
+    return "settings (key=value overrides or YAML keys):\n" + "\n".join(rows)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,9 +228,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the main job: edit and evaluate (default: the embedded world)")
-    run.add_argument("--benchmark", default="world", help="name[:arg], e.g. world, world:3, native:FILE")
+    base = sub.add_parser("eval-base", help="the unedited model's accuracy on the world's check sets")
+    base.add_argument("--model", default="world", help="a model directory or a bundled model name")
+    base.add_argument("--world-seed", type=int, default=0)
+    base.set_defaults(func=cmd_eval_base)
+
+    run = sub.add_parser(
+        "run",
+        help="the main job: edit and evaluate (default: the embedded world)",
+        epilog=_run_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="settings, e.g. limit=50 methods=[ft_llm]"
+    )
+    run.add_argument("--config", type=Path, default=None, help="a YAML file of settings")
+    run.add_argument("--resume", type=Path, default=None, help="continue an interrupted run directory")
+    run.add_argument("--run-id", default=None, help="name of the run directory (default: time + hash)")
     run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="tables, plots and one HTML page for a finished run")
+    rep.add_argument("run", type=Path)
+    rep.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser("compare", help="two runs side by side (markdown)")
+    cmp.add_argument("a", type=Path)
+    cmp.add_argument("b", type=Path)
+    cmp.set_defaults(func=cmd_compare)
 
     lst = sub.add_parser("list", help="registered benchmarks, model families, methods")
     lst.add_argument("what", nargs="?", choices=["benchmarks", "models", "methods"])
@@ -118,6 +269,13 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--force", action="store_true", help="rebuild even if --out holds a world")
     world.set_defaults(func=cmd_build_world)
 
+    model = bsub.add_parser("model", help="train the bundled world model from scratch (CPU, minutes)")
+    model.add_argument("--out", type=Path, default=None, help="default: the package's bundled model folder")
+    model.add_argument("--world-seed", type=int, default=0)
+    model.add_argument("--epochs", type=int, default=None)
+    model.add_argument("--smoke", action="store_true", help="a seconds-long tiny version (for tests)")
+    model.set_defaults(func=cmd_build_model)
+
     val = sub.add_parser("validate", help="check a native case file; print file:line (case): problem")
     val.add_argument("file", type=Path)
     val.add_argument("--image-root", type=Path, default=None)
@@ -125,7 +283,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_offline_hub() -> None:
+    """Nothing may download at run time, and library progress bars would break the one-line errors."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+    if "transformers" in sys.modules:  # imported before us (tests, notebooks): the env var came too late
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_offline_hub()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     console = Console()

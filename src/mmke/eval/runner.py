@@ -1,0 +1,364 @@
+"""The runner: score the unedited model once, then for each method walk a protocol's schedule.
+
+``score_pre → apply → score_post → restore → record``, with every probe of a case (and, for the
+pre-edit pass, of all cases) batched into few forward passes. Each finished case is appended
+to the run store at once, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmke.config import RunConfig
+from mmke.data.benchmark import Benchmark
+from mmke.data.images import ImageStore
+from mmke.errors import MmkeError
+from mmke.eval import protocols
+from mmke.eval._efficiency import measure
+from mmke.eval.metrics import score_case, string_match
+from mmke.eval.store import RECORD_SCHEMA, RunStore, record_key
+from mmke.methods.base import EditCollapsed, Edited, Editor
+from mmke.models import LVLM
+from mmke.models.scoring import ItemScore
+from mmke.types import EditCase, ProbeKind
+
+log = logging.getLogger(__name__)
+
+#: Called after each recorded case: (cases recorded so far, total planned, method name).
+Progress = Callable[[int, int, str], None]
+
+
+class ScoresNotFinite(MmkeError):
+    """The edited model produced NaN/inf: recorded as a collapse, never raised to the user."""
+
+
+@dataclass
+class Session:
+    """What one run holds for its whole length: the model, the cases, the pre-edit scores, the store."""
+
+    cfg: RunConfig
+    model: LVLM
+    model_name: str
+    bench: Benchmark
+    cases: tuple[EditCase, ...]
+    images: ImageStore | None
+    store: RunStore
+    pre: dict[str, list[ItemScore]]
+    progress: Progress | None = None
+    recorded: int = 0
+    planned: int = 0
+
+
+def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Sequence[str] | None) -> tuple:
+    """The cases a run uses: filtered by edit type, then round-robin across types up to ``limit``.
+
+    Round-robin keeps a small run representative of every edit type, deterministically.
+    """
+    kept = [c for c in cases if edit_types is None or c.edit_type.value in edit_types]
+    if limit is None or limit >= len(kept):
+        return tuple(kept)
+    by_type: dict[str, list[EditCase]] = {}
+    for c in kept:
+        by_type.setdefault(c.edit_type.value, []).append(c)
+    queues = [list(reversed(q)) for q in by_type.values()]
+    chosen: list[EditCase] = []
+    while len(chosen) < limit:
+        for q in queues:
+            if q and len(chosen) < limit:
+                chosen.append(q.pop())
+    order = {c.case_id: i for i, c in enumerate(kept)}
+    return tuple(sorted(chosen, key=lambda c: order[c.case_id]))
+
+
+def score_pre(model: LVLM, cases: Sequence[EditCase], images: ImageStore | None, batch_size: int) -> dict:
+    """Every probe of every case on the unedited model, in one batched pass (reused by all methods)."""
+    probes = [p for c in cases for p in c.probes]
+    scored = list(model.score(probes, images, batch_size=batch_size))
+    out: dict[str, list[ItemScore]] = {}
+    start = 0
+    for c in cases:
+        out[c.case_id] = scored[start : start + len(c.probes)]
+        start += len(c.probes)
+    return out
+
+
+# --- one case -----------------------------------------------------------------------------
+
+
+def _run_block(s: Session, method: str, protocol: str, gap: int | None, checkpoint: int | None) -> dict:
+    return {
+        "model": s.model_name,
+        "method": method,
+        "benchmark": s.bench.name,
+        "benchmark_version": s.bench.version,
+        "protocol": protocol,
+        "gap": gap,
+        "checkpoint": checkpoint,
+        "seed": s.cfg.seed,
+        "config_hash": s.store.config_hash,
+        "scoring": s.cfg.scoring,
+    }
+
+
+def _post_scores(s: Session, edited: Edited, case: EditCase) -> tuple[list[ItemScore], list[str] | None]:
+    post = list(edited.score(case.probes, s.images, batch_size=s.cfg.batch_size))
+    if not all(math.isfinite(x.nll) for x in post):
+        raise ScoresNotFinite("non-finite logits (NaN/inf) after the edit")
+    gens = edited.generate(case.probes, s.images, batch_size=s.cfg.batch_size) if s.cfg.generate else None
+    return post, gens
+
+
+def _record(
+    s: Session, run: dict, case: EditCase, index: int, scored: dict | None, cost: dict, failure: tuple | None
+) -> None:
+    status, message, at = failure if failure else ("ok", None, None)
+    record: dict[str, Any] = {
+        "schema": RECORD_SCHEMA,
+        "run": run,
+        "case_id": case.case_id,
+        "edit_type": case.edit_type.value,
+        "index": index,
+        "status": status,
+        "message": message,
+        "collapsed_at": at,
+        "edit": {
+            "prompt": case.edit.prompt,
+            "target": case.edit.target,
+            "ground_truth": case.edit.ground_truth,
+        },
+        "efficiency": cost,
+    }
+    record.update(scored or {"metrics": {}, "exact_match": {}, "base": {}, "probes": []})
+    s.store.append(record)
+    s.recorded += 1
+    if s.progress is not None:
+        s.progress(s.recorded, s.planned, run["method"])
+
+
+def _score_and_record(
+    s: Session, run: dict, edited: Edited, case: EditCase, index: int, cost: dict, pre: list | None = None
+) -> bool:
+    """Score one case through ``edited`` and append its record; False when the model collapsed.
+
+    ``pre`` defaults to the case's cached pre-edit scores (one per probe of the stored case).
+    """
+    with measure(s.model.device) as m:
+        try:
+            post, gens = _post_scores(s, edited, case)
+        except ScoresNotFinite as e:
+            post, gens, failure = None, None, ("collapsed", str(e), index)
+        else:
+            failure = None
+    cost = cost | {"score_seconds": m.seconds}
+    if post is None:
+        _record(s, run, case, index, None, cost, failure)
+        return False
+    scored = score_case(case.probes, post, pre or s.pre[case.case_id], s.cfg.scoring, gens)
+    _attach_generation_matches(scored, case, gens)
+    _record(s, run, case, index, scored, cost, None)
+    return True
+
+
+def _attach_generation_matches(scored: dict, case: EditCase, gens: list[str] | None) -> None:
+    if gens is None:
+        return
+    for probe, entry, text in zip(case.probes, scored["probes"], gens, strict=True):
+        entry["generated"] = text
+        entry["generated_match"] = string_match(text, probe.target)
+
+
+def _apply(s: Session, editor: Editor, case: EditCase, index: int) -> tuple[Edited, dict]:
+    """Apply one edit under the run's seed (per stream position, so a resumed run matches)."""
+    torch.manual_seed(s.cfg.seed * 1_000_003 + index)
+    with measure(s.model.device) as m:
+        edited = editor.apply(s.model, case, s.images)
+    cost = {"edit_seconds": m.seconds, "peak_memory_mb": m.peak_mb, "edited_params": edited.edited_params}
+    return edited, cost
+
+
+def _failure_record(s: Session, run: dict, case: EditCase, index: int, e: Exception) -> None:
+    status = "collapsed" if isinstance(e, EditCollapsed) else "error"
+    at = index if isinstance(e, EditCollapsed) else None
+    log.warning("%s %s: %s", run["method"], case.case_id, e)
+    _record(s, run, case, index, None, {}, (status, f"{type(e).__name__}: {e}", at))
+
+
+# --- protocols ----------------------------------------------------------------------------
+
+
+def run_single(s: Session, editor: Editor, method: str) -> None:
+    """Edit, score, restore — each case on the unedited model."""
+    run = _run_block(s, method, "single", None, None)
+    done = s.store.done_keys()
+    for index, case in enumerate(s.cases):
+        if record_key({"run": run, "case_id": case.case_id}) in done:
+            continue
+        try:
+            edited, cost = _apply(s, editor, case, index)
+        except (EditCollapsed, MmkeError) as e:
+            _failure_record(s, run, case, index, e)
+            continue
+        with edited:
+            _score_and_record(s, run, edited, case, index, cost)
+
+
+def run_sequential(s: Session, editor: Editor, method: str, gap: int) -> None:
+    """After edit k (k >= gap) score case k - gap on the model holding all edits so far.
+
+    A stream is replayed from its start on resume (edits are deterministic per position),
+    and it stops at the first collapse, which is recorded with its edit index.
+    """
+    run = _run_block(s, method, "sequential", gap, None)
+    done = s.store.done_keys()
+    stack: list[tuple[Edited, dict]] = []
+    try:
+        for step in protocols.sequential(len(s.cases), gap):
+            case = s.cases[step.edit]
+            try:
+                stack.append(_apply(s, editor, case, step.edit))
+            except (EditCollapsed, MmkeError) as e:
+                _failure_record(s, run, case, step.edit, e)
+                return
+            for i in step.score:
+                target = s.cases[i]
+                if record_key({"run": run, "case_id": target.case_id}) in done:
+                    continue
+                # score through the scored case's own handle: for weight edits it is the same
+                # model; for prompt methods (IKE) it is that fact's context, retrieved from memory
+                if not _score_and_record(s, run, stack[i][0], target, step.edit, stack[i][1]):
+                    return
+    finally:
+        _restore_all(stack)
+
+
+def run_lifelong(s: Session, editor: Editor, method: str) -> None:
+    """Edit the whole stream without restoring; at each checkpoint score every case edited so far."""
+    stack: list[tuple[Edited, dict]] = []
+    try:
+        for step in protocols.lifelong(len(s.cases), s.cfg.checkpoints):
+            case = s.cases[step.edit]
+            try:
+                stack.append(_apply(s, editor, case, step.edit))
+            except (EditCollapsed, MmkeError) as e:
+                _failure_record(s, _run_block(s, method, "lifelong", None, step.edit + 1), case, step.edit, e)
+                return
+            if step.score and not _score_checkpoint(s, method, stack, step.edit + 1):
+                return
+    finally:
+        _restore_all(stack)
+
+
+def _score_checkpoint(s: Session, method: str, stack: list[tuple[Edited, dict]], checkpoint: int) -> bool:
+    run = _run_block(s, method, "lifelong", None, checkpoint)
+    done = s.store.done_keys()
+    for i, (edited, cost) in enumerate(stack):
+        case = s.cases[i]
+        if record_key({"run": run, "case_id": case.case_id}) in done:
+            continue
+        if not _score_and_record(s, run, edited, case, i, cost):
+            return False
+    return True
+
+
+def run_edit_onehop(s: Session, editor: Editor, method: str) -> None:
+    """VLKEB's edit-one-hop: write the edit, then its one-hop fact, then ask the portability questions."""
+    run = _run_block(s, method, "edit_onehop", None, None)
+    done = s.store.done_keys()
+    for index, case in enumerate(s.cases):
+        facts = [p.onehop_edit for p in case.probes if p.onehop_edit is not None]
+        if not facts or record_key({"run": run, "case_id": case.case_id}) in done:
+            continue
+        keep = [i for i, p in enumerate(case.probes) if p.kind == ProbeKind.PORTABILITY]
+        port = EditCase(case.case_id, case.edit_type, case.edit, tuple(case.probes[i] for i in keep))
+        pre = [s.pre[case.case_id][i] for i in keep]
+        stack: list[tuple[Edited, dict]] = []
+        try:
+            stack.append(_apply(s, editor, case, index))
+            for fact in facts:
+                stack.append(
+                    _apply(s, editor, EditCase(f"{case.case_id}/onehop", case.edit_type, fact, ()), index)
+                )
+            cost = {k: sum(c[k] for _, c in stack) for k in ("edit_seconds", "edited_params")}
+            cost["peak_memory_mb"] = max(c["peak_memory_mb"] for _, c in stack)
+            _score_and_record(s, run, stack[-1][0], port, index, cost, pre)
+        except (EditCollapsed, MmkeError) as e:
+            _failure_record(s, run, case, index, e)
+        finally:
+            _restore_all(stack)
+
+
+def _restore_all(stack: list[tuple[Edited, dict]]) -> None:
+    """Undo stacked edits newest first, which returns the model to its original weights exactly."""
+    for edited, _ in reversed(stack):
+        edited.restore()
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+
+def _planned(cfg: RunConfig, n: int) -> int:
+    per_method = {
+        "single": n,
+        "edit_onehop": n,
+        "sequential": sum(max(0, n - g) for g in cfg.gaps),
+        "lifelong": sum(min(c, n) for c in {*cfg.checkpoints, n} if c <= n),
+    }[cfg.protocol]
+    return per_method * len(cfg.methods)
+
+
+def run_method(s: Session, method: str) -> None:
+    """Build the editor, train it if it needs the train split, and walk the configured protocol."""
+    from mmke.registry import methods
+
+    editor = methods.get(method)(s.cfg.method_options.get(method))
+    if editor.needs_train_cases:
+        editor.train(s.model, s.bench.train_cases, s.images)
+    if s.cfg.protocol == "single":
+        run_single(s, editor, method)
+    elif s.cfg.protocol == "sequential":
+        for gap in s.cfg.gaps:
+            if gap < len(s.cases):
+                run_sequential(s, editor, method, gap)
+    elif s.cfg.protocol == "lifelong":
+        run_lifelong(s, editor, method)
+    else:
+        run_edit_onehop(s, editor, method)
+
+
+def open_session(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> Session:
+    """Load the model and benchmark once and score the unedited model on every probe."""
+    from mmke.data.benchmark import load_benchmark
+
+    bench = load_benchmark(cfg.benchmark, Path(cfg.image_root) if cfg.image_root else None)
+    cases = select_cases(bench.cases, cfg.limit, cfg.edit_types)
+    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    images = ImageStore(bench.image_root) if bench.image_root is not None else None
+    torch.manual_seed(cfg.seed)
+    pre = score_pre(model, cases, images, cfg.batch_size)
+    s = Session(cfg, model, cfg.model, bench, cases, images, store, pre, progress)
+    s.planned = _planned(cfg, len(cases))
+    s.recorded = len(store.records())
+    return s
+
+
+def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> dict:
+    """Run every configured method on the configured protocol; returns (and stores) the summary."""
+    from mmke.eval.metrics import summarize
+
+    from mmke.registry import methods
+
+    for method in cfg.methods:  # an unknown name fails before anything is loaded or edited
+        methods.get(method)
+    s = open_session(cfg, store, progress)
+    for method in cfg.methods:
+        run_method(s, method)
+    summary = summarize(store.records(), {"config": cfg.to_dict(), "config_hash": store.config_hash})
+    store.write_summary(summary)
+    return summary

@@ -1,0 +1,161 @@
+"""The runner end to end on a small world and a tiny model: exactness, resume, collapse, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmke.cli import main
+from mmke.config import load_config
+from mmke.data.world import WorldConfig, build_world
+from mmke.eval.runner import run
+from mmke.eval.store import RunStore
+from mmke.models.bundled import WorldModelSpec, build_tokenizer, build_untrained, world_texts
+
+Setup = tuple[Path, Path]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    """A small world and an untrained smoke-size world model saved to disk (seconds to build)."""
+    world = tmp_path_factory.mktemp("world")
+    build_world(world, seed=0, config=WorldConfig.small())
+    model_dir = tmp_path_factory.mktemp("model")
+    lvlm = build_untrained(WorldModelSpec.smoke(), build_tokenizer(world_texts(world)))
+    lvlm.model.save_pretrained(model_dir)
+    lvlm.processor.save_pretrained(model_dir)
+    return world, model_dir
+
+
+def _overrides(setup: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    world, model_dir = setup
+    return [
+        f"benchmark=native:{world / 'cases_eval.jsonl'}",
+        f"image_root={world}",
+        f"model={model_dir}",
+        f"out={out}",
+        "limit=6",
+        "method_options.ft_llm.steps=3",
+        "method_options.ft_llm.lr=0.01",
+        *extra,
+    ]
+
+
+def _run(setup: tuple[Path, Path], out: Path, *extra: str) -> tuple[RunStore, dict]:
+    cfg = load_config(None, _overrides(setup, out, *extra))
+    store = RunStore.create(out, None, cfg.to_dict())
+    return store, run(cfg, store)
+
+
+def _without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "efficiency"} for r in records]
+
+
+def test_noop_keeps_locality_at_one_and_reliability_at_base(setup: Setup, tmp_path: Path) -> None:
+    _store, summary = _run(setup, tmp_path, "methods=[noop]")
+    group = next(g for g in summary["groups"] if g["edit_type"] == "all")
+    assert group["metrics"]["text_locality"] == 1.0
+    assert group["metrics"]["image_locality"] == 1.0
+    assert group["metrics"]["reliability"] == group["base"]["reliability"]
+    assert group["n_cases"] == 6
+
+
+def test_single_ft_records_every_case_and_restores_the_model(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store, _summary = _run(setup, tmp_path, "methods=[ft_llm]")
+    records = store.records()
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    assert {r["edit_type"] for r in records} >= {"visual_entity", "medical_mcq"}
+    eff = records[0]["efficiency"]
+    assert eff["edited_params"] > 0 and eff["edit_seconds"] > 0 and eff["peak_memory_mb"] > 0
+    assert (store.path / "summary.json").is_file()
+
+
+def test_same_seed_gives_identical_records_apart_from_timings(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, _ = _run(setup, tmp_path, "methods=[ft_llm]")
+    b, _ = _run(setup, tmp_path, "methods=[ft_llm]")
+    assert a.path != b.path
+    assert _without_timings(a.records()) == _without_timings(b.records())
+
+
+def test_sequential_records_n_minus_gap_cases(setup: Setup, tmp_path: Path) -> None:
+    store, _ = _run(setup, tmp_path, "methods=[ft_llm]", "protocol=sequential", "gaps=[2,4]")
+    by_gap: dict[int, list[dict]] = {}
+    for r in store.records():
+        by_gap.setdefault(r["run"]["gap"], []).append(r)
+    assert {g: len(rs) for g, rs in by_gap.items()} == {2: 4, 4: 2}
+    # case s - gap is scored at stream position s
+    assert [r["index"] for r in by_gap[2]] == [2, 3, 4, 5]
+
+
+def test_nan_logits_are_recorded_as_collapse_and_the_run_goes_on(
+    setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmke.models.base import LVLM
+
+    real = LVLM.logits
+    calls = {"n": 0}
+
+    def poisoned(self: LVLM, batch, answer_only: bool = True):  # type: ignore[no-untyped-def]
+        out = real(self, batch, answer_only)
+        calls["n"] += 1
+        return torch.full_like(out, float("nan")) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(LVLM, "logits", poisoned)
+    store, summary = _run(setup, tmp_path, "methods=[noop]", "batch_size=64")
+    statuses = [r["status"] for r in store.records()]
+    assert statuses.count("collapsed") == 1 and len(statuses) == 6
+    collapsed = next(r for r in store.records() if r["status"] == "collapsed")
+    assert collapsed["collapsed_at"] == collapsed["index"] and "NaN" in collapsed["message"]
+    assert next(g for g in summary["groups"] if g["edit_type"] == "all")["n_collapsed"] == 1
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_summary(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, clean = _run(setup, tmp_path / "clean", "methods=[ft_llm,noop]")
+    args = [*_overrides(setup, tmp_path / "killed", "methods=[ft_llm,noop]"), "--run-id", "r"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmke.cli", "run", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cases = tmp_path / "killed" / "r" / "cases.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not cases.exists() or cases.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = cases.read_text().count("\n")
+    assert 3 <= written < 12, "the kill must land mid-run"
+    assert main(["run", "--resume", str(tmp_path / "killed" / "r")]) == 0
+    records = RunStore.open(tmp_path / "killed" / "r").records()
+    keys = [(r["run"]["method"], r["case_id"]) for r in records]
+    assert len(keys) == len(set(keys)) == 12
+    resumed = json.loads((tmp_path / "killed" / "r" / "summary.json").read_text())
+    strip = lambda s: [{k: v for k, v in g.items() if k != "efficiency"} for g in s["groups"]]  # noqa: E731
+    assert strip(resumed) == strip(clean)
+
+
+def test_bad_config_and_unknown_method_are_one_line(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", *_overrides(setup, tmp_path, "limt=5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "limt" in err and "limit" in err
+    assert main(["run", *_overrides(setup, tmp_path, "methods=[fft]")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown method 'fft'" in err
