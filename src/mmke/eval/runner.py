@@ -351,7 +351,6 @@ def open_session(cfg: RunConfig, store: RunStore, progress: Progress | None = No
 def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> dict:
     """Run every configured method on the configured protocol; returns (and stores) the summary."""
     from mmke.eval.metrics import summarize
-
     from mmke.registry import methods
 
     for method in cfg.methods:  # an unknown name fails before anything is loaded or edited

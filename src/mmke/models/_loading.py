@@ -35,6 +35,18 @@ def family_named(name: str | Family) -> Family:
     return model_families.get(name)()
 
 
+def bundled_or_path(path: str | Path) -> Path:
+    """A bundled model's package-data directory when ``path`` names one (and no such path exists)."""
+    from mmke.models.bundled import resolve_bundled
+
+    bundled = resolve_bundled(str(path))
+    if bundled is None:
+        return Path(path)
+    if not (bundled / "config.json").is_file():
+        raise ModelLoadError(f"bundled model {str(path)!r} is not built yet: run `mmke build model`")
+    return bundled
+
+
 def read_config(path: Path) -> Any:
     from transformers import AutoConfig
 

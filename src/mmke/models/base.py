@@ -68,8 +68,11 @@ class LVLM:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
     ) -> LVLM:
-        """Load a saved HF model directory offline; the family is inferred from its config when not given."""
-        path = Path(path)
+        """Load a saved HF model directory offline; the family is inferred from its config when not given.
+
+        ``path`` may also name a bundled model (``"world"``), which loads from package data.
+        """
+        path = _loading.bundled_or_path(path)
         config = _loading.read_config(path)
         fam = _loading.resolve_family(family, config, path)
         processor = _loading.load_processor(fam, path)

@@ -128,38 +128,14 @@ def _build(cls: type[nn.Module], config: Any, seed: int) -> nn.Module:
 
 
 def _llava(seed: int) -> LVLM:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from mmke.models._construct import llava_from_sizes
 
     tok = bpe_tokenizer(["<image>"])
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE}
-    )
-    # CLIP keeps a CLS token (num_additional_image_tokens=1) that "default" selection drops again
-    processor = LlavaProcessor(
-        image_processor,
-        tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
     text = _llama_text(tok)
-    text.pop("model_type")
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_vit(), projection_dim=32),
-        text_config=LlamaConfig(**text),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        pad_token_id=tok.pad_token_id,
-    )
-    return LVLM(_build(LlavaForConditionalGeneration, config, seed), processor, "llava")
+    for key in ("model_type", "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"):
+        text.pop(key)
+    vision = {k: v for k, v in _vit().items() if k != "image_size"} | {"projection_dim": 32}
+    return llava_from_sizes(tok, vision, text, _IMAGE, seed)
 
 
 def _blip2(seed: int) -> LVLM:
