@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[retrieval,gguf,report,lora,dev]'
 	touch $(STAMP)
 
+# The main job: 120 world cases (round-robin over all four edit types) x the default methods.
 run: $(STAMP)
-	$(BIN)/mmke run
+	$(BIN)/mmke run limit=120
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

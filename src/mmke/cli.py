@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -295,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_offline_hub()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    console = Console()
+    # off a terminal rich assumes 80 columns, which squeezes the paper-wide tables
+    console = Console(width=shutil.get_terminal_size((160, 40)).columns)
     func: Callable[[argparse.Namespace, Console], int] = args.func
     try:
         return func(args, console)

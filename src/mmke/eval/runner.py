@@ -313,11 +313,25 @@ def _planned(cfg: RunConfig, n: int) -> int:
     return per_method * len(cfg.methods)
 
 
+#: A model directory may recommend method settings for itself (e.g. FT's lr for the world model).
+PRESETS_FILE = "mmke_methods.yaml"
+
+
+def method_options(model: LVLM, cfg: RunConfig, method: str) -> dict[str, Any]:
+    """The model's recommended settings for ``method``, overridden by the user's."""
+    import yaml
+
+    presets: dict[str, Any] = {}
+    if model.source is not None and (model.source / PRESETS_FILE).is_file():
+        presets = yaml.safe_load((model.source / PRESETS_FILE).read_text()) or {}
+    return {**presets.get(method, {}), **cfg.method_options.get(method, {})}
+
+
 def run_method(s: Session, method: str) -> None:
     """Build the editor, train it if it needs the train split, and walk the configured protocol."""
     from mmke.registry import methods
 
-    editor = methods.get(method)(s.cfg.method_options.get(method))
+    editor = methods.get(method)(method_options(s.model, s.cfg, method))
     if editor.needs_train_cases:
         editor.train(s.model, s.bench.train_cases, s.images)
     if s.cfg.protocol == "single":
@@ -358,6 +372,8 @@ def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> di
     s = open_session(cfg, store, progress)
     for method in cfg.methods:
         run_method(s, method)
-    summary = summarize(store.records(), {"config": cfg.to_dict(), "config_hash": store.config_hash})
+    effective = {m: method_options(s.model, cfg, m) for m in cfg.methods}
+    run_info = {"config": cfg.to_dict(), "config_hash": store.config_hash, "method_options": effective}
+    summary = summarize(store.records(), run_info)
     store.write_summary(summary)
     return summary

@@ -58,6 +58,8 @@ class LVLM:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # A chat template writes BOS itself; a plain format relies on the tokenizer adding it.
         self._add_special_tokens = not self.family.chat_template(processor)
+        #: The directory the model was loaded from (None when built in memory).
+        self.source: Path | None = None
 
     @classmethod
     def load(
@@ -77,7 +79,9 @@ class LVLM:
         fam = _loading.resolve_family(family, config, path)
         processor = _loading.load_processor(fam, path)
         model = _loading.load_model(fam, config, path, dtype, str(device))
-        return cls(model, processor, fam)
+        loaded = cls(model, processor, fam)
+        loaded.source = path
+        return loaded
 
     def __repr__(self) -> str:
         return f"LVLM(family={self.family.name!r}, model={type(self.model).__name__}, dtype={self.dtype})"

@@ -1,0 +1,104 @@
+"""The bundled world model: tokenizer, deterministic training, saving and loading, shipped accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmke.data.schema import read_samples
+from mmke.data.world import WorldConfig, build_world
+from mmke.models import LVLM
+from mmke.models.bundled import (
+    WorldModelSpec,
+    build_tokenizer,
+    bundled_dir,
+    evaluate_checks,
+    train_world_model,
+    world_texts,
+)
+
+#: The issue's targets for the shipped model, measured before any edit.
+TARGETS = {
+    "recognition_train_views": 0.95,
+    "recognition_unseen_views": 0.90,
+    "facts_by_name": 0.95,
+    "locality_facts": 0.95,
+}
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=0, config=WorldConfig.small())
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("model")
+    return out, train_world_model(small_world, out, WorldModelSpec.smoke())
+
+
+def test_tokenizer_is_word_level_and_covers_the_world(small_world: Path) -> None:
+    tok = build_tokenizer(world_texts(small_world))
+    enc = tok("USER: <image>\nwhich person is shown ? ASSISTANT: mira talvek", return_offsets_mapping=True)
+    words = tok.convert_ids_to_tokens(enc.input_ids)
+    assert words[:4] == ["<s>", "user", ":", "<image>"]
+    assert words[-2:] == ["mira", "talvek"] or "<unk>" in words  # names are invented per seed
+    sample = read_samples(small_world / "corpus_train.jsonl")[0]
+    assert tok.unk_token_id not in tok(sample.prompt + " " + sample.target).input_ids
+
+
+def test_smoke_training_saves_a_loadable_model(small_world: Path, smoke: tuple[Path, dict]) -> None:
+    out, report = smoke
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "training.json"):
+        assert (out / name).is_file(), name
+    assert "exact match" in (out / "README.md").read_text()
+    assert set(report["checks"]) >= {"recognition_train_views", "facts_by_name", "multihop_2"}
+    model = LVLM.load(out)
+    assert model.family.name == "llava"
+    again = evaluate_checks(model, small_world)
+    assert again == report["checks"]  # the saved model is the trained one
+
+
+def test_training_is_deterministic(small_world: Path, smoke: tuple[Path, dict], tmp_path: Path) -> None:
+    first, _ = smoke
+    train_world_model(small_world, tmp_path, WorldModelSpec.smoke())
+    a = LVLM.load(first).model.state_dict()
+    b = LVLM.load(tmp_path).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unbuilt_bundled_name_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mmke.errors import ModelLoadError
+    from mmke.models import bundled
+
+    monkeypatch.setattr(bundled, "bundled_dir", lambda name="world": tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="mmke build model"):
+        LVLM.load("world")
+
+
+SHIPPED = (bundled_dir() / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def shipped_checks() -> dict:
+    from mmke.data.formats.world import world_dir
+
+    return evaluate_checks(LVLM.load("world"), world_dir(0))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="bundled world model not built (mmke build model)")
+def test_model_card_numbers_are_what_the_shipped_weights_measure(shipped_checks: dict) -> None:
+    recorded = json.loads((bundled_dir() / "training.json").read_text())["checks"]
+    assert shipped_checks == pytest.approx(recorded)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="bundled world model not built (mmke build model)")
+@pytest.mark.xfail(strict=True, reason="issue 3 open: the shipped world model is below its targets")
+def test_shipped_model_meets_its_targets(shipped_checks: dict) -> None:
+    for name, floor in TARGETS.items():
+        assert shipped_checks[name]["exact_match"] >= floor, (name, shipped_checks[name])
