@@ -12,15 +12,16 @@ import pytest
 from mmke.cli import main
 
 
-def test_unknown_benchmark_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--benchmark", "wrold"]) == 2
+def test_unknown_benchmark_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["run", "benchmark=wrold", f"out={tmp_path}"]) == 2
+    assert not any(tmp_path.iterdir())  # nothing created before the name was checked
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "unknown benchmark 'wrold'" in err and "did you mean 'world'" in err
 
 
 def test_missing_native_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["run", "--benchmark", f"native:{tmp_path / 'nope.jsonl'}"]) == 2
+    assert main(["run", f"benchmark=native:{tmp_path / 'nope.jsonl'}", f"out={tmp_path}"]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -35,7 +36,7 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not a header\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "mmke.cli", "run", "--benchmark", f"native:{bad}"],
+        [sys.executable, "-m", "mmke.cli", "run", f"benchmark=native:{bad}", f"out={tmp_path}"],
         capture_output=True,
         text=True,
         check=False,

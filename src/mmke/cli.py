@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmke.config import load_config
-    from mmke.eval.runner import run
+    from mmke.eval.runner import preflight, run
     from mmke.eval.store import RunStore
 
     if args.resume:
@@ -161,6 +161,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         cfg = load_config(None, _as_overrides(store.config))
     else:
         cfg = load_config(args.config, args.overrides)
+        preflight(cfg)
         store = RunStore.create(Path(cfg.out), args.run_id, cfg.to_dict())
     console.print(f"run {store.path}: {', '.join(cfg.methods)} on {cfg.benchmark} with model {cfg.model}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -362,13 +362,19 @@ def open_session(cfg: RunConfig, store: RunStore, progress: Progress | None = No
     return s
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Fail on unknown component names before anything is created, loaded or edited."""
+    from mmke.registry import benchmarks, methods
+
+    benchmarks.get(cfg.benchmark.partition(":")[0])
+    for method in cfg.methods:
+        methods.get(method)
+
+
 def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> dict:
     """Run every configured method on the configured protocol; returns (and stores) the summary."""
     from mmke.eval.metrics import summarize
-    from mmke.registry import methods
-
-    for method in cfg.methods:  # an unknown name fails before anything is loaded or edited
-        methods.get(method)
+    preflight(cfg)
     s = open_session(cfg, store, progress)
     for method in cfg.methods:
         run_method(s, method)
