@@ -374,6 +374,7 @@ def preflight(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> dict:
     """Run every configured method on the configured protocol; returns (and stores) the summary."""
     from mmke.eval.metrics import summarize
+
     preflight(cfg)
     s = open_session(cfg, store, progress)
     for method in cfg.methods:
