@@ -159,3 +159,21 @@ def test_bad_config_and_unknown_method_are_one_line(
     assert main(["run", *_overrides(setup, tmp_path, "methods=[fft]")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unknown method 'fft'" in err
+
+
+def test_generate_keeps_raw_text_and_a_string_match(setup: Setup, tmp_path: Path) -> None:
+    store, _ = _run(setup, tmp_path, "methods=[noop]", "generate=true", "limit=2")
+    probes = [p for r in store.records() for p in r["probes"]]
+    assert probes and all(isinstance(p["generated"], str) for p in probes)
+    assert all(p["generated_match"] in (0.0, 1.0) for p in probes)
+
+
+def test_report_and_compare_commands(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, _ = _run(setup, tmp_path, "methods=[noop]", "limit=2")
+    b, _ = _run(setup, tmp_path, "methods=[ft_llm]", "limit=2")
+    assert main(["report", str(a.path)]) == 0
+    assert (a.path / "report.html").is_file() and (a.path / "tables").is_dir()
+    assert main(["compare", str(a.path), str(b.path)]) == 0
+    assert "Δ" in capsys.readouterr().out
