@@ -19,9 +19,9 @@ import yaml
 
 from mmke.errors import ConfigError
 from mmke.eval.metrics import SCORINGS
+from mmke.eval.protocols import PROTOCOLS
 from mmke.types import EditType
 
-PROTOCOLS = ("single", "sequential", "lifelong", "edit_onehop")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
