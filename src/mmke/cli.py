@@ -189,6 +189,12 @@ def _as_overrides(config: dict) -> list[str]:
 def _print_summary(console: Console, summary: dict) -> None:
     from mmke.report.tables import build_tables, rich_table
 
+    counts: dict[str, int] = {}
+    for g in summary.get("groups", []):
+        if g["edit_type"] != "all" and g["protocol"] == "single":
+            counts[g["edit_type"]] = max(counts.get(g["edit_type"], 0), g["n_cases"])
+    if counts:
+        console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for table in build_tables(summary)[:2]:
         console.print(rich_table(table))
 
