@@ -265,6 +265,25 @@ def save(lvlm: LVLM, out: Path, report: dict[str, Any]) -> None:
     (out / "README.md").write_text(model_card(report))
 
 
+#: What the world model should reach before any edit (exact match), per check set.
+TARGETS = {
+    "recognition_train_views": 0.95,
+    "recognition_unseen_views": 0.90,
+    "facts_by_name": 0.95,
+    "locality_facts": 0.95,
+}
+
+
+def _targets_section(checks: dict[str, dict[str, float]]) -> str:
+    lines = [
+        f"- {name}: target {100 * floor:.0f}%, measured {100 * checks[name]['exact_match']:.1f}% "
+        f"({'met' if checks[name]['exact_match'] >= floor else 'NOT met'})"
+        for name, floor in TARGETS.items()
+        if name in checks
+    ]
+    return "\n".join(lines)
+
+
 def model_card(report: dict[str, Any]) -> str:
     """A model card that records how the model was trained and what it measured."""
     spec = report["spec"]
@@ -297,6 +316,10 @@ made by mmke's own deterministic code on a CPU.
 
 `recognition_unseen_views` uses image views never seen in training; `multihop_N` asks an
 N-hop question about the entity in an image (the portability baseline).
+
+## Targets
+
+{_targets_section(report["checks"])}
 """
 
 
