@@ -21,13 +21,23 @@ from mmke.errors import MmkeError
 log = logging.getLogger("mmke")
 
 
+def _flat(value: object, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested counts as (dotted key, value) rows, so every table cell holds one number."""
+    if not isinstance(value, dict):
+        return [(prefix, str(value))]
+    rows: list[tuple[str, str]] = []
+    for key, sub in value.items():
+        rows += _flat(sub, f"{prefix} / {key}" if prefix else str(key))
+    return rows
+
+
 def _print_stats(console: Console, stats: dict, title: str) -> None:
     """Render a world-stats dict (nested counts) as one table per section."""
     for section, value in stats.items():
         if isinstance(value, dict):
             table = Table(title=f"{title}: {section}", show_header=False)
-            for key, count in value.items():
-                table.add_row(str(key), json.dumps(count) if isinstance(count, dict | list) else str(count))
+            for key, count in _flat(value):
+                table.add_row(key, count)
             console.print(table)
         else:
             console.print(f"{section}: {value}")
