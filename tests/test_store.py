@@ -92,6 +92,7 @@ def test_complete_json_without_its_newline_counts_as_torn(tmp_path: Path) -> Non
 
 
 CHILD = """
+import os
 import sys
 from pathlib import Path
 from mmke.eval import RunStore
@@ -100,7 +101,9 @@ marker = Path(sys.argv[2])
 pad = "x" * 200_000  # large lines make a kill mid-write likely
 for i in range(100_000):
     store.append({"case_id": f"c{i}", "run": {"method": "ft_llm"}, "pad": pad})
-    marker.write_text(str(i + 1))
+    # atomic, so a kill can never leave the parent an empty or half-written count
+    marker.with_suffix(".tmp").write_text(str(i + 1))
+    os.replace(marker.with_suffix(".tmp"), marker)
 """
 
 
@@ -110,7 +113,7 @@ def test_sigkill_mid_run_loses_at_most_the_case_in_flight(tmp_path: Path) -> Non
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(store.path), str(marker)])
     try:
         deadline = time.monotonic() + 20
-        while not (marker.exists() and marker.read_text() and int(marker.read_text()) >= 5):
+        while not (marker.exists() and int(marker.read_text()) >= 5):
             assert child.poll() is None, "child exited early"
             assert time.monotonic() < deadline, "child wrote no records"
             time.sleep(0.01)
