@@ -24,6 +24,7 @@ from torch import nn
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError, MmkeError
 from mmke.models.base import LVLM, Item
+from mmke.models.batch import Batch
 from mmke.models.scoring import ScoredBatch
 from mmke.types import EditCase, Sample
 
@@ -213,6 +214,31 @@ def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = parent.get_submodule(child)
     setattr(parent, child, new)  # also right for ModuleList entries ("layers.3")
     return old
+
+
+def layer_io(model: LVLM, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s input (B, T, I) and output (B, T, D) per token of ``batch``, from one no-grad forward.
+
+    Shared by the methods that read a layer's keys and values (GRACE, ROME). Some layers see the
+    tokens flattened (OPT's fc2: (B*T, I)); anything that does not line up with the tokens is an error.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        seen["x"], seen["y"] = args[0].detach(), out.detach()
+
+    handle = module.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model.family.forward(model.model, batch.inputs)
+    finally:
+        handle.remove()
+    shape = tuple(batch.labels.shape)  # (B, T)
+    x, y = seen["x"], seen["y"]
+    tokens = shape[0] * shape[1]
+    if x.shape[:-1].numel() != tokens or y.shape[:-1].numel() != tokens:
+        raise RuntimeError(f"layer input {tuple(x.shape)} does not line up with tokens {shape}")
+    return x.reshape(*shape, -1), y.reshape(*shape, -1)  # (B, T, I), (B, T, D)
 
 
 def check_finite(params: Mapping[str, nn.Parameter], method: str, step: int) -> None:

@@ -43,7 +43,7 @@ from torch import nn
 
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
-from mmke.methods.base import EditCollapsed, Edited, Editor, swap_module, trainable_only
+from mmke.methods.base import EditCollapsed, Edited, Editor, layer_io, swap_module, trainable_only
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.registry import register_method
@@ -289,20 +289,5 @@ def _keys_and_values(
     rows, cols = batch.answer_positions  # (N,), (N,)
     positions = cols[rows == 0] - 1  # (n,)
     labels = [str(int(t)) for t in batch.labels[0, positions + 1]]
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-        seen["x"], seen["y"] = args[0].detach(), out.detach()
-
-    handle = adaptor.layer.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            model.family.forward(model.model, batch.inputs)
-    finally:
-        handle.remove()
-    shape = tuple(batch.labels.shape)  # (1, T); OPT's fc2 sees tokens flattened (T, I)
-    x, y = seen["x"], seen["y"]
-    if math.prod(x.shape[:-1]) != math.prod(shape):
-        raise RuntimeError(f"grace: layer input {tuple(x.shape)} does not line up with tokens {shape}")
-    x, y = x.reshape(*shape, -1), y.reshape(*shape, -1)  # (1, T, I), (1, T, D)
+    x, y = layer_io(model, adaptor.layer, batch)  # (1, T, I), (1, T, D)
     return x[0, positions].float(), y[0, positions].float(), labels

@@ -57,6 +57,7 @@ from mmke.methods.base import (
     EditorNotReadyError,
     ParamEdited,
     check_finite,
+    layer_io,
     restore_params,
     snapshot,
     trainable_only,
@@ -141,7 +142,7 @@ class Rome(Editor[RomeConfig]):
         try:
             batch = model.encode([case.edit], images)
             position = key_position(batch, case.edit.prompt, self.config.key, case.subject)
-            key, base = layer_io(model, module, batch, position)  # (I,), (D,)
+            key, base = io_at(model, module, batch, position)  # (I,), (D,)
             delta, losses = self._optimise_delta(model, module, batch, position, base)  # (D,)
             rank_one_update(module, key, delta, cov, self.config.cov_lambda)
             check_finite(params, self.name, len(losses))
@@ -255,23 +256,9 @@ def second_moment(model: LVLM, module: nn.Module, batches: Iterator[dict[str, to
     return total / count
 
 
-def layer_io(
-    model: LVLM, module: nn.Module, batch: Batch, position: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def io_at(model: LVLM, module: nn.Module, batch: Batch, position: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``module``'s input (I,) and output (D,) at ``position`` of item 0, in float32."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-        seen["x"], seen["y"] = args[0].detach(), out.detach()
-
-    handle = module.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            model.family.forward(model.model, batch.inputs)
-    finally:
-        handle.remove()
-    shape = tuple(batch.labels.shape)  # (1, T); OPT's fc2 sees tokens flattened (T, I)
-    x, y = seen["x"].reshape(*shape, -1), seen["y"].reshape(*shape, -1)  # (1, T, I), (1, T, D)
+    x, y = layer_io(model, module, batch)  # (1, T, I), (1, T, D)
     return x[0, position].float(), y[0, position].float()
 
 
