@@ -22,7 +22,8 @@ from rich.table import Table
 Cell = str | int | float | None
 
 # Metric key -> short column label, in no particular order (the orders below decide placement).
-# TODO(lead): replace with mmke.eval.metrics.METRICS once it exists; keys follow .engine_contract.md.
+# The keys are mmke.eval.metrics.METRICS's; the meanings live there, these are only column headers
+# (attack columns are shortened further than METRICS's one-line descriptions allow).
 METRIC_LABELS: Mapping[str, str] = MappingProxyType(
     {
         "reliability": "Rel",
