@@ -187,6 +187,63 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
+    """Meta-train a SERAC / MEND / KE editor for one model on a benchmark's train split (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mmke.config import load_config
+    from mmke.data.benchmark import load_benchmark
+    from mmke.data.images import ImageStore
+    from mmke.errors import ConfigError
+    from mmke.eval.runner import method_options
+    from mmke.methods.trainable import TrainableEditor
+    from mmke.models import LVLM
+    from mmke.models.bundled import BUNDLED, bundled_dir
+    from mmke.registry import methods
+
+    flags = [f"model={args.model}"] if args.model else []
+    flags += [f"benchmark={args.benchmark}"] if args.benchmark else []
+    cfg = load_config(args.config, [*flags, *args.overrides])
+    editor_cls = methods.get(args.method)
+    if not (isinstance(editor_cls, type) and issubclass(editor_cls, TrainableEditor)):
+        raise ConfigError(f"{args.method} has nothing to train (trainable: {', '.join(_trainable())})")
+    bench = load_benchmark(cfg.benchmark, Path(cfg.image_root) if cfg.image_root else None)
+    if not bench.train_cases:
+        raise ConfigError(f"benchmark {cfg.benchmark} has no train split to train {args.method} on")
+    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    editor = editor_cls(method_options(model, cfg, args.method))
+    default_out = bundled_dir(cfg.model) / "editors" if cfg.model in BUNDLED else Path(cfg.out) / "editors"
+    out = args.out or default_out / args.method
+    images = ImageStore(bench.image_root) if bench.image_root is not None else None
+    console.print(f"training {args.method} for {cfg.model} on {len(bench.train_cases)} train cases -> {out}")
+    columns = (
+        TextColumn(args.method),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("train", total=None, loss="-")
+
+        def step(done: int, total: int, loss: float, stats: object) -> None:
+            bar.update(task, completed=done, total=total, loss=f"{loss:.4f}")
+
+        summary = editor.fit(model, bench.train_cases, images, out, step)
+    final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items())
+    console.print(f"saved {out} ({summary['steps']} steps, {summary['seconds']} s; last 10%: {final})")
+    return 0
+
+
+def _trainable() -> list[str]:
+    from mmke.methods.trainable import TrainableEditor
+    from mmke.registry import methods
+
+    return [
+        n for n in methods.names() if isinstance(c := methods.get(n), type) and issubclass(c, TrainableEditor)
+    ]
+
+
 def _as_overrides(config: dict) -> list[str]:
     """A saved config as key=value overrides (JSON values parse as YAML), to rebuild the RunConfig."""
     return [f"{k}={json.dumps(v)}" for k, v in config.items() if k != "method_options"] + [
@@ -264,6 +321,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, default=None, help="continue an interrupted run directory")
     run.add_argument("--run-id", default=None, help="name of the run directory (default: time + hash)")
     run.set_defaults(func=cmd_run)
+
+    tr = sub.add_parser(
+        "train-editor",
+        help="meta-train a SERAC / MEND / KE editor on a benchmark's train split (resumable)",
+        description="Re-running with the same --out resumes from its last checkpoint.",
+    )
+    tr.add_argument("--method", required=True, help="serac, mend or ke")
+    tr.add_argument("--model", default=None, help="a model directory or a bundled model (default: world)")
+    tr.add_argument("--benchmark", default=None, help="default: world")
+    tr.add_argument(
+        "--out", type=Path, default=None, help="default: the bundled model's editors/ or <out>/editors/"
+    )
+    tr.add_argument("--config", type=Path, default=None, help="a YAML file of run settings")
+    tr.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. method_options.mend.train_steps=500"
+    )
+    tr.set_defaults(func=cmd_train_editor)
 
     rep = sub.add_parser("report", help="tables, plots and one HTML page for a finished run")
     rep.add_argument("run", type=Path)

@@ -1,0 +1,94 @@
+"""Every registered method on every model family: apply -> score -> restore, on tiny random models.
+
+Per method the settings are the smallest that move a tiny random model. Each run checks that the
+edit changed the edited probe's prediction (its target NLL fell) and that restore put every weight
+back bit-identically. A method new to the registry fails ``test_every_method_is_in_the_matrix``
+until it is added here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mmke.data.images import ImageStore
+from mmke.methods import Editor
+from mmke.models import LVLM, LayoutError
+from mmke.models.tiny import tiny_model
+from mmke.registry import methods
+from mmke.types import EditCase
+from test_methods import assert_state, make_case, state
+from test_methods import store as store  # the image fixture
+
+FAMILIES = ("llava", "blip2", "qwen2_vl", "idefics3", "causal_lm")
+
+#: method -> settings for tiny models. Methods with a train step get a small train split below.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "ft": {"lr": 1e-2, "steps": 20},
+    "ft_llm": {"lr": 1e-2, "steps": 20},
+    "ft_projector": {"lr": 1e-2, "steps": 20},
+    "ft_vision": {"lr": 1e-2, "steps": 20},
+    "lora": {"lr": 5e-2, "steps": 20},
+    "grace": {},
+    "rome": {"v_steps": 30, "v_lr": 0.5},
+    "ike": {"k": 1},
+}
+#: prompt-only methods change what the model is asked, not the model: compare through the handle
+PROMPT_ONLY = {"ike", "noop"}
+#: (method, family) pairs where the method's edit site does not exist: a clear error is the answer
+NO_SITE = {("ft_projector", "causal_lm"), ("ft_vision", "causal_lm")}
+
+TRAIN_FACTS = (
+    ("berlin", "what is the capital of germany?"),
+    ("tokyo", "what city is in japan?"),
+    ("madrid", "the capital of spain is"),
+    ("lisbon", "which city is in portugal?"),
+)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMKE_CACHE", str(tmp_path / "cache"))
+
+
+def _train_cases(model: LVLM) -> list[EditCase]:
+    image = "blue.png" if model.family.multimodal else None
+    return [make_case(target=t, prompt=p, image=image) for t, p in TRAIN_FACTS]
+
+
+def _editor(method: str, model: LVLM, images: ImageStore) -> Editor[Any]:
+    editor: Editor[Any] = methods.get(method)(SETTINGS.get(method))
+    if editor.needs_train_cases:
+        editor.train(model, _train_cases(model), images)
+    return editor
+
+
+def test_every_method_is_in_the_matrix() -> None:
+    assert set(methods.names()) - {"noop"} <= set(SETTINGS), "add new methods to SETTINGS"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_method_edits_and_restores_on_family(method: str, family: str, store: ImageStore) -> None:
+    model = tiny_model(family)
+    case = make_case(image="red.png" if model.family.multimodal else None)
+    if (method, family) in NO_SITE:
+        with pytest.raises(LayoutError, match=r"has no (projector|vision)"):
+            _editor(method, model, store).apply(model, case, store)
+        return
+    editor = _editor(method, model, store)
+    before = state(model)
+    (pre,) = model.score([case.edit], store)
+    with editor.applied(model, case, store) as edited:
+        (post,) = edited.score([case.edit], store)
+        _check_changed(method, pre.nll, post.nll)
+    assert_state(model, before)
+
+
+def _check_changed(method: str, pre: float, post: float) -> None:
+    if method in PROMPT_ONLY:
+        assert post != pre, f"{method}: the prompt rewrite did not reach the model"
+    else:
+        assert post < pre - 0.1, f"{method}: edit NLL {pre:.3f} -> {post:.3f}"
