@@ -11,7 +11,7 @@ import torch
 
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
-from mmke.methods import EditorNotReadyError, ParamEdited
+from mmke.methods import EditorNotReadyError, ParamEdited, _keyvalue
 from mmke.methods import rome as rome_module
 from mmke.methods.rome import Rome, key_position
 from mmke.models import LVLM
@@ -84,13 +84,13 @@ def test_rome_statistics_are_cached_on_disk(
 ) -> None:
     model = tiny_model("llava")
     calls: list[int] = []
-    real = rome_module.second_moment
+    real = _keyvalue.second_moment
 
-    def counted(*args: object) -> torch.Tensor:
+    def counted(*args: object) -> list[torch.Tensor]:
         calls.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rome_module, "second_moment", counted)
+    monkeypatch.setattr(_keyvalue, "second_moment", counted)
     Rome().train(model, train_cases(model), store)
     (path,) = stats_cache.glob("*.pt")
     stamp = path.stat().st_mtime_ns
