@@ -33,6 +33,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 5e-2, "steps": 20},
     "grace": {},
     "rome": {"v_steps": 30, "v_lr": 0.5},
+    "memit": {"v_steps": 30, "v_lr": 0.5},
     "ike": {"k": 1},
 }
 #: prompt-only methods change what the model is asked, not the model: compare through the handle
