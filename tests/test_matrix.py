@@ -34,6 +34,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "grace": {},
     "rome": {"v_steps": 30, "v_lr": 0.5},
     "memit": {"v_steps": 30, "v_lr": 0.5},
+    "wise": {"steps": 50, "lr": 0.3},
     "ike": {"k": 1},
 }
 #: prompt-only methods change what the model is asked, not the model: compare through the handle
