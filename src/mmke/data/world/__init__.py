@@ -7,7 +7,9 @@ medical MCQ slice), the training corpus of the world model and its pre-edit chec
 
 from mmke.data.world._build import build_world, load_kg, world_stats
 from mmke.data.world._config import WorldConfig
+from mmke.data.world._images import extra_views, visual_entities
 from mmke.data.world._kg import RELATIONS, Entity, KnowledgeGraph, Relation, Triple
+from mmke.data.world._plan import entity_image
 
 __all__ = [
     "RELATIONS",
@@ -17,6 +19,9 @@ __all__ = [
     "Triple",
     "WorldConfig",
     "build_world",
+    "entity_image",
+    "extra_views",
     "load_kg",
+    "visual_entities",
     "world_stats",
 ]
