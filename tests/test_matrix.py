@@ -36,6 +36,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "memit": {"v_steps": 30, "v_lr": 0.5},
     "wise": {"steps": 50, "lr": 0.3},
     "serac": {"train_steps": 60},
+    "mend": {"train_steps": 30},
+    "ke": {"train_steps": 30},
     "ike": {"k": 1},
 }
 #: prompt-only methods change what the model is asked, not the model: compare through the handle
