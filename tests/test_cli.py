@@ -44,3 +44,16 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("mmke: error:")
+
+
+def test_train_editor_trains_saves_and_refuses_untrainable_methods(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["train-editor", "--method", "ft_llm"]) == 2
+    assert "ft_llm has nothing to train (trainable: ke, mend, serac)" in capsys.readouterr().err
+    out = tmp_path / "mend"
+    args = ["train-editor", "--method", "mend", "--out", str(out), "method_options.mend.train_steps=3"]
+    assert main([*args, "method_options.mend.checkpoint_every=2"]) == 0
+    meta = json.loads((out / "editor.json").read_text())
+    assert meta["method"] == "mend" and meta["steps"] == 3
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
