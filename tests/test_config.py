@@ -10,6 +10,7 @@ import yaml
 
 from mmke.config import RunConfig, describe_fields, load_config
 from mmke.errors import ConfigError
+from mmke.registry import methods
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -21,7 +22,9 @@ def write(tmp_path: Path, data: object) -> Path:
 def test_defaults() -> None:
     cfg = load_config(None, [])
     assert cfg == RunConfig()
-    assert cfg.methods == ("ft_llm", "ft_projector", "ft_vision", "ike")
+    # the main job runs every method (the six of the papers first); noop is the unedited baseline
+    assert cfg.methods[:7] == ("ft_llm", "ft_projector", "ft_vision", "ike", "serac", "mend", "ke")
+    assert set(cfg.methods) == set(methods.names()) - {"ft", "noop"}
     assert (cfg.protocol, cfg.gaps, cfg.checkpoints, cfg.limit, cfg.scoring) == (
         "single",
         (10, 20, 50, 100),

@@ -36,7 +36,21 @@ class RunConfig:
     benchmark: str = field(default="world", metadata=_help("benchmark name (see `mmke list`)"))
     model: str = field(default="world", metadata=_help("model: 'world', a family name or a model dir"))
     methods: tuple[str, ...] = field(
-        default=("ft_llm", "ft_projector", "ft_vision", "ike"), metadata=_help("editing methods to run")
+        default=(
+            "ft_llm",
+            "ft_projector",
+            "ft_vision",
+            "ike",
+            "serac",
+            "mend",
+            "ke",
+            "lora",
+            "grace",
+            "wise",
+            "rome",
+            "memit",
+        ),
+        metadata=_help("editing methods to run"),
     )
     method_options: dict[str, dict[str, Any]] = field(
         default_factory=dict,

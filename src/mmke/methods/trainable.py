@@ -161,6 +161,8 @@ class TrainableEditor(Editor[C], Generic[C]):
             nets = self.build(model)
         summary = _Loop(self, model, nets, train_cases, images, out, progress).run()
         self.save(model, nets, out, summary)
+        for name in (CHECKPOINT, CHECKPOINT_META):  # finished: the editor is all there is to keep
+            (out / name).unlink(missing_ok=True)
         self._nets[id(model)] = nets
         return summary
 
