@@ -52,6 +52,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "rome": {"v_steps": 50},
     # MEMIT's 15000 suits GPT-J's 16k-wide MLP; a key's share of its residual is ~d/λ, and d is 576 here.
     "memit": {"v_steps": 50, "cov_lambda": 50.0},
+    # The counterfactual model must learn to copy a new name from the edit in front of the question;
+    # with the reference's 0.1 weight and 2 trainable layers it reached 48% reliability, with all
+    # 4 layers and weight 1 52% (the shipped editor was trained with these settings).
+    "serac": {"cf_layers": 4, "cedit": 1.0, "iedit": 1.0, "train_steps": 3000},
 }
 
 
