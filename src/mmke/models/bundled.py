@@ -56,6 +56,9 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     # with the reference's 0.1 weight and 2 trainable layers it reached 48% reliability, with all
     # 4 layers and weight 1 52% (the shipped editor was trained with these settings).
     "serac": {"cf_layers": 4, "cedit": 1.0, "iedit": 1.0, "train_steps": 3000},
+    # MEND's edit weight 0.1 (the reference) kept locality but edited half the cases; 1.0 with 1500
+    # steps reaches 78% reliability at 97% text / 77% image locality (the shipped editor's settings).
+    "mend": {"c_edit": 1.0, "train_steps": 1500},
 }
 
 
