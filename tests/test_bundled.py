@@ -97,3 +97,17 @@ def test_model_card_numbers_are_what_the_shipped_weights_measure(shipped_checks:
 def test_shipped_model_meets_its_targets(shipped_checks: dict) -> None:
     for name, floor in TARGETS.items():
         assert shipped_checks[name]["exact_match"] >= floor, (name, shipped_checks[name])
+
+
+@pytest.mark.skipif(not SHIPPED, reason="bundled world model not built (mmke build model)")
+@pytest.mark.parametrize("method", ["serac", "mend", "ke"])
+def test_the_main_job_finds_the_shipped_editors(method: str) -> None:
+    """With the model's presets, each trainable method loads its shipped editor instead of training."""
+    from mmke.config import RunConfig
+    from mmke.eval.runner import method_options
+    from mmke.registry import methods
+
+    model = LVLM.load("world")
+    editor = methods.get(method)(method_options(model, RunConfig(), method))
+    assert editor.find_saved(model) == bundled_dir() / "editors" / method
+    assert editor.networks(model) is not None

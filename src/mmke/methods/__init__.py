@@ -22,12 +22,14 @@ from mmke.methods.base import (
 from mmke.methods.ft import FineTune, FTConfig
 from mmke.methods.ike import IKE, IKEConfig, MiniLM, Retriever
 from mmke.methods.noop import NoOp, NoOpConfig
+from mmke.methods.trainable import EditorFileError, TrainableEditor, TrainingConfig
 
 __all__ = [
     "IKE",
     "EditCollapsed",
     "Edited",
     "Editor",
+    "EditorFileError",
     "EditorNotReadyError",
     "FTConfig",
     "FineTune",
@@ -39,6 +41,8 @@ __all__ = [
     "ParamEdited",
     "PromptEdited",
     "Retriever",
+    "TrainableEditor",
+    "TrainingConfig",
     "make_config",
     "restore_params",
     "snapshot",
