@@ -18,8 +18,9 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -27,12 +28,53 @@ from transformers.pytorch_utils import Conv1D
 
 from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
+from mmke.errors import ConfigError
 from mmke.methods.base import EditCollapsed, EditorNotReadyError, layer_io, trainable_only
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.types import EditCase, Sample
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyValueConfig:
+    """The settings ROME and MEMIT share (defaults: the papers' GPT-J hyperparameters): the key
+    position, the v* optimiser, the covariance weight and where the key statistics come from.
+
+    ``v_weight_decay`` multiplies ``‖delta‖² / ‖W k*‖²``; ``clamp_norm_factor`` caps ``‖delta‖`` at
+    that multiple of ``‖W k*‖`` (0 turns the cap off). ``stats_texts`` is a ``.txt`` path (one text
+    per line) or None for the train cases' prompts+targets.
+    """
+
+    method: ClassVar[str] = "rome"
+
+    key: str = "subject"
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    cov_lambda: float = 15000.0
+    stats_texts: str | None = None
+    stats_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        m = self.method
+        if self.key not in KEYS:
+            raise ConfigError(f"{m} key {self.key!r} is not one of {', '.join(KEYS)}")
+        if self.v_steps < 1:
+            raise ConfigError(f"{m} v_steps must be >= 1, got {self.v_steps}")
+        if not self.v_lr > 0:
+            raise ConfigError(f"{m} v_lr must be > 0, got {self.v_lr}")
+        if self.v_weight_decay < 0 or self.clamp_norm_factor < 0:
+            raise ConfigError(f"{m} v_weight_decay and clamp_norm_factor must be >= 0")
+        if not self.cov_lambda > 0:
+            raise ConfigError(f"{m} cov_lambda must be > 0, got {self.cov_lambda}")
+        if self.stats_batch_size < 1:
+            raise ConfigError(f"{m} stats_batch_size must be >= 1, got {self.stats_batch_size}")
+        if self.stats_texts is not None and not Path(self.stats_texts).is_file():
+            raise ConfigError(f"{m} stats_texts {self.stats_texts!r} is not a file (one text per line)")
+
 
 #: Where k* is read: the last token before the answer, the last token of the user's prompt text, or
 #: the last token of ``case.subject`` in the prompt (the paper's choice; prompt_end when a case has none).

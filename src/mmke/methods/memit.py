@@ -41,8 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,8 +49,8 @@ from torch import nn
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods._keyvalue import (
-    KEYS,
     KeyStatistics,
+    KeyValueConfig,
     add_to_weight,
     io_at,
     key_position,
@@ -66,41 +65,22 @@ from mmke.types import EditCase
 
 
 @dataclass(frozen=True)
-class MemitConfig:
+class MemitConfig(KeyValueConfig):
     """MEMIT settings (defaults: the paper's GPT-J hyperparameters where they apply, but see ``layers``).
 
     ``layers`` are decoder layer indices (negative count from the last), clipped into range and
     deduplicated. ``cov_lambda`` is MEMIT's ``mom2_update_weight`` (scale it with the MLP width).
-    ``v_*`` and ``clamp_norm_factor`` are ROME's; ``stats_texts`` as ROME's.
+    The other settings are ROME's (``KeyValueConfig``).
     """
 
+    method: ClassVar[str] = "memit"
+
     layers: tuple[int, ...] = (-3, -2, -1)
-    key: str = "subject"
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    cov_lambda: float = 15000.0
-    stats_texts: str | None = None
-    stats_batch_size: int = 16
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.layers:
             raise ConfigError("memit layers must name at least one layer, e.g. layers=[-2, -1]")
-        if self.key not in KEYS:
-            raise ConfigError(f"memit key {self.key!r} is not one of {', '.join(KEYS)}")
-        if self.v_steps < 1:
-            raise ConfigError(f"memit v_steps must be >= 1, got {self.v_steps}")
-        if not self.v_lr > 0:
-            raise ConfigError(f"memit v_lr must be > 0, got {self.v_lr}")
-        if self.v_weight_decay < 0 or self.clamp_norm_factor < 0:
-            raise ConfigError("memit v_weight_decay and clamp_norm_factor must be >= 0")
-        if not self.cov_lambda > 0:
-            raise ConfigError(f"memit cov_lambda must be > 0, got {self.cov_lambda}")
-        if self.stats_batch_size < 1:
-            raise ConfigError(f"memit stats_batch_size must be >= 1, got {self.stats_batch_size}")
-        if self.stats_texts is not None and not Path(self.stats_texts).is_file():
-            raise ConfigError(f"memit stats_texts {self.stats_texts!r} is not a file (one text per line)")
 
 
 @dataclass(frozen=True)

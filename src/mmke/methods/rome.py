@@ -35,18 +35,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from mmke.data.images import ImageStore
-from mmke.errors import ConfigError
 from mmke.methods._keyvalue import (
     KEYS,
     STATS_VERSION,
     KeyStatistics,
+    KeyValueConfig,
     add_to_weight,
     io_at,
     key_position,
@@ -73,39 +72,12 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class RomeConfig:
-    """ROME settings (defaults: the paper's GPT-J hyperparameters where they apply).
+class RomeConfig(KeyValueConfig):
+    """ROME settings: the edited ``layer`` and the shared key/value settings (``KeyValueConfig``)."""
 
-    ``v_weight_decay`` multiplies ``‖delta‖² / ‖W k*‖²``; ``clamp_norm_factor`` caps ``‖delta‖`` at
-    that multiple of ``‖W k*‖`` (0 turns the cap off). ``stats_texts`` is a ``.txt`` path (one text
-    per line) or None for the train cases' prompts+targets.
-    """
+    method: ClassVar[str] = "rome"
 
     layer: int = -1
-    key: str = "subject"
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    cov_lambda: float = 15000.0
-    stats_texts: str | None = None
-    stats_batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.key not in KEYS:
-            raise ConfigError(f"rome key {self.key!r} is not one of {', '.join(KEYS)}")
-        if self.v_steps < 1:
-            raise ConfigError(f"rome v_steps must be >= 1, got {self.v_steps}")
-        if not self.v_lr > 0:
-            raise ConfigError(f"rome v_lr must be > 0, got {self.v_lr}")
-        if self.v_weight_decay < 0 or self.clamp_norm_factor < 0:
-            raise ConfigError("rome v_weight_decay and clamp_norm_factor must be >= 0")
-        if not self.cov_lambda > 0:
-            raise ConfigError(f"rome cov_lambda must be > 0, got {self.cov_lambda}")
-        if self.stats_batch_size < 1:
-            raise ConfigError(f"rome stats_batch_size must be >= 1, got {self.stats_batch_size}")
-        if self.stats_texts is not None and not Path(self.stats_texts).is_file():
-            raise ConfigError(f"rome stats_texts {self.stats_texts!r} is not a file (one text per line)")
 
 
 @register_method("rome")
