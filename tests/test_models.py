@@ -291,3 +291,18 @@ def test_unknown_family_name_is_a_load_error(tmp_path: Path) -> None:
     path = save_tiny(tiny_model("causal_lm"), tmp_path)
     with pytest.raises(ModelLoadError, match="did you mean 'llava'"):
         LVLM.load(path, family="lava")
+
+
+@pytest.mark.parametrize(
+    ("kind", "parts"), [("llava", ["mlp"]), ("blip2", ["fc1", "fc2"]), ("causal_lm", ["mlp"])]
+)
+def test_mlp_modules_cover_the_whole_mlp_even_without_an_mlp_block(kind: str, parts: list[str]) -> None:
+    from mmke.methods import FineTune
+
+    model = tiny_model(kind)
+    layer = model.layout.layer(-1)
+    assert model.layout.mlp_modules(-1) == [f"{layer}.{p}" for p in parts]
+    trained = FineTune({"site": "llm"}).site_params(model)  # FT-LLM's default: the last layer's MLP
+    assert trained and all(any(n.startswith(f"{m}.") for m in model.layout.mlp_modules(-1)) for n in trained)
+    if kind == "blip2":  # OPT: FT-LLM trains fc1 and fc2, as the anchors' BLIP-2 configs do
+        assert {n.rsplit(".", 2)[-2] for n in trained} == {"fc1", "fc2"}

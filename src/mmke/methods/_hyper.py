@@ -1,9 +1,9 @@
 """What the hyper-network editors (MEND, KE) share: edited weights, gradient factors, the meta loss, apply.
 
 Both turn the edit's NLL gradient on the MLP weights of a few decoder layers into a weight update
-with a trained network. Edited weights: every ``nn.Linear`` inside ``layout.mlp(l)`` of the
-configured layers (gate/up/down for LLaMA-style MLPs; for OPT, whose layers have no MLP block,
-``layout.mlp`` is the output projection fc2 and only that is edited). Biases are never edited.
+with a trained network. Edited weights: every ``nn.Linear`` inside ``layout.mlp_modules(l)`` of
+the configured layers (gate/up/down for LLaMA-style MLPs; fc1 and fc2 for OPT, whose layers have
+no MLP block). Biases are never edited.
 The gradient is read as rank-one factors per token, ``grad W = δᵀu`` with ``u`` the Linear's
 input and ``δ`` the gradient of the loss w.r.t. its output, over the non-padding tokens.
 Meta-training runs the post-edit model through the ordinary ``LVLM.logits`` with ``W + Δ``
@@ -67,10 +67,10 @@ def edit_sites(model: LVLM, layers: Sequence[int]) -> list[str]:
     picked = sorted({max(i + n, 0) if i < 0 else i for i in layers})
     sites: list[str] = []
     for layer in picked:
-        mlp = model.layout.mlp(layer)
-        for name, module in model.layout.module(mlp).named_modules():
-            if isinstance(module, nn.Linear):
-                sites.append(f"{mlp}.{name}" if name else mlp)
+        for mlp in model.layout.mlp_modules(layer):
+            for name, module in model.layout.module(mlp).named_modules():
+                if isinstance(module, nn.Linear):
+                    sites.append(f"{mlp}.{name}" if name else mlp)
     if not sites:
         raise LayoutError(f"{type(model.model).__name__}: no Linear inside the MLPs of layers {picked}")
     return sites

@@ -74,7 +74,7 @@ class FineTune(Editor[FTConfig]):
         """Module names of the configured site in this model."""
         cfg = self.config
         if cfg.site == "llm":
-            return [layout.mlp(i) for i in cfg.layers]
+            return [m for i in cfg.layers for m in layout.mlp_modules(i)]
         if cfg.site == "vision":
             return [layout.vision_layer(i) for i in cfg.layers]
         if cfg.site == "projector":

@@ -119,9 +119,12 @@ class LoRA(Editor[LoRAConfig]):
     def site_linears(self, layout: Layout) -> list[str]:
         """Module names of the linear layers LoRA wraps (an earlier LoRA wrapper counts as one)."""
         cfg = self.config
-        pick = layout.mlp if cfg.site == "llm" else layout.attention
+
+        def pick(i: int) -> list[str]:
+            return layout.mlp_modules(i) if cfg.site == "llm" else [layout.attention(i)]
+
         names: list[str] = []
-        for site in dict.fromkeys(pick(i) for i in cfg.layers):  # repeated layers count once
+        for site in dict.fromkeys(m for i in cfg.layers for m in pick(i)):  # repeated layers count once
             names += _linears(site, layout.module(site), _peft().LoraLayer)
         if not names:
             raise LayoutError(f"lora: the {cfg.site} site of layers {cfg.layers} holds no nn.Linear")

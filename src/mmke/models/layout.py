@@ -24,12 +24,14 @@ class LayoutSpec:
     """Where a family keeps its parts: candidate paths per role, tried in order.
 
     ``decoder_layers`` / ``vision_layers`` / ``projector`` / ``qformer`` / ``vision_tower`` are
-    paths from the model root; ``mlp`` / ``mlp_out`` / ``attention`` are paths inside one
-    decoder layer. An empty tuple means the family has no such part.
+    paths from the model root; ``mlp`` / ``mlp_parts`` / ``mlp_out`` / ``attention`` are paths
+    inside one decoder layer (``mlp_parts``: the MLP's linears, for layers with no MLP block, e.g.
+    OPT's fc1 and fc2). An empty tuple means the family has no such part.
     """
 
     decoder_layers: tuple[str, ...]
     mlp: tuple[str, ...] = ("mlp", "feed_forward", "ffn")
+    mlp_parts: tuple[str, ...] = ()
     mlp_out: tuple[str, ...] = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "fc2")
     attention: tuple[str, ...] = ("self_attn", "attention", "attn", "self_attention")
     vision_tower: tuple[str, ...] = ()
@@ -62,6 +64,17 @@ class Layout:
     def mlp(self, layer: int = -1) -> str:
         """The MLP block of a decoder layer (for layers without one, e.g. OPT: its output projection)."""
         return self._inside(self.layer(layer), self.spec.mlp + self.spec.mlp_out, "mlp")
+
+    def mlp_modules(self, layer: int = -1) -> list[str]:
+        """Everything that makes up a layer's MLP: its MLP block, or, in layers without one (OPT),
+        the MLP's linears (fc1 and fc2), so methods that edit "the MLP" edit all of it.
+        """
+        base = self.layer(layer)
+        block = self._try(tuple(f"{base}.{c}" for c in self.spec.mlp))
+        if block is not None:
+            return [block]
+        parts = [p for p in (f"{base}.{c}" for c in self.spec.mlp_parts) if self._try((p,))]
+        return parts or [self.mlp(layer)]
 
     def mlp_out(self, layer: int = -1) -> str:
         """The MLP's output (down) projection of a layer: the linear map ROME/MEMIT rewrite."""

@@ -29,8 +29,10 @@ class Blip2(Family):
     plain_format = "{prompt}"
     layout_spec = LayoutSpec(
         decoder_layers=("language_model.model.decoder.layers", "language_model.model.layers"),
-        # OPT layers have no MLP module: mlp() falls back to the output projection fc2
-        mlp=("mlp", "fc2"),
+        # OPT layers have no MLP module: mlp() falls back to the output projection fc2, and
+        # mlp_modules() gives both of the MLP's linears
+        mlp=("mlp",),
+        mlp_parts=("fc1", "fc2"),
         vision_tower=("vision_model",),
         vision_layers=("vision_model.encoder.layers",),
         projector=("language_projection",),
