@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
-from mmke.methods.base import EditCollapsed, EditorNotReadyError, layer_io, trainable_only
+from mmke.methods.base import EditCollapsed, Editor, EditorNotReadyError, layer_io, trainable_only
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.types import EditCase, Sample
@@ -354,3 +354,28 @@ def save_atomic(tensor: torch.Tensor, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+KV = TypeVar("KV", bound=KeyValueConfig)
+
+
+class KeyValueEditor(Editor[KV], Generic[KV]):
+    """What ROME and MEMIT share as editors: key statistics of the weights ``sites`` names, gathered
+    in ``train`` (unless ``stats_texts`` gives them a corpus) and cached.
+    """
+
+    def __init__(self, config: KV | dict[str, Any] | None = None) -> None:
+        super().__init__(config)
+        self._stats = KeyStatistics(self.name, self.config.stats_texts, self.config.stats_batch_size)
+
+    def sites(self, model: LVLM) -> list[str]:
+        """The MLP output projections this editor rewrites in ``model``."""
+        raise NotImplementedError
+
+    @property
+    def needs_train_cases(self) -> bool:
+        return self.config.stats_texts is None
+
+    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+        """Compute (or load from the cache) the second moment of every edited layer's inputs."""
+        self._stats.train(model, self.sites(model), train_cases, images)

@@ -49,15 +49,15 @@ from torch import nn
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods._keyvalue import (
-    KeyStatistics,
     KeyValueConfig,
+    KeyValueEditor,
     add_to_weight,
     io_at,
     key_position,
     mean_eigenvalue,
     optimise_delta,
 )
-from mmke.methods.base import Editor, ParamEdited, check_finite, restore_params, snapshot
+from mmke.methods.base import ParamEdited, check_finite, restore_params, snapshot
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.registry import register_method
@@ -95,24 +95,14 @@ class _Target:
 
 
 @register_method("memit")
-class Memit(Editor[MemitConfig]):
+class Memit(KeyValueEditor[MemitConfig]):
     """MEMIT: the edit spread over several layers' MLP output projections, keyed like ROME."""
 
     name = "memit"
     defaults = MemitConfig()
 
-    def __init__(self, config: MemitConfig | dict[str, Any] | None = None) -> None:
-        super().__init__(config)
-        self._stats = KeyStatistics(self.name, self.config.stats_texts, self.config.stats_batch_size)
-
-    @property
-    def needs_train_cases(self) -> bool:
-        return self.config.stats_texts is None
-
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
-        """Compute (or load from the cache) the second moment of every edited layer's inputs."""
-        layers = edited_layers(model.layout.n_layers, self.config.layers)
-        self._stats.train(model, [model.layout.mlp_out(layer) for layer in layers], train_cases, images)
+    def sites(self, model: LVLM) -> list[str]:
+        return [model.layout.mlp_out(i) for i in edited_layers(model.layout.n_layers, self.config.layers)]
 
     def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
         return self.apply_many(model, [case], images)

@@ -33,9 +33,8 @@ the second moment weighted ``λ`` against an identity prior, as MEMIT's ``mom2_u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -44,8 +43,8 @@ from mmke.data.images import ImageStore
 from mmke.methods._keyvalue import (
     KEYS,
     STATS_VERSION,
-    KeyStatistics,
     KeyValueConfig,
+    KeyValueEditor,
     add_to_weight,
     io_at,
     key_position,
@@ -53,7 +52,7 @@ from mmke.methods._keyvalue import (
     optimise_delta,
     second_moment,
 )
-from mmke.methods.base import EditCollapsed, Editor, ParamEdited, check_finite, restore_params, snapshot
+from mmke.methods.base import EditCollapsed, ParamEdited, check_finite, restore_params, snapshot
 from mmke.models.base import LVLM
 from mmke.registry import register_method
 from mmke.types import EditCase
@@ -81,23 +80,14 @@ class RomeConfig(KeyValueConfig):
 
 
 @register_method("rome")
-class Rome(Editor[RomeConfig]):
+class Rome(KeyValueEditor[RomeConfig]):
     """ROME: a rank-one update of one MLP output projection, keyed on the subject (else prompt end)."""
 
     name = "rome"
     defaults = RomeConfig()
 
-    def __init__(self, config: RomeConfig | dict[str, Any] | None = None) -> None:
-        super().__init__(config)
-        self._stats = KeyStatistics(self.name, self.config.stats_texts, self.config.stats_batch_size)
-
-    @property
-    def needs_train_cases(self) -> bool:
-        return self.config.stats_texts is None
-
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
-        """Compute (or load from the cache) the second moment of the edited layer's inputs."""
-        self._stats.train(model, [model.layout.mlp_out(self.config.layer)], train_cases, images)
+    def sites(self, model: LVLM) -> list[str]:
+        return [model.layout.mlp_out(self.config.layer)]
 
     def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
         site = model.layout.mlp_out(self.config.layer)
