@@ -60,7 +60,7 @@ def test_override_value_forms() -> None:
         ({"limt": 5}, [], "unknown config key 'limt' in .*run.yaml; did you mean 'limit'?"),
         ({}, ["protocl=single"], "unknown config key 'protocl' in overrides; did you mean 'protocol'?"),
         ({}, ["metods.x=1"], "unknown config key 'metods'.*did you mean 'methods'?"),
-        ({}, ["limit.x=1"], "only method_options.<method>.<setting>=value takes dotted keys"),
+        ({}, ["limit.x=1"], "benchmark_options.<setting>=value take dotted keys"),
         ({}, ["limit"], "expected key=value"),
         ({}, ["protocol=sequental"], "protocol='sequental': expected one of .*did you mean 'sequential'?"),
         ({}, ["scoring=vlkb"], "did you mean 'vlkeb'?"),
@@ -122,3 +122,10 @@ def test_describe_fields_covers_every_setting() -> None:
     assert by_name["limit"][1:3] == ("int | None", "null")
     assert by_name["gaps"][1:3] == ("tuple[int, ...]", "[10, 20, 50, 100]")
     assert by_name["generate"][1:3] == ("bool", "false")
+
+
+def test_benchmark_options_take_dotted_keys_and_refuse_a_non_mapping() -> None:
+    cfg = load_config(None, ["benchmark_options.hop=2", "benchmark_options.train=t.json"])
+    assert cfg.benchmark_options == {"hop": 2, "train": "t.json"}
+    with pytest.raises(ConfigError, match="benchmark_options"):
+        load_config(None, ["benchmark_options=3"])

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from mmke.data.images import ImageStore
+from mmke.embeddings import MiniLM
 from mmke.errors import ConfigError, MmkeError, UnknownNameError
 from mmke.methods import (
     IKE,
@@ -23,7 +24,7 @@ from mmke.methods import (
     ParamEdited,
 )
 from mmke.methods.base import check_finite
-from mmke.methods.ike import MiniLM, build_retriever, demo, demo_lines
+from mmke.methods.ike import build_retriever, demo, demo_lines
 from mmke.models import LVLM, LayoutError
 from mmke.models.tiny import tiny_model
 from mmke.registry import methods

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,8 +71,10 @@ def test_probe_result_locality_is_agreement_with_pre() -> None:
 
 
 def test_vlkeb_scoring_uses_top1_for_text_and_top10_rankwise_for_image() -> None:
+    # vlkeb locality reads the all-position top-k (context_topk); here it is just the answer span
     pre = score([0, 0], [1, 4], topk=[[1, 2, 3], [4, 5, 6]])
     post = score([0, 0], [1, 4], topk=[[1, 3, 2], [4, 5, 6]])
+    pre, post = replace(pre, context_topk=pre.topk_ids), replace(post, context_topk=post.topk_ids)
     text = probe_result(probe(ProbeKind.TEXT_LOCALITY), post, pre, scoring="vlkeb")
     image = probe_result(probe(ProbeKind.IMAGE_LOCALITY), post, pre, scoring="vlkeb")
     mmke = probe_result(probe(ProbeKind.IMAGE_LOCALITY), post, pre, scoring="mmke")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -177,3 +178,19 @@ def test_report_and_compare_commands(
     assert (a.path / "report.html").is_file() and (a.path / "tables").is_dir()
     assert main(["compare", str(a.path), str(b.path)]) == 0
     assert "Δ" in capsys.readouterr().out
+
+
+def test_vlkeb_scoring_runs_end_to_end(setup: Setup, tmp_path: Path) -> None:
+    # ike k=0 prefixes its fact to every prompt, so post sequences are longer than pre ones
+    args = ("methods=[noop,ike]", "method_options.ike.k=0", "scoring=vlkeb", "limit=3")
+    store, summary = _run(setup, tmp_path, *args)
+    records = store.records()
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    assert all(r["run"]["scoring"] == "vlkeb" for r in records)
+    assert summary["run"]["config"]["scoring"] == "vlkeb"
+    groups = {g["method"]: g for g in summary["groups"] if g["edit_type"] == "all"}
+    for group in groups.values():
+        assert group["metrics"] and all(math.isfinite(v) for v in group["metrics"].values())
+    assert groups["noop"]["metrics"]["text_locality"] == 1.0
+    assert groups["noop"]["metrics"]["image_locality"] == 1.0
+    assert groups["ike"]["metrics"]["text_locality"] < 1.0  # the prefix moves the shared tail

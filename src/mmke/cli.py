@@ -60,15 +60,63 @@ def cmd_build_world(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
-    from mmke.data.schema import validate
+    """Every bad record of a benchmark file (any format): one ``file:line (case): problem`` each."""
+    from mmke.data.benchmark import load_benchmark
+    from mmke.errors import BadRecordError
 
-    problems = validate(args.file, args.image_root if args.image_root else args.file.parent)
-    for p in problems:
-        console.print(str(p), markup=False, highlight=False, soft_wrap=True)
-    if problems:
-        console.print(f"{len(problems)} problem(s) in {args.file}")
+    options = _options(args.options)
+    try:
+        bench = load_benchmark(f"{args.format}:{args.file}", args.image_root, skip_bad=True, options=options)
+    except BadRecordError as e:  # the file itself cannot be read: nothing after the break is known
+        console.print(str(e), markup=False, highlight=False, soft_wrap=True)
         return 1
-    console.print(f"{args.file}: ok")
+    for p in bench.skipped:
+        console.print(str(p), markup=False, highlight=False, soft_wrap=True)
+    if bench.skipped:
+        console.print(f"{len(bench.skipped)} problem(s) in {args.file}; {len(bench.cases)} good case(s)")
+        return 1
+    console.print(f"{args.file}: ok ({len(bench.cases)} cases)")
+    return 0
+
+
+def _options(pairs: Sequence[str]) -> dict[str, object]:
+    """Reader options given as key=value (values parsed as YAML, like run overrides)."""
+    import yaml
+
+    from mmke.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"option {pair!r}: expected key=value, e.g. hop=2")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def cmd_convert(args: argparse.Namespace, console: Console) -> int:
+    """Read a foreign benchmark file and write it as native JSONL (same cases, same image root)."""
+    import os
+
+    from mmke.data.benchmark import load_benchmark
+    from mmke.data.schema import write_cases
+    from mmke.errors import ConfigError
+
+    if args.to != "native":
+        raise ConfigError(f"convert --to {args.to!r}: only 'native' is written")
+    options = _options(args.options)
+    bench = load_benchmark(
+        f"{args.source}:{args.file}", args.image_root, skip_bad=args.skip_bad, options=options
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    root = bench.image_root
+    header = {"benchmark": bench.name, "source": str(args.file), "converted_from": args.source}
+    if root is not None:  # relative to the output, so the pair can move together
+        header["image_root"] = os.path.relpath(root, args.out.resolve().parent)
+    n = write_cases(args.out, bench.cases, header)
+    for p in bench.skipped:
+        console.print(f"skipped {p}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {n} cases to {args.out}; run them with: mmke run --benchmark native:{args.out}")
     return 0
 
 
@@ -170,7 +218,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         store = RunStore.open(args.resume)
         cfg = load_config(None, _as_overrides(store.config))
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*_run_flags(args), *args.overrides])
         preflight(cfg)
         store = RunStore.create(Path(cfg.out), args.run_id, cfg.to_dict())
     console.print(f"run {store.path}: {', '.join(cfg.methods)} on {cfg.benchmark} with model {cfg.model}")
@@ -187,15 +235,23 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _run_flags(args: argparse.Namespace) -> list[str]:
+    """``--benchmark`` / ``--image-root`` / ``--model`` / ``--skip-bad`` as overrides (key=value wins)."""
+    flags = [f"benchmark={json.dumps(args.benchmark)}"] if args.benchmark else []
+    flags += [f"image_root={json.dumps(str(args.image_root))}"] if args.image_root else []
+    flags += [f"model={json.dumps(args.model)}"] if args.model else []
+    flags += ["skip_bad=true"] if args.skip_bad else []
+    return flags
+
+
 def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     """Meta-train a SERAC / MEND / KE editor for one model on a benchmark's train split (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmke.config import load_config
-    from mmke.data.benchmark import load_benchmark
     from mmke.data.images import ImageStore
     from mmke.errors import ConfigError
-    from mmke.eval.runner import method_options
+    from mmke.eval.runner import method_options, open_benchmark
     from mmke.methods.trainable import TrainableEditor
     from mmke.models import LVLM
     from mmke.models.bundled import BUNDLED, bundled_dir
@@ -207,7 +263,7 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     editor_cls = methods.get(args.method)
     if not (isinstance(editor_cls, type) and issubclass(editor_cls, TrainableEditor)):
         raise ConfigError(f"{args.method} has nothing to train (trainable: {', '.join(_trainable())})")
-    bench = load_benchmark(cfg.benchmark, Path(cfg.image_root) if cfg.image_root else None)
+    bench = open_benchmark(cfg)
     if not bench.train_cases:
         raise ConfigError(f"benchmark {cfg.benchmark} has no train split to train {args.method} on")
     model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
@@ -264,6 +320,11 @@ def _print_summary(console: Console, summary: dict) -> None:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for table in build_tables(summary)[:2]:
         console.print(rich_table(table))
+    run = summary.get("run") or {}
+    for method, why in (run.get("not_run") or {}).items():
+        console.print(f"{method} not run: {why}", markup=False, highlight=False, soft_wrap=True)
+    if run.get("skipped_records"):
+        console.print(f"{run['skipped_records']} bad benchmark record(s) skipped (see skipped.jsonl)")
 
 
 def _write_report(console: Console, run_dir: Path) -> None:
@@ -280,6 +341,10 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if summary is None:
         raise MmkeError(f"{args.run}: no summary.json yet (finish it with `mmke run --resume {args.run}`)")
     _print_summary(console, summary)
+    if args.table:
+        from mmke.report.tables import rich_table, select_table
+
+        console.print(rich_table(select_table(summary, args.table)))
     _write_report(console, args.run)
     return 0
 
@@ -318,6 +383,12 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="settings, e.g. limit=50 methods=[ft_llm]"
     )
     run.add_argument("--config", type=Path, default=None, help="a YAML file of settings")
+    run.add_argument("--benchmark", default=None, help="e.g. world, vlkeb:eval_multihop.json (`mmke list`)")
+    run.add_argument(
+        "--image-root", type=Path, default=None, help="folder the benchmark's image paths are in"
+    )
+    run.add_argument("--model", default=None, help="a model directory or a bundled model name")
+    run.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in skipped.jsonl)")
     run.add_argument("--resume", type=Path, default=None, help="continue an interrupted run directory")
     run.add_argument("--run-id", default=None, help="name of the run directory (default: time + hash)")
     run.set_defaults(func=cmd_run)
@@ -341,6 +412,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="tables, plots and one HTML page for a finished run")
     rep.add_argument("run", type=Path)
+    rep.add_argument("--table", default=None, help="also print this table, e.g. mmke_bench, edit_types")
     rep.set_defaults(func=cmd_report)
 
     cmp = sub.add_parser("compare", help="two runs side by side (markdown)")
@@ -368,10 +440,22 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--smoke", action="store_true", help="a seconds-long tiny version (for tests)")
     model.set_defaults(func=cmd_build_model)
 
-    val = sub.add_parser("validate", help="check a native case file; print file:line (case): problem")
+    val = sub.add_parser("validate", help="check a benchmark file; print file:line (case): problem")
     val.add_argument("file", type=Path)
+    val.add_argument("--format", default="native", help="native, mmedit, vlkeb, mmke_bench, medmcq")
     val.add_argument("--image-root", type=Path, default=None)
+    val.add_argument("options", nargs="*", metavar="key=value", help="the reader's options, e.g. hop=2")
     val.set_defaults(func=cmd_validate)
+
+    conv = sub.add_parser("convert", help="write a foreign benchmark file as native JSONL")
+    conv.add_argument("file", type=Path)
+    conv.add_argument("--from", dest="source", required=True, help="mmedit, vlkeb, mmke_bench, medmcq")
+    conv.add_argument("--to", default="native", help="native (the only writer)")
+    conv.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
+    conv.add_argument("--image-root", type=Path, default=None)
+    conv.add_argument("--skip-bad", action="store_true", help="leave bad records out instead of stopping")
+    conv.add_argument("options", nargs="*", metavar="key=value", help="the reader's options, e.g. hop=2")
+    conv.set_defaults(func=cmd_convert)
     return p
 
 

@@ -18,9 +18,8 @@ from typing import Any
 import yaml
 
 from mmke.errors import ConfigError
-from mmke.eval.metrics import SCORINGS
 from mmke.eval.protocols import PROTOCOLS
-from mmke.types import EditType
+from mmke.types import SCORINGS, EditType
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -33,7 +32,14 @@ def _help(text: str) -> dict[str, str]:
 class RunConfig:
     """Everything ``mmke run`` needs; saved with every run as ``config.yaml``."""
 
-    benchmark: str = field(default="world", metadata=_help("benchmark name (see `mmke list`)"))
+    benchmark: str = field(
+        default="world", metadata=_help("benchmark: name[:file], e.g. vlkeb:eval_multihop.json (`mmke list`)")
+    )
+    benchmark_options: dict[str, Any] = field(
+        default_factory=dict,
+        hash=False,
+        metadata=_help("the benchmark reader's settings, e.g. benchmark_options.hop=2"),
+    )
     model: str = field(default="world", metadata=_help("model: 'world', a family name or a model dir"))
     methods: tuple[str, ...] = field(
         default=(
@@ -66,7 +72,11 @@ class RunConfig:
     batch_size: int = field(default=32, metadata=_help("probes per forward pass"))
     generate: bool = field(default=False, metadata=_help("also greedy-decode and string-match answers"))
     scoring: str = field(
-        default="mmke", metadata=_help("mmke (answer-span agreement) or vlkeb (papers' top-k)")
+        default="mmke",
+        metadata=_help(
+            "mmke (in-context targets, answer-span agreement) or vlkeb (VLKEB/MMKE-Bench: target"
+            " tokenised alone, top-k locality over all positions)"
+        ),
     )
     image_root: str | None = field(default=None, metadata=_help("directory image paths are relative to"))
     out: str = field(default="runs", metadata=_help("directory that holds run directories"))
@@ -76,6 +86,11 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check names and ranges; returns self so it chains after construction."""
+        if self.protocol in SCORINGS and self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"protocol={self.protocol!r}: protocol is the editing schedule ({', '.join(PROTOCOLS)}); "
+                f"for the {self.protocol} scoring variant set scoring={self.protocol}"
+            )
         _check_choice("protocol", self.protocol, PROTOCOLS)
         _check_choice("scoring", self.scoring, SCORINGS)
         _check_choice("dtype", self.dtype, DTYPES)
@@ -138,6 +153,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin is tuple:
         return _coerce_tuple(name, value, args[0])
     if origin is dict:
+        if args[1] is Any:
+            return _coerce_mapping(name, value)
         return _coerce_options(name, value)
     return _coerce_scalar(name, value, tp)
 
@@ -173,6 +190,14 @@ def _coerce_tuple(name: str, value: Any, item: type) -> tuple:
     return tuple(_coerce_scalar(f"{name}[{i}]", v, item) for i, v in enumerate(value))
 
 
+def _coerce_mapping(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _bad(name, value, "a mapping of settings")
+    return {str(k): copy.deepcopy(v) for k, v in value.items()}
+
+
 def _coerce_options(name: str, value: Any) -> dict[str, dict[str, Any]]:
     if value is None:
         return {}
@@ -204,6 +229,10 @@ def _merge_mapping(values: dict[str, Any], data: Mapping[str, Any], where: str) 
         values[key] = value
 
 
+#: Config keys whose entries ``key.sub=value`` overrides reach into.
+DOTTED = ("method_options", "benchmark_options")
+
+
 def _apply_override(values: dict[str, Any], override: str) -> None:
     """Apply one ``key=value`` (value parsed as YAML); dotted keys reach into method_options."""
     key, sep, raw = override.partition("=")
@@ -222,8 +251,11 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     if not path:
         values[head] = value
         return
-    if head != "method_options":
-        raise ConfigError(f"override {key!r}: only method_options.<method>.<setting>=value takes dotted keys")
+    if head not in DOTTED:
+        raise ConfigError(
+            f"override {key!r}: only method_options.<method>.<setting>=value and "
+            "benchmark_options.<setting>=value take dotted keys"
+        )
     node = values.setdefault(head, {})
     if not isinstance(node, dict):
         raise _bad(head, node, "a mapping of method -> settings")

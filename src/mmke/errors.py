@@ -24,3 +24,7 @@ class ConfigError(MmkeError):
 
 class ModelLoadError(MmkeError):
     """A model directory is missing, incomplete or of an unsupported architecture."""
+
+
+class EditorNotReadyError(MmkeError):
+    """An editor (or a reader needing a model) lacks what it needs: training, a train split, a package."""

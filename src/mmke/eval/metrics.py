@@ -1,8 +1,10 @@
 """Metrics as small pure functions: per-probe scores, per-case means, and the run summary.
 
-Definitions follow DESIGN.md "Canonical definitions"; ``scoring="vlkeb"`` switches locality to
-the VLKEB / MMKE-Bench rank-wise top-k match (reference/anchors_spec.md §2). No torch import
-here (tensors are only duck-typed), so ``mmke list`` stays cheap.
+Definitions follow DESIGN.md "Canonical definitions". ``scoring="vlkeb"`` is the VLKEB /
+MMKE-Bench variant (reference/anchors_spec.md §2 (C)): targets are tokenised alone and scored at
+the end of the sequence (``LVLM.score(..., scoring="vlkeb")``), and locality is the rank-wise
+top-k match (text k=1, image k=10) over every logit position, not only the answer span. No torch
+import here (tensors are only duck-typed), so ``mmke list`` stays cheap.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmke.registry import register_metric
-from mmke.types import LOCALITY_KINDS, AttackType, Probe, ProbeKind
+from mmke.types import LOCALITY_KINDS, SCORINGS, AttackType, Probe, ProbeKind
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
     from mmke.models.scoring import ItemScore
 
 SUMMARY_SCHEMA = "mmke-summary/1"
-SCORINGS = ("mmke", "vlkeb")
 #: Papers' k for rank-wise locality: text top-1, image top-10 (anchors_spec §2, EasyEdit HEAD).
 VLKEB_LOCALITY_K = {ProbeKind.TEXT_LOCALITY: 1, ProbeKind.IMAGE_LOCALITY: 10}
 #: Keys of a run record's ``run`` block that identify a summary group (besides edit type).
@@ -117,11 +118,26 @@ def topk_rankwise(pre_topk: torch.Tensor, post_topk: torch.Tensor) -> float:
     return agreement(pre_topk, post_topk)
 
 
+def trailing(pre: torch.Tensor, post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last min(len(pre), len(post)) rows of each: sequences aligned at their ends."""
+    n = min(pre.shape[0], post.shape[0])
+    return pre[pre.shape[0] - n :], post[post.shape[0] - n :]
+
+
 def _locality(kind: ProbeKind, post: ItemScore, pre: ItemScore, scoring: str) -> float:
     if scoring == "mmke":
         return agreement(pre.argmax_ids, post.argmax_ids)
+    if pre.context_topk is None or post.context_topk is None:
+        raise ValueError(
+            "scoring='vlkeb' locality needs context_topk on the pre and post scores: "
+            "score them with model.score(..., scoring='vlkeb')"
+        )
     k = VLKEB_LOCALITY_K[kind]
-    return topk_rankwise(pre.topk_ids[:, :k], post.topk_ids[:, :k])  # (n, k)
+    # Every logit position (image, prompt, answer). When pre and post differ in length (IKE puts
+    # demonstrations before the post prompt) they are aligned on the trailing min length, as
+    # EasyEdit HEAD's topk_token_match does: the shared tail ends at the same answer token.
+    pre_top, post_top = trailing(pre.context_topk, post.context_topk)  # (n, k) each
+    return topk_rankwise(pre_top[:, :k], post_top[:, :k])
 
 
 def probe_result(

@@ -19,12 +19,12 @@ import torch
 from mmke.config import RunConfig
 from mmke.data.benchmark import Benchmark
 from mmke.data.images import ImageStore
-from mmke.errors import MmkeError
+from mmke.errors import BadRecordError, MmkeError
 from mmke.eval import protocols
 from mmke.eval._efficiency import measure
 from mmke.eval.metrics import score_case, string_match
 from mmke.eval.store import RECORD_SCHEMA, RunStore, record_key
-from mmke.methods.base import EditCollapsed, Edited, Editor
+from mmke.methods.base import EditCollapsed, Edited, Editor, EditorNotReadyError
 from mmke.models import LVLM
 from mmke.models.scoring import ItemScore
 from mmke.types import EditCase, ProbeKind
@@ -77,10 +77,16 @@ def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Seque
     return tuple(sorted(chosen, key=lambda c: order[c.case_id]))
 
 
-def score_pre(model: LVLM, cases: Sequence[EditCase], images: ImageStore | None, batch_size: int) -> dict:
+def score_pre(
+    model: LVLM,
+    cases: Sequence[EditCase],
+    images: ImageStore | None,
+    batch_size: int,
+    scoring: str = "mmke",
+) -> dict:
     """Every probe of every case on the unedited model, in one batched pass (reused by all methods)."""
     probes = [p for c in cases for p in c.probes]
-    scored = list(model.score(probes, images, batch_size=batch_size))
+    scored = list(model.score(probes, images, batch_size=batch_size, scoring=scoring))
     out: dict[str, list[ItemScore]] = {}
     start = 0
     for c in cases:
@@ -108,7 +114,7 @@ def _run_block(s: Session, method: str, protocol: str, gap: int | None, checkpoi
 
 
 def _post_scores(s: Session, edited: Edited, case: EditCase) -> tuple[list[ItemScore], list[str] | None]:
-    post = list(edited.score(case.probes, s.images, batch_size=s.cfg.batch_size))
+    post = list(edited.score(case.probes, s.images, batch_size=s.cfg.batch_size, scoring=s.cfg.scoring))
     if not all(math.isfinite(x.nll) for x in post):
         raise ScoresNotFinite("non-finite logits (NaN/inf) after the edit")
     gens = edited.generate(case.probes, s.images, batch_size=s.cfg.batch_size) if s.cfg.generate else None
@@ -346,16 +352,28 @@ def run_method(s: Session, method: str) -> None:
         run_edit_onehop(s, editor, method)
 
 
-def open_session(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> Session:
-    """Load the model and benchmark once and score the unedited model on every probe."""
+def open_benchmark(cfg: RunConfig) -> Benchmark:
+    """The configured benchmark with its reader options; bad records stop it unless ``skip_bad``."""
     from mmke.data.benchmark import load_benchmark
 
-    bench = load_benchmark(cfg.benchmark, Path(cfg.image_root) if cfg.image_root else None)
+    root = Path(cfg.image_root) if cfg.image_root else None
+    return load_benchmark(cfg.benchmark, root, skip_bad=cfg.skip_bad, options=cfg.benchmark_options)
+
+
+def open_session(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> Session:
+    """Load the model and benchmark once and score the unedited model on every probe."""
+    bench = open_benchmark(cfg)
+    if bench.skipped:
+        store.write_skipped(bench.skipped)
+        log.warning("skipped %d bad record(s) (listed in %s/skipped.jsonl)", len(bench.skipped), store.path)
     cases = select_cases(bench.cases, cfg.limit, cfg.edit_types)
+    if not cases:
+        why = f"; {len(bench.skipped)} bad record(s) skipped" if bench.skipped else ""
+        raise BadRecordError(f"benchmark {cfg.benchmark}: no cases to run{why}")
     model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     images = ImageStore(bench.image_root) if bench.image_root is not None else None
     torch.manual_seed(cfg.seed)
-    pre = score_pre(model, cases, images, cfg.batch_size)
+    pre = score_pre(model, cases, images, cfg.batch_size, cfg.scoring)
     s = Session(cfg, model, cfg.model, bench, cases, images, store, pre, progress)
     s.planned = _planned(cfg, len(cases))
     s.recorded = len(store.records())
@@ -377,10 +395,21 @@ def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> di
 
     preflight(cfg)
     s = open_session(cfg, store, progress)
+    not_run: dict[str, str] = {}
     for method in cfg.methods:
-        run_method(s, method)
+        try:
+            run_method(s, method)
+        except EditorNotReadyError as e:  # e.g. IKE without a train split: the other methods still run
+            log.warning("%s not run: %s", method, e)
+            not_run[method] = str(e)
     effective = {m: method_options(s.model, cfg, m) for m in cfg.methods}
-    run_info = {"config": cfg.to_dict(), "config_hash": store.config_hash, "method_options": effective}
+    run_info = {
+        "config": cfg.to_dict(),
+        "config_hash": store.config_hash,
+        "method_options": effective,
+        "not_run": not_run,
+        "skipped_records": len(s.bench.skipped),
+    }
     summary = summarize(store.records(), run_info)
     store.write_summary(summary)
     return summary

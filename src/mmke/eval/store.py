@@ -11,20 +11,21 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmke.data.schema import dumps_line
+from mmke.data.schema import Problem, dumps_line
 from mmke.errors import BadRecordError, ConfigError
 
 CONFIG_FILE = "config.yaml"
 HASH_FILE = "config_hash"
 CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
+SKIPPED_FILE = "skipped.jsonl"
 RECORD_SCHEMA = "mmke-case/1"
 
 ResumeKey = tuple[Any, Any, Any, Any, str]
@@ -209,6 +210,20 @@ class RunStore:
         """Write ``summary.json`` atomically (temp file + rename): readers never see half a summary."""
         text = json.dumps(summary, ensure_ascii=False, sort_keys=True, indent=2) + "\n"
         _write_atomic(self.summary_path, text)
+
+    def write_skipped(self, problems: Sequence[Problem]) -> None:
+        """``skipped.jsonl``: each benchmark record left out under ``skip_bad``, with its reason."""
+        lines = [
+            json.dumps({"file": p.file, "line": p.line, "case_id": p.case_id, "problem": p.message})
+            for p in problems
+        ]
+        _write_atomic(self.path / SKIPPED_FILE, "".join(line + "\n" for line in lines))
+
+    def read_skipped(self) -> list[dict[str, Any]]:
+        path = self.path / SKIPPED_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
     def read_summary(self) -> dict[str, Any] | None:
         if not self.summary_path.is_file():

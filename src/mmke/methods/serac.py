@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmke.data.images import ImageStore
+from mmke.embeddings import MiniLM, TextEmbedder
 from mmke.errors import ConfigError
 from mmke.methods.base import Edited, swap_module
-from mmke.methods.ike import MiniLM, TextEmbedder
 from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
@@ -299,10 +299,15 @@ class SeracEdited(Edited):
         return [it if r is None else prefixed(r.edit, it) for it, r in zip(items, routes, strict=True)]
 
     def score(
-        self, items: Sequence[Item], images: ImageStore | None = None, batch_size: int = 32, topk: int = 10
+        self,
+        items: Sequence[Item],
+        images: ImageStore | None = None,
+        batch_size: int = 32,
+        topk: int = 10,
+        scoring: str = "mmke",
     ) -> ScoredBatch:
         def run(chunk: list[Item]) -> list[ItemScore]:
-            return list(self.model.score(chunk, images, batch_size=batch_size, topk=topk))
+            return list(self.model.score(chunk, images, batch_size=batch_size, topk=topk, scoring=scoring))
 
         return ScoredBatch(tuple(self._split(items, images, run)))
 
@@ -354,7 +359,9 @@ class Serac(TrainableEditor[SeracConfig]):
         self, config: SeracConfig | Mapping[str, Any] | None = None, *, embedder: TextEmbedder | None = None
     ) -> None:
         super().__init__(config)
-        self.embedder: TextEmbedder = embedder or MiniLM(batch_size=self.config.feature_batch)
+        self.embedder: TextEmbedder = embedder or MiniLM(
+            batch_size=self.config.feature_batch, needed_by="serac"
+        )
         self._features: dict[int, Features] = {}
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._memory: dict[int, list[MemoryEntry]] = {}

@@ -19,11 +19,11 @@ from torch import nn
 from mmke.data.images import ImageStore
 from mmke.errors import MmkeError
 from mmke.models import _loading
-from mmke.models.batch import Batch, answer_labels, move_inputs
+from mmke.models.batch import Batch, answer_labels, move_inputs, tail_labels
 from mmke.models.families import Encoded, Family
 from mmke.models.layout import Layout
-from mmke.models.scoring import ItemScore, ScoredBatch, score_answers
-from mmke.types import ImageRef
+from mmke.models.scoring import ItemScore, ScoredBatch, score_answers, score_sequences
+from mmke.types import SCORINGS, ImageRef
 
 
 class ModalityError(MmkeError):
@@ -144,17 +144,40 @@ class LVLM:
         images: ImageStore | None = None,
         batch_size: int = 32,
         topk: int = 10,
+        scoring: str = "mmke",
     ) -> ScoredBatch:
-        """Token accuracy, exact match, NLL and answer-span top-k ids of each item, in input order."""
+        """Token accuracy, exact match, NLL and answer-span top-k ids of each item, in input order.
+
+        ``scoring="vlkeb"`` scores the papers' way (anchors_spec §2 (C)): labels are the target
+        tokenised alone at the end of the item, and each score also carries ``context_topk``,
+        the top-k ids at every position, for locality. It computes full (B, T, V) logits.
+        """
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")
         out: list[ItemScore | None] = [None] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
                 batch = self.encode([items[i] for i in chunk], images)
-                logits = self.logits(batch)  # (N, V)
-                scores = score_answers(logits, batch.answer_labels, batch.answer_lengths, topk)
+                if scoring == "vlkeb":
+                    scores = self._score_alone_targets(batch, [items[i].target for i in chunk], topk)
+                else:
+                    logits = self.logits(batch)  # (N, V)
+                    scores = score_answers(logits, batch.answer_labels, batch.answer_lengths, topk)
                 for i, s in zip(chunk, scores, strict=True):
                     out[i] = s
         return ScoredBatch(tuple(s for s in out if s is not None))
+
+    def _score_alone_targets(self, batch: Batch, targets: list[str], topk: int) -> list[ItemScore]:
+        """VLKEB / MMKE-Bench scoring of one encoded batch: alone-tokenised labels, all-position top-k."""
+        ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
+        lengths = batch.inputs["attention_mask"].sum(dim=1).tolist()  # non-pad tokens (padding is right)
+        labels = tail_labels(lengths, batch.labels.shape[1], ids, targets)  # (B, T)
+        logits = self.logits(batch, answer_only=False)  # (B, T, V)
+        if tuple(logits.shape[:2]) != tuple(labels.shape):  # a model that re-lays out its tokens
+            raise RuntimeError(
+                f"logits {tuple(logits.shape)} do not line up with tokens {tuple(labels.shape)}"
+            )
+        return score_sequences(logits, labels.to(logits.device), lengths, topk)
 
     # --- generation -----------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The answer tokens are found from character offsets of the full prompt+target encoding, never by
 tokenising the target alone: for byte-level BPE " Paris" and "Paris" are different ids, and
-only the in-context one is what the model must predict.
+only the in-context one is what the model must predict. ``tail_labels`` builds the papers'
+labels instead (target tokenised alone, at the end), for ``scoring="vlkeb"``.
 """
 
 from __future__ import annotations
@@ -110,3 +111,25 @@ def _check_spans(inside: torch.Tensor, targets: list[str]) -> None:
     for i, (n, target) in enumerate(zip(counts, targets, strict=True)):
         if n == 0:
             raise BadRecordError(f"item {i}: target {target!r} has no tokens to score (empty target?)")
+
+
+def tail_labels(
+    lengths: list[int], width: int, target_ids: list[list[int]], targets: list[str]
+) -> torch.Tensor:
+    """Labels (B, width): each target tokenised alone, at the last n of its item's ``lengths[b]`` tokens.
+
+    The VLKEB / MMKE-Bench protocol (anchors_spec §2 (C)): the text is prompt + " " + target, but
+    the labels are ``tokenizer(target, add_special_tokens=False)``. For byte-level BPE the first
+    id is then the bare word, not the in-context " word" — the papers' mismatch, kept on purpose.
+    """
+    labels = torch.full((len(lengths), width), IGNORE, dtype=torch.long)  # (B, T)
+    for i, (ids, length, target) in enumerate(zip(target_ids, lengths, targets, strict=True)):
+        n = len(ids)
+        if n == 0:
+            raise BadRecordError(f"item {i}: target {target!r} has no tokens to score (empty target?)")
+        if n >= length:  # the first label needs a logit before it
+            raise BadRecordError(
+                f"item {i}: target {target!r} is {n} tokens alone but its text is only {length} tokens"
+            )
+        labels[i, length - n : length] = torch.tensor(ids)
+    return labels

@@ -8,6 +8,7 @@ VLKEB Fig. 3 as numbers, MedMKEB robustness, sequential gaps, efficiency); rende
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import re
@@ -18,6 +19,8 @@ from typing import Any
 
 from rich.markup import escape as escape_markup
 from rich.table import Table
+
+from mmke.errors import ConfigError
 
 Cell = str | int | float | None
 
@@ -83,6 +86,16 @@ MMKE_ORDER = (
     "portability",
     "robustness",
 )
+#: The MMKE-Bench paper's own columns (Tables 3-5), and its three edit types in its order.
+MMKE_BENCH_ORDER = (
+    "text_locality",
+    "image_locality",
+    "text_reliability",
+    "image_reliability",
+    "image_generality",
+    "portability",
+)
+MMKE_BENCH_TYPES = ("visual_entity", "visual_semantic", "user_specific")
 #: VLKEB Fig. 4 panels: the metrics plotted (and tabulated) against the sequential gap.
 SEQUENTIAL_ORDER = (
     "reliability",
@@ -257,7 +270,8 @@ def _main_note(section: str) -> str:
 
 
 def edit_type_table(summary: Mapping[str, Any]) -> ReportTable | None:
-    """MMKE-Bench Tables 3-5: rows model x edit type x method, the 'All' block last."""
+    """MMKE-Bench Tables 3-5 layout with every metric the run has: rows model x edit type x method,
+    the 'All' block last (``mmke_bench_table`` is the paper's exact six columns)."""
     groups = select_groups(summary, "single", None)
     types = [t for t in first_seen(groups, "edit_type") if t != "all"]
     if not types:
@@ -268,16 +282,9 @@ def edit_type_table(summary: Mapping[str, Any]) -> ReportTable | None:
     ]
     if any(g.get("edit_type", "all") == "all" for g in groups):
         ordered_types.append("all")
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
-    rows: list[tuple[Cell, ...]] = []
-    for model in models:
-        for edit_type in ordered_types:
-            block = [g for g in groups if str(g.get("model")) == model and g.get("edit_type") == edit_type]
-            for g in _ordered(block, models, methods):
-                values = [_pct(_value(g, "metrics", k)) for k in keys]
-                rows.append(
-                    (model, edit_type_label(edit_type), str(g.get("method")), *values, g.get("n_cases"))
-                )
+    rows = [
+        (*_edit_type_cells(g, keys), g.get("n_cases")) for g in by_edit_type(summary, groups, ordered_types)
+    ]
     return ReportTable(
         name="edit_types",
         title="Single editing by edit type (token accuracy, %) — MMKE-Bench Tables 3-5 layout",
@@ -288,6 +295,48 @@ def edit_type_table(summary: Mapping[str, Any]) -> ReportTable | None:
         best_columns=tuple(range(3, 3 + len(keys))),
         note="Best value per model and edit type in bold. 'All' is the macro mean over every case.",
     )
+
+
+def mmke_bench_table(summary: Mapping[str, Any]) -> ReportTable | None:
+    """MMKE-Bench Tables 3-5 exactly: per model, edit type (entity, semantic, user) and method, the
+    six columns T-Loc, I-Loc, T-Rel, I-Rel, I-Gen, Port ("–" where a run has no such probe)."""
+    groups = select_groups(summary, "single", None)
+    types = [t for t in MMKE_BENCH_TYPES if any(g.get("edit_type") == t for g in groups)]
+    if not types:
+        return None
+    rows = [_edit_type_cells(g, MMKE_BENCH_ORDER) for g in by_edit_type(summary, groups, types)]
+    return ReportTable(
+        name="mmke_bench",
+        title="Single editing by edit type (token accuracy, %) — MMKE-Bench Tables 3-5",
+        columns=("Model", "Edit type", "Method", *(metric_label(k) for k in MMKE_BENCH_ORDER)),
+        rows=tuple(rows),
+        formats=("", "", "", *(PCT for _ in MMKE_BENCH_ORDER)),
+        group_columns=2,
+        best_columns=tuple(range(3, 3 + len(MMKE_BENCH_ORDER))),
+        note="Best value per model and edit type in bold. I-Gen: mean of a case's image-generality "
+        "probes (for MMKE-Bench files: its Gen_M_Rel questions on image_rephrase).",
+        meta={"keys": MMKE_BENCH_ORDER},
+    )
+
+
+def by_edit_type(
+    summary: Mapping[str, Any], groups: Sequence[Mapping[str, Any]], edit_types: Sequence[str]
+) -> list[Mapping[str, Any]]:
+    """``groups`` of ``edit_types`` ordered model, then edit type (as given), then method (first seen)."""
+    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    out: list[Mapping[str, Any]] = []
+    for model in models:
+        for edit_type in edit_types:
+            block = [g for g in groups if str(g.get("model")) == model and g.get("edit_type") == edit_type]
+            out += _ordered(block, models, methods)
+    return out
+
+
+def _edit_type_cells(group: Mapping[str, Any], keys: Sequence[str]) -> tuple[Cell, ...]:
+    """Model, edit type label, method and the percentages of ``keys``."""
+    values = (_pct(_value(group, "metrics", k)) for k in keys)
+    label = edit_type_label(str(group.get("edit_type")))
+    return (str(group.get("model")), label, str(group.get("method")), *values)
 
 
 def portability_table(summary: Mapping[str, Any]) -> ReportTable | None:
@@ -481,6 +530,7 @@ def build_tables(summary: Mapping[str, Any]) -> list[ReportTable]:
         main_table(summary),
         main_table(summary, "exact_match"),
         edit_type_table(summary),
+        mmke_bench_table(summary),
         portability_table(summary),
         robustness_table(summary),
         progression_table(summary, "sequential"),
@@ -488,6 +538,20 @@ def build_tables(summary: Mapping[str, Any]) -> list[ReportTable]:
         efficiency_table(summary),
     ]
     return [t for t in built if t is not None]
+
+
+def select_table(summary: Mapping[str, Any], name: str) -> ReportTable:
+    """The table called ``name`` (a ``ReportTable.name``: main, edit_types, mmke_bench …).
+
+    A one-line ``ConfigError`` with close matches when the run has no data for such a table.
+    """
+    tables = {t.name: t for t in build_tables(summary)}
+    if name in tables:
+        return tables[name]
+    close = difflib.get_close_matches(name, tables, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    available = ", ".join(tables) or "none"
+    raise ConfigError(f"no table {name!r} for this run{hint} (available: {available})")
 
 
 # ---------------------------------------------------------------- cell display

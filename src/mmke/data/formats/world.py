@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mmke.cache import cache_dir, materialize
 from mmke.data.benchmark import Benchmark
+from mmke.data.formats._foreign import take_options
 from mmke.data.schema import read_cases
 from mmke.errors import ConfigError
 from mmke.registry import register_benchmark
@@ -33,8 +35,9 @@ def _seed(spec: str | None) -> int:
 
 @register_benchmark("world", help="the generated world (embedded default): world[:SEED]")
 def load_world(
-    spec: str | None = None, image_root: Path | None = None, train: str | None = None
+    spec: str | None = None, image_root: Path | None = None, skip_bad: bool = False, **options: Any
 ) -> Benchmark:
+    take_options("world", options, ())
     root = world_dir(_seed(spec))
     return Benchmark(
         name="world",

@@ -8,10 +8,11 @@ answer about that case's images.
 
 from __future__ import annotations
 
+from mmke.data.mcq import render_options
 from mmke.data.world import _templates as T
 from mmke.data.world._common import permuted, rng_for
 from mmke.data.world._kg import ENTITY_EDIT_TYPES
-from mmke.data.world._medical import FINDINGS, mcq_options, render_options
+from mmke.data.world._medical import FINDINGS, mcq_options
 from mmke.data.world._plan import World, entity_image, scan_image
 from mmke.types import EditCase, Sample
 

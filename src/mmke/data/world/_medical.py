@@ -129,11 +129,6 @@ def mcq_options(
     return tuple(opts[int(i)].name for i in rng.permutation(len(opts))), cf.name
 
 
-def render_options(question: str, options: tuple[str, ...]) -> str:
-    """The multiple-choice prompt: question, then the options separated by spaced commas."""
-    return f"{question} options : {' , '.join(options)} ."
-
-
 # ---------------------------------------------------------------- scans
 
 _LEVEL = {"white": 250, "bright": 205, "grey": 160, "dark": 25}
