@@ -91,7 +91,9 @@ def test_same_seed_gives_identical_records_apart_from_timings(
 
 
 def test_sequential_records_n_minus_gap_cases(setup: Setup, tmp_path: Path) -> None:
-    store, _ = _run(setup, tmp_path, "methods=[ft_llm]", "protocol=sequential", "gaps=[2,4]")
+    # noop: on this untrained model a few stacked FT edits leave every probe at 0, which is
+    # (rightly) recorded as a behavioural collapse and would stop the stream early
+    store, _ = _run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[2,4]")
     by_gap: dict[int, list[dict]] = {}
     for r in store.records():
         by_gap.setdefault(r["run"]["gap"], []).append(r)
@@ -120,6 +122,43 @@ def test_nan_logits_are_recorded_as_collapse_and_the_run_goes_on(
     collapsed = next(r for r in store.records() if r["status"] == "collapsed")
     assert collapsed["collapsed_at"] == collapsed["index"] and "NaN" in collapsed["message"]
     assert next(g for g in summary["groups"] if g["edit_type"] == "all")["n_collapsed"] == 1
+
+
+def test_a_model_that_answers_nothing_is_recorded_as_collapsed_in_a_stream(
+    setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finite weights, degenerate answers (VLKEB's MEND after a few edits): collapsed, stream stops."""
+    from mmke.models.base import LVLM
+
+    real = LVLM.logits
+    calls = {"n": 0}
+
+    def degenerate(self: LVLM, batch, answer_only: bool = True):  # type: ignore[no-untyped-def]
+        out = real(self, batch, answer_only)
+        calls["n"] += 1
+        if calls["n"] <= 4:  # the pre-edit pass and the first scored cases stay healthy
+            return out
+        flat = torch.zeros_like(out)
+        flat[..., 0] = 1.0  # every position predicts token 0 (padding): finite, and wrong everywhere
+        return flat
+
+    monkeypatch.setattr(LVLM, "logits", degenerate)
+    store, summary = _run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[1]")
+    records = store.records()
+    assert [r["status"] for r in records][-1] == "collapsed"
+    assert all(r["status"] == "ok" for r in records[:-1]) and len(records) < 5  # the stream stopped
+    last = records[-1]
+    assert "behavioural collapse after edit" in last["message"] and last["collapsed_at"] == last["index"]
+    assert all(v == 0.0 for v in last["metrics"].values())  # kept, so the collapse can be inspected
+    assert next(g for g in summary["groups"] if g["edit_type"] == "all")["n_collapsed"] == 1
+
+
+def test_behavioural_collapse_needs_locality_and_all_zero() -> None:
+    from mmke.eval.metrics import behavioural_collapse
+
+    assert behavioural_collapse({"reliability": 0.0, "text_locality": 0.0, "image_locality": 0.0})
+    assert not behavioural_collapse({"reliability": 0.0, "text_locality": 0.1})
+    assert not behavioural_collapse({"reliability": 0.0, "portability": 0.0})  # no locality probe
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_summary(

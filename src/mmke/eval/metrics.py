@@ -232,6 +232,18 @@ def score_case(
     }
 
 
+def behavioural_collapse(metrics: Mapping[str, float]) -> bool:
+    """Whether a case's metrics say the edited model has collapsed (VLKEB's MEND after many edits).
+
+    Finite weights can still give a model that answers nothing as before and nothing as edited:
+    every locality probe disagrees with the unedited model at every answer token and every other
+    probe misses every target token. A case without locality probes cannot show it.
+    """
+    keys = [k for k in _BASE_METRICS if k in metrics]
+    has_locality = any(k in metrics for k in ("text_locality", "image_locality"))
+    return has_locality and all(metrics[k] == 0.0 for k in keys)
+
+
 # ---------------------------------------------------------------- run summary
 
 

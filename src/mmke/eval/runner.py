@@ -22,7 +22,7 @@ from mmke.data.images import ImageStore
 from mmke.errors import BadRecordError, MmkeError
 from mmke.eval import protocols
 from mmke.eval._efficiency import measure
-from mmke.eval.metrics import score_case, string_match
+from mmke.eval.metrics import behavioural_collapse, score_case, string_match
 from mmke.eval.store import RECORD_SCHEMA, RunStore, record_key
 from mmke.methods.base import EditCollapsed, Edited, Editor, EditorNotReadyError
 from mmke.models import LVLM
@@ -168,6 +168,10 @@ def _score_and_record(
         return False
     scored = score_case(case.probes, post, pre or s.pre[case.case_id], s.cfg.scoring, gens)
     _attach_generation_matches(scored, case, gens)
+    if run["protocol"] != "single" and behavioural_collapse(scored["metrics"]):
+        why = f"behavioural collapse after edit {index}: every probe scores 0 (weights are finite)"
+        _record(s, run, case, index, scored, cost, ("collapsed", why, index))
+        return False
     _record(s, run, case, index, scored, cost, None)
     return True
 
