@@ -111,3 +111,19 @@ def test_the_main_job_finds_the_shipped_editors(method: str) -> None:
     editor = methods.get(method)(method_options(model, RunConfig(), method))
     assert editor.find_saved(model) == bundled_dir() / "editors" / method
     assert editor.networks(model) is not None
+
+
+def test_fresh_views_replace_only_training_views_at_the_given_share(small_world: Path) -> None:
+    from mmke.data.images import ImageStore
+    from mmke.data.world import entity_image, visual_entities
+    from mmke.models.bundled import FreshViewImages
+
+    views = json.loads((small_world / "world.json").read_text())["views"]
+    eid = visual_entities(small_world)[0]
+    train_ref, held_ref = entity_image(eid, views["train"][0]), entity_image(eid, views["held_out"][0])
+    original = ImageStore(small_world).open(train_ref).tobytes()
+    never, always = (FreshViewImages(small_world, 3, seed=0, share=s) for s in (0.0, 1.0))
+    assert all(never.open(train_ref).tobytes() == original for _ in range(5))
+    assert all(always.open(train_ref).tobytes() != original for _ in range(5))
+    held = ImageStore(small_world).open(held_ref).tobytes()
+    assert always.open(held_ref).tobytes() == held  # the checks' views are never touched
