@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from mmke.data.images import ImageStore
 from mmke.errors import BadRecordError, ModelLoadError
@@ -27,20 +26,6 @@ MIXED = [
     Sample("who painted this picture?", "a red square", ImageRef("wide.png")),
     Sample("rome is the capital of", "italy", ImageRef("red.png")),
 ]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
-    root = tmp_path_factory.mktemp("images")
-    Image.new("RGB", (32, 32), (220, 20, 20)).save(root / "red.png")
-    Image.new("RGB", (40, 32), (20, 20, 220)).save(root / "blue.png")
-    Image.new("RGB", (64, 24), (20, 200, 20)).save(root / "wide.png")
-    return ImageStore(root)
-
-
-@pytest.fixture(scope="module", params=TINY_KINDS)
-def model(request: pytest.FixtureRequest) -> LVLM:
-    return tiny_model(request.param, seed=0)
 
 
 def items_for(model: LVLM) -> list[Sample]:

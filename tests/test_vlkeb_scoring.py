@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from mmke.config import load_config
 from mmke.data.images import ImageStore
@@ -14,7 +13,7 @@ from mmke.eval.metrics import trailing
 from mmke.models import LVLM
 from mmke.models.batch import IGNORE, tail_labels
 from mmke.models.scoring import ItemScore
-from mmke.models.tiny import TINY_KINDS, tiny_model
+from mmke.models.tiny import tiny_model
 from mmke.types import ImageRef, Probe, ProbeKind, Sample
 
 MIXED = [
@@ -24,19 +23,6 @@ MIXED = [
     Sample("who painted this picture?", "a red square", ImageRef("wide.png")),
     Sample("rome is the capital of", "italy and paris", ImageRef("red.png")),
 ]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
-    root = tmp_path_factory.mktemp("images")
-    Image.new("RGB", (32, 32), (220, 20, 20)).save(root / "red.png")
-    Image.new("RGB", (64, 24), (20, 200, 20)).save(root / "wide.png")
-    return ImageStore(root)
-
-
-@pytest.fixture(scope="module", params=TINY_KINDS)
-def model(request: pytest.FixtureRequest) -> LVLM:
-    return tiny_model(request.param, seed=0)
 
 
 def items_for(model: LVLM) -> list[Sample]:
