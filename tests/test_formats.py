@@ -313,3 +313,27 @@ def test_run_on_a_vlkeb_file_end_to_end(capsys: pytest.CaptureFixture[str], tmp_
     assert "MMKE-Bench Tables 3-5" in capsys.readouterr().out
     assert main(["report", str(run), "--table", "mmke_bnch"]) == 2
     assert "did you mean 'mmke_bench'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fmt", "file"),
+    [
+        ("mmedit", "mmedit/vqa_eval.json"),
+        ("mmedit", "mmedit/caption_eval_edit.json"),
+        ("vlkeb", "vlkeb/eval_edit_onehop.json"),
+        ("mmke_bench", "mmke_bench/entity_eval.json"),
+        ("mmke_bench", "mmke_bench/visual_eval.json"),
+        ("mmke_bench", "mmke_bench/user_eval.json"),
+        ("medmcq", "medmcq/medmcq_eval.json"),
+    ],
+)
+def test_every_fixture_validates_and_converts_to_the_same_cases(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fmt: str, file: str
+) -> None:
+    src, out = FIX / file, tmp_path / "cases.jsonl"
+    assert main(["validate", "--format", fmt, str(src), "--image-root", str(IMAGES)]) == 0
+    assert main(["convert", "--from", fmt, str(src), "--out", str(out), "--image-root", str(IMAGES)]) == 0
+    foreign, native = load_benchmark(f"{fmt}:{src}", IMAGES), load_benchmark(f"native:{out}")
+    assert [(c.edit, c.probes, c.edit_type) for c in native.cases] == [
+        (c.edit, c.probes, c.edit_type) for c in foreign.cases
+    ]
