@@ -11,10 +11,11 @@ this module turns that into a ``Benchmark`` (refusing it, or skipping bad record
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,6 @@ def decode_file(path: Path, to_case: ToCase, prefix: str | None = None) -> Decod
 
 
 def _with_source(case: EditCase, source: str) -> EditCase:
-    from dataclasses import replace
-
     return replace(case, meta={**case.meta, "source": source})
 
 
@@ -320,8 +319,6 @@ def make_benchmark(
 
 def take_options(fmt: str, options: Mapping[str, Any], known: Sequence[str]) -> dict[str, Any]:
     """``options`` after checking every name is one ``fmt`` knows (a one-line ConfigError if not)."""
-    import difflib
-
     for name in options:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
