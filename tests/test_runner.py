@@ -14,54 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from _runs import small_overrides, small_run, without_timings
 from mmke.cli import main
-from mmke.config import load_config
-from mmke.data.world import WorldConfig, build_world
-from mmke.eval.runner import run
 from mmke.eval.store import RunStore
-from mmke.models.bundled import WorldModelSpec, build_tokenizer, build_untrained, world_texts
 
-Setup = tuple[Path, Path]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    """A small world and an untrained smoke-size world model saved to disk (seconds to build)."""
-    world = tmp_path_factory.mktemp("world")
-    build_world(world, seed=0, config=WorldConfig.small())
-    model_dir = tmp_path_factory.mktemp("model")
-    lvlm = build_untrained(WorldModelSpec.smoke(), build_tokenizer(world_texts(world)))
-    lvlm.model.save_pretrained(model_dir)
-    lvlm.processor.save_pretrained(model_dir)
-    return world, model_dir
-
-
-def _overrides(setup: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
-    world, model_dir = setup
-    return [
-        f"benchmark=native:{world / 'cases_eval.jsonl'}",
-        f"image_root={world}",
-        f"model={model_dir}",
-        f"out={out}",
-        "limit=6",
-        "method_options.ft_llm.steps=3",
-        "method_options.ft_llm.lr=0.01",
-        *extra,
-    ]
-
-
-def _run(setup: tuple[Path, Path], out: Path, *extra: str) -> tuple[RunStore, dict]:
-    cfg = load_config(None, _overrides(setup, out, *extra))
-    store = RunStore.create(out, None, cfg.to_dict())
-    return store, run(cfg, store)
-
-
-def _without_timings(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "efficiency"} for r in records]
+Setup = tuple[Path, Path]  # (world dir, model dir): the `setup` fixture in conftest.py
 
 
 def test_noop_keeps_locality_at_one_and_reliability_at_base(setup: Setup, tmp_path: Path) -> None:
-    _store, summary = _run(setup, tmp_path, "methods=[noop]")
+    _store, summary = small_run(setup, tmp_path, "methods=[noop]")
     group = next(g for g in summary["groups"] if g["edit_type"] == "all")
     assert group["metrics"]["text_locality"] == 1.0
     assert group["metrics"]["image_locality"] == 1.0
@@ -72,7 +33,7 @@ def test_noop_keeps_locality_at_one_and_reliability_at_base(setup: Setup, tmp_pa
 def test_single_ft_records_every_case_and_restores_the_model(
     setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    store, _summary = _run(setup, tmp_path, "methods=[ft_llm]")
+    store, _summary = small_run(setup, tmp_path, "methods=[ft_llm]")
     records = store.records()
     assert len(records) == 6 and all(r["status"] == "ok" for r in records)
     assert {r["edit_type"] for r in records} >= {"visual_entity", "medical_mcq"}
@@ -84,16 +45,16 @@ def test_single_ft_records_every_case_and_restores_the_model(
 def test_same_seed_gives_identical_records_apart_from_timings(
     setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    a, _ = _run(setup, tmp_path, "methods=[ft_llm]")
-    b, _ = _run(setup, tmp_path, "methods=[ft_llm]")
+    a, _ = small_run(setup, tmp_path, "methods=[ft_llm]")
+    b, _ = small_run(setup, tmp_path, "methods=[ft_llm]")
     assert a.path != b.path
-    assert _without_timings(a.records()) == _without_timings(b.records())
+    assert without_timings(a.records()) == without_timings(b.records())
 
 
 def test_sequential_records_n_minus_gap_cases(setup: Setup, tmp_path: Path) -> None:
     # noop: on this untrained model a few stacked FT edits leave every probe at 0, which is
     # (rightly) recorded as a behavioural collapse and would stop the stream early
-    store, _ = _run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[2,4]")
+    store, _ = small_run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[2,4]")
     by_gap: dict[int, list[dict]] = {}
     for r in store.records():
         by_gap.setdefault(r["run"]["gap"], []).append(r)
@@ -116,7 +77,7 @@ def test_nan_logits_are_recorded_as_collapse_and_the_run_goes_on(
         return torch.full_like(out, float("nan")) if calls["n"] == 3 else out
 
     monkeypatch.setattr(LVLM, "logits", poisoned)
-    store, summary = _run(setup, tmp_path, "methods=[noop]", "batch_size=64")
+    store, summary = small_run(setup, tmp_path, "methods=[noop]", "batch_size=64")
     statuses = [r["status"] for r in store.records()]
     assert statuses.count("collapsed") == 1 and len(statuses) == 6
     collapsed = next(r for r in store.records() if r["status"] == "collapsed")
@@ -143,7 +104,7 @@ def test_a_model_that_answers_nothing_is_recorded_as_collapsed_in_a_stream(
         return flat
 
     monkeypatch.setattr(LVLM, "logits", degenerate)
-    store, summary = _run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[1]")
+    store, summary = small_run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[1]")
     records = store.records()
     assert [r["status"] for r in records][-1] == "collapsed"
     assert all(r["status"] == "ok" for r in records[:-1]) and len(records) < 5  # the stream stopped
@@ -164,8 +125,8 @@ def test_behavioural_collapse_needs_locality_and_all_zero() -> None:
 def test_sigkill_then_resume_gives_the_uninterrupted_summary(
     setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    _, clean = _run(setup, tmp_path / "clean", "methods=[ft_llm,noop]")
-    args = [*_overrides(setup, tmp_path / "killed", "methods=[ft_llm,noop]"), "--run-id", "r"]
+    _, clean = small_run(setup, tmp_path / "clean", "methods=[ft_llm,noop]")
+    args = [*small_overrides(setup, tmp_path / "killed", "methods=[ft_llm,noop]"), "--run-id", "r"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmke.cli", "run", *args],
@@ -193,16 +154,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(
 def test_bad_config_and_unknown_method_are_one_line(
     setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["run", *_overrides(setup, tmp_path, "limt=5")]) == 2
+    assert main(["run", *small_overrides(setup, tmp_path, "limt=5")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "limt" in err and "limit" in err
-    assert main(["run", *_overrides(setup, tmp_path, "methods=[fft]")]) == 2
+    assert main(["run", *small_overrides(setup, tmp_path, "methods=[fft]")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unknown method 'fft'" in err
 
 
 def test_generate_keeps_raw_text_and_a_string_match(setup: Setup, tmp_path: Path) -> None:
-    store, _ = _run(setup, tmp_path, "methods=[noop]", "generate=true", "limit=2")
+    store, _ = small_run(setup, tmp_path, "methods=[noop]", "generate=true", "limit=2")
     probes = [p for r in store.records() for p in r["probes"]]
     assert probes and all(isinstance(p["generated"], str) for p in probes)
     assert all(p["generated_match"] in (0.0, 1.0) for p in probes)
@@ -211,8 +172,8 @@ def test_generate_keeps_raw_text_and_a_string_match(setup: Setup, tmp_path: Path
 def test_report_and_compare_commands(
     setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    a, _ = _run(setup, tmp_path, "methods=[noop]", "limit=2")
-    b, _ = _run(setup, tmp_path, "methods=[ft_llm]", "limit=2")
+    a, _ = small_run(setup, tmp_path, "methods=[noop]", "limit=2")
+    b, _ = small_run(setup, tmp_path, "methods=[ft_llm]", "limit=2")
     assert main(["report", str(a.path)]) == 0
     assert (a.path / "report.html").is_file() and (a.path / "tables").is_dir()
     assert main(["compare", str(a.path), str(b.path)]) == 0
@@ -222,7 +183,7 @@ def test_report_and_compare_commands(
 def test_vlkeb_scoring_runs_end_to_end(setup: Setup, tmp_path: Path) -> None:
     # ike k=0 prefixes its fact to every prompt, so post sequences are longer than pre ones
     args = ("methods=[noop,ike]", "method_options.ike.k=0", "scoring=vlkeb", "limit=3")
-    store, summary = _run(setup, tmp_path, *args)
+    store, summary = small_run(setup, tmp_path, *args)
     records = store.records()
     assert len(records) == 6 and all(r["status"] == "ok" for r in records)
     assert all(r["run"]["scoring"] == "vlkeb" for r in records)

@@ -211,8 +211,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmke.config import load_config
+    from mmke.eval.executors import executor_for
     from mmke.eval.runner import preflight, run
     from mmke.eval.store import RunStore
+
+    executor = executor_for(args.executor, args.workers, args.ray_address)
 
     if args.resume:
         store = RunStore.open(args.resume)
@@ -229,7 +232,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         def step(done: int, total: int, method: str) -> None:
             bar.update(task, completed=done, total=total, description=f"editing ({method})")
 
-        summary = run(cfg, store, step)
+        summary = run(cfg, store, step, executor)
     _print_summary(console, summary)
     _write_report(console, store.path)
     return 0
@@ -267,7 +270,7 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     if not bench.train_cases:
         raise ConfigError(f"benchmark {cfg.benchmark} has no train split to train {args.method} on")
     model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    editor = editor_cls(method_options(model, cfg, args.method))
+    editor = editor_cls(method_options(model.source, cfg, args.method))
     default_out = bundled_dir(cfg.model) / "editors" if cfg.model in BUNDLED else Path(cfg.out) / "editors"
     out = args.out or default_out / args.method
     images = ImageStore(bench.image_root) if bench.image_root is not None else None
@@ -391,6 +394,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad", action="store_true", help="skip bad records (listed in skipped.jsonl)")
     run.add_argument("--resume", type=Path, default=None, help="continue an interrupted run directory")
     run.add_argument("--run-id", default=None, help="name of the run directory (default: time + hash)")
+    run.add_argument(
+        "--workers", type=int, default=1, help="shard the cases over N worker processes (one model each)"
+    )
+    run.add_argument(
+        "--executor", default="local", help="local (processes on this machine) or ray (a Ray cluster)"
+    )
+    run.add_argument("--ray-address", default=None, help="the Ray cluster to join (default: start one)")
     run.set_defaults(func=cmd_run)
 
     tr = sub.add_parser(

@@ -307,8 +307,11 @@ def _common_run(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(records: Iterable[Mapping[str, Any]], run: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The run summary: per (model, method, protocol, gap, checkpoint) x edit type ("all" + each)."""
-    recs = list(records)
+    """The run summary: per (model, method, protocol, gap, checkpoint) x edit type ("all" + each).
+
+    Records are put in a fixed order first, so parallel workers' arrival order cannot change a sum.
+    """
+    recs = sorted(records, key=lambda r: (repr(sorted((r.get("run") or {}).items())), r["case_id"]))
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for r in recs:
         info = r.get("run") or {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,11 +23,15 @@ from mmke.errors import BadRecordError, MmkeError
 from mmke.eval import protocols
 from mmke.eval._efficiency import measure
 from mmke.eval.metrics import behavioural_collapse, score_case, string_match
-from mmke.eval.store import RECORD_SCHEMA, RunStore, record_key
+from mmke.eval.store import RECORD_SCHEMA, ResumeKey, RunStore, record_key
 from mmke.methods.base import EditCollapsed, Edited, Editor, EditorNotReadyError
 from mmke.models import LVLM
+from mmke.models._loading import bundled_or_path
 from mmke.models.scoring import ItemScore
 from mmke.types import EditCase, ProbeKind
+
+if TYPE_CHECKING:
+    from mmke.eval.executors import Executor
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,19 @@ class ScoresNotFinite(MmkeError):
     """The edited model produced NaN/inf: recorded as a collapse, never raised to the user."""
 
 
+class Sink(Protocol):
+    """Where finished case records go: the run store itself, or a worker's line back to it."""
+
+    config_hash: str
+
+    def append(self, record: Mapping[str, Any]) -> None: ...
+
+    def done_keys(self) -> set[ResumeKey]: ...
+
+
 @dataclass
 class Session:
-    """What one run holds for its whole length: the model, the cases, the pre-edit scores, the store."""
+    """What one run (or one worker) holds for its whole length: model, cases, pre-edit scores, sink."""
 
     cfg: RunConfig
     model: LVLM
@@ -49,11 +63,20 @@ class Session:
     bench: Benchmark
     cases: tuple[EditCase, ...]
     images: ImageStore | None
-    store: RunStore
+    store: Sink
     pre: dict[str, list[ItemScore]]
     progress: Progress | None = None
     recorded: int = 0
     planned: int = 0
+    editors: dict[str, Editor] = field(default_factory=dict)
+
+    def ensure_pre(self, indices: Sequence[int]) -> None:
+        """Score the unedited model on those of these cases it has not scored yet (one batched pass)."""
+        missing = [self.cases[i] for i in indices if self.cases[i].case_id not in self.pre]
+        if missing:
+            torch.manual_seed(self.cfg.seed)
+            cfg = self.cfg
+            self.pre.update(score_pre(self.model, missing, self.images, cfg.batch_size, cfg.scoring))
 
 
 def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Sequence[str] | None) -> tuple:
@@ -203,11 +226,16 @@ def _failure_record(s: Session, run: dict, case: EditCase, index: int, e: Except
 # --- protocols ----------------------------------------------------------------------------
 
 
-def run_single(s: Session, editor: Editor, method: str) -> None:
-    """Edit, score, restore — each case on the unedited model."""
+def _positions(s: Session, indices: Sequence[int] | None) -> list[int]:
+    return list(range(len(s.cases))) if indices is None else list(indices)
+
+
+def run_single(s: Session, editor: Editor, method: str, indices: Sequence[int] | None = None) -> None:
+    """Edit, score, restore — each case (or each of ``indices``) on the unedited model."""
     run = _run_block(s, method, "single", None, None)
     done = s.store.done_keys()
-    for index, case in enumerate(s.cases):
+    for index in _positions(s, indices):
+        case = s.cases[index]
         if record_key({"run": run, "case_id": case.case_id}) in done:
             continue
         try:
@@ -277,11 +305,12 @@ def _score_checkpoint(s: Session, method: str, stack: list[tuple[Edited, dict]],
     return True
 
 
-def run_edit_onehop(s: Session, editor: Editor, method: str) -> None:
+def run_edit_onehop(s: Session, editor: Editor, method: str, indices: Sequence[int] | None = None) -> None:
     """VLKEB's edit-one-hop: write the edit, then its one-hop fact, then ask the portability questions."""
     run = _run_block(s, method, "edit_onehop", None, None)
     done = s.store.done_keys()
-    for index, case in enumerate(s.cases):
+    for index in _positions(s, indices):
+        case = s.cases[index]
         facts = [p.onehop_edit for p in case.probes if p.onehop_edit is not None]
         if not facts or record_key({"run": run, "case_id": case.case_id}) in done:
             continue
@@ -327,33 +356,44 @@ def _planned(cfg: RunConfig, n: int) -> int:
 PRESETS_FILE = "mmke_methods.yaml"
 
 
-def method_options(model: LVLM, cfg: RunConfig, method: str) -> dict[str, Any]:
-    """The model's recommended settings for ``method``, overridden by the user's."""
+def method_options(source: Path | None, cfg: RunConfig, method: str) -> dict[str, Any]:
+    """The recommended settings for ``method`` of the model saved at ``source``, overridden by the user's."""
     import yaml
 
     presets: dict[str, Any] = {}
-    if model.source is not None and (model.source / PRESETS_FILE).is_file():
-        presets = yaml.safe_load((model.source / PRESETS_FILE).read_text()) or {}
+    if source is not None and (source / PRESETS_FILE).is_file():
+        presets = yaml.safe_load((source / PRESETS_FILE).read_text()) or {}
     return {**presets.get(method, {}), **cfg.method_options.get(method, {})}
 
 
-def run_method(s: Session, method: str) -> None:
-    """Build the editor, train it if it needs the train split, and walk the configured protocol."""
+def editor_for(s: Session, method: str) -> Editor:
+    """The session's editor for ``method``: built (and trained, if it needs the train split) once."""
     from mmke.registry import methods
 
-    editor = methods.get(method)(method_options(s.model, s.cfg, method))
-    if editor.needs_train_cases:
-        editor.train(s.model, s.bench.train_cases, s.images)
+    if method not in s.editors:
+        editor = methods.get(method)(method_options(s.model.source, s.cfg, method))
+        if editor.needs_train_cases:
+            editor.train(s.model, s.bench.train_cases, s.images)
+        s.editors[method] = editor
+    return s.editors[method]
+
+
+def run_method(
+    s: Session, method: str, indices: Sequence[int] | None = None, gaps: Sequence[int] | None = None
+) -> None:
+    """Walk the configured protocol with ``method``: over ``indices`` (single, edit-one-hop; default
+    every case) or the streams of ``gaps`` (sequential; default the configured ones)."""
+    editor = editor_for(s, method)
     if s.cfg.protocol == "single":
-        run_single(s, editor, method)
+        run_single(s, editor, method, indices)
     elif s.cfg.protocol == "sequential":
-        for gap in s.cfg.gaps:
+        for gap in s.cfg.gaps if gaps is None else gaps:
             if gap < len(s.cases):
                 run_sequential(s, editor, method, gap)
     elif s.cfg.protocol == "lifelong":
         run_lifelong(s, editor, method)
     else:
-        run_edit_onehop(s, editor, method)
+        run_edit_onehop(s, editor, method, indices)
 
 
 def open_benchmark(cfg: RunConfig) -> Benchmark:
@@ -364,23 +404,36 @@ def open_benchmark(cfg: RunConfig) -> Benchmark:
     return load_benchmark(cfg.benchmark, root, skip_bad=cfg.skip_bad, options=cfg.benchmark_options)
 
 
-def open_session(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> Session:
-    """Load the model and benchmark once and score the unedited model on every probe."""
+def open_cases(cfg: RunConfig) -> tuple[Benchmark, tuple[EditCase, ...]]:
+    """The benchmark and the run's selection of its cases; no cases at all is an error."""
     bench = open_benchmark(cfg)
-    if bench.skipped:
-        store.write_skipped(bench.skipped)
-        log.warning("skipped %d bad record(s) (listed in %s/skipped.jsonl)", len(bench.skipped), store.path)
     cases = select_cases(bench.cases, cfg.limit, cfg.edit_types)
     if not cases:
         why = f"; {len(bench.skipped)} bad record(s) skipped" if bench.skipped else ""
         raise BadRecordError(f"benchmark {cfg.benchmark}: no cases to run{why}")
+    return bench, cases
+
+
+def note_skipped(store: RunStore, bench: Benchmark) -> None:
+    if bench.skipped:
+        store.write_skipped(bench.skipped)
+        log.warning("skipped %d bad record(s) (listed in %s/skipped.jsonl)", len(bench.skipped), store.path)
+
+
+def open_session(
+    cfg: RunConfig, store: Sink, progress: Progress | None = None, *, score_all: bool = True
+) -> Session:
+    """Load the model and benchmark once and (``score_all``) score the unedited model on every probe.
+
+    A worker that runs only some cases passes ``score_all=False`` and scores them as it meets them.
+    """
+    bench, cases = open_cases(cfg)
     model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     images = ImageStore(bench.image_root) if bench.image_root is not None else None
-    torch.manual_seed(cfg.seed)
-    pre = score_pre(model, cases, images, cfg.batch_size, cfg.scoring)
-    s = Session(cfg, model, cfg.model, bench, cases, images, store, pre, progress)
+    s = Session(cfg, model, cfg.model, bench, cases, images, store, {}, progress)
+    if score_all:
+        s.ensure_pre(range(len(cases)))
     s.planned = _planned(cfg, len(cases))
-    s.recorded = len(store.records())
     return s
 
 
@@ -393,26 +446,45 @@ def preflight(cfg: RunConfig) -> None:
         methods.get(method)
 
 
-def run(cfg: RunConfig, store: RunStore, progress: Progress | None = None) -> dict:
-    """Run every configured method on the configured protocol; returns (and stores) the summary."""
-    from mmke.eval.metrics import summarize
+def model_dir(name: str) -> Path | None:
+    """The directory a run's model loads from, when it is one (not e.g. a family's tiny model)."""
+    try:
+        path = bundled_or_path(name)
+    except MmkeError:
+        return None
+    return path if path.is_dir() else None
 
-    preflight(cfg)
-    s = open_session(cfg, store, progress)
+
+def run_in_session(s: Session) -> dict[str, str]:
+    """Every configured method in this process; returns the methods that could not run, and why."""
     not_run: dict[str, str] = {}
-    for method in cfg.methods:
+    for method in s.cfg.methods:
         try:
             run_method(s, method)
         except EditorNotReadyError as e:  # e.g. IKE without a train split: the other methods still run
             log.warning("%s not run: %s", method, e)
             not_run[method] = str(e)
-    effective = {m: method_options(s.model, cfg, m) for m in cfg.methods}
+    return not_run
+
+
+def run(
+    cfg: RunConfig, store: RunStore, progress: Progress | None = None, executor: Executor | None = None
+) -> dict:
+    """Run every configured method on the configured protocol; returns (and stores) the summary.
+
+    ``executor`` says where the work happens (default: in this process; see ``mmke.eval.executors``).
+    """
+    from mmke.eval.executors import InProcess
+    from mmke.eval.metrics import summarize
+
+    preflight(cfg)
+    bench, not_run = (executor or InProcess()).run(cfg, store, progress)
     run_info = {
         "config": cfg.to_dict(),
         "config_hash": store.config_hash,
-        "method_options": effective,
+        "method_options": {m: method_options(model_dir(cfg.model), cfg, m) for m in cfg.methods},
         "not_run": not_run,
-        "skipped_records": len(s.bench.skipped),
+        "skipped_records": len(bench.skipped),
     }
     summary = summarize(store.records(), run_info)
     store.write_summary(summary)

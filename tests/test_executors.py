@@ -1,0 +1,86 @@
+"""Executors: local worker processes and Ray give the single-process run's records and summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from _runs import small_overrides, small_run, without_timings
+
+from mmke.cli import main
+from mmke.config import RunConfig, load_config
+from mmke.errors import ConfigError
+from mmke.eval.executors import LocalWorkers, RayWorkers, executor_for, plan_units
+from mmke.eval.runner import run
+from mmke.eval.store import RunStore
+
+Setup = tuple[Path, Path]
+
+
+def _metrics(summary: dict) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "efficiency"} for g in summary["groups"]]
+
+
+def _by_key(records: list[dict]) -> list[dict]:
+    """Records in a fixed order, without timings or the config hash (the runs' ``out`` differs)."""
+    out = [r | {"run": {k: v for k, v in r["run"].items() if k != "config_hash"}} for r in records]
+    return sorted(without_timings(out), key=lambda r: (repr(sorted(r["run"].items())), r["case_id"]))
+
+
+@pytest.mark.parametrize("protocol", ["single", "sequential", "lifelong", "edit_onehop"])
+def test_units_cover_every_case_of_every_method_once(protocol: str) -> None:
+    cfg = RunConfig(methods=("ft_llm", "ike", "noop"), protocol=protocol, gaps=(2, 5, 50))
+    units = plan_units(cfg, n_cases=11, workers=2)
+    for method in cfg.methods:
+        mine = [u for u in units if u.method == method]
+        if protocol in ("single", "edit_onehop"):
+            covered = sorted(i for u in mine for i in u.indices or ())
+            assert covered == list(range(11)) and len(mine) > 1
+        elif protocol == "sequential":
+            assert [u.gaps for u in mine] == [(2,), (5,)]  # gap 50 >= 11 cases: no stream
+        else:
+            assert len(mine) == 1 and mine[0].indices is None
+
+
+@pytest.mark.parametrize("protocol", ["single", "sequential"])
+def test_two_local_workers_match_one_process(setup: Setup, tmp_path: Path, protocol: str) -> None:
+    extra = ("methods=[ft_llm,noop]", f"protocol={protocol}", "gaps=[1,3]")
+    one, one_summary = small_run(setup, tmp_path / "one", *extra)
+    two, two_summary = small_run(setup, tmp_path / "two", *extra, executor=LocalWorkers(2))
+    assert _by_key(two.records()) == _by_key(one.records())
+    assert _metrics(two_summary) == _metrics(one_summary)
+
+
+def test_ray_actors_match_one_process(setup: Setup, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the Ray executor needs `pip install ray` (the dev extra has it)")
+    extra = ("methods=[ft_llm,noop]",)
+    one, one_summary = small_run(setup, tmp_path / "one", *extra)
+    two, two_summary = small_run(setup, tmp_path / "ray", *extra, executor=RayWorkers(2))
+    assert _by_key(two.records()) == _by_key(one.records())
+    assert _metrics(two_summary) == _metrics(one_summary)
+
+
+def test_workers_resume_a_cut_run_without_repeating_cases(setup: Setup, tmp_path: Path) -> None:
+    extra = ("methods=[ft_llm,noop]",)
+    full, full_summary = small_run(setup, tmp_path / "full", *extra)
+    cut = tmp_path / "cut"
+    shutil.copytree(full.path, cut)
+    lines = (cut / "cases.jsonl").read_text().splitlines(keepends=True)
+    (cut / "cases.jsonl").write_text("".join(lines[:5]))
+    store = RunStore.open(cut)
+    cfg = load_config(None, small_overrides(setup, tmp_path, *extra))
+    summary = run(cfg, store, executor=LocalWorkers(2))
+    keys = [(r["run"]["method"], r["case_id"]) for r in store.records()]
+    assert len(keys) == len(set(keys)) == 12
+    assert _metrics(summary) == _metrics(full_summary)
+
+
+def test_bad_executor_settings_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="unknown executor 'dask'"):
+        executor_for("dask", 2)
+    with pytest.raises(ConfigError, match="at least 1"):
+        executor_for("local", 0)
+    assert main(["run", "--workers", "0", "limit=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--workers" in err
