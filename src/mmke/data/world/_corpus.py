@@ -28,6 +28,7 @@ def build_corpus(world: World, eval_cases: list[EditCase]) -> list[Sample]:
         + composed_samples(world)
         + sign_samples(world)
         + medical_samples(world)
+        + lexicon_samples(world)
     )
     _refuse_leaks(samples, eval_cases)
     return permuted(rng_for(world.seed, "corpus", "order"), samples)
@@ -57,6 +58,16 @@ def fact_samples(world: World) -> list[Sample]:
         for t in kg.triples
         for k in world.templates_for(t.subject)
     ]
+
+
+def lexicon_samples(world: World) -> list[Sample]:
+    """Each user item's name as a bare word, with no fact about it (text only, one prompt for all).
+
+    A real LLM can already say "bruno" before an edit tells it whose pet that is; without this
+    the invented names would be tokens the model never produced, and an insertion edit would have
+    to create a word as well as a fact, which no method but fine-tuning the head can do.
+    """
+    return [Sample(T.LEXICON_PROMPT, u.name) for u in sorted(world.users, key=lambda u: u.id)]
 
 
 def locality_samples() -> list[Sample]:

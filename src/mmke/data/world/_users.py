@@ -1,8 +1,9 @@
-"""User-specific knowledge (MMKE-Bench): personal pets and items with names the world model never saw.
+"""User-specific knowledge (MMKE-Bench): personal pets and items the world model knows nothing about.
 
 Each item is one (owner, kind) pair, e.g. "the dog of my sister", with a fresh invented name and a
-procedural picture in a home scene. Nothing about these items enters the training corpus, so an
-edit that writes "its name is bruno" is an insertion (no ground truth).
+procedural picture in a home scene. No fact about these items enters the training corpus, so an
+edit that writes "its name is bruno" is an insertion (no ground truth); only the names themselves
+do, as bare words (``_corpus.lexicon_samples``), as a real LLM knows the word "bruno".
 """
 
 from __future__ import annotations

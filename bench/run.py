@@ -1,0 +1,233 @@
+"""mmke's runner against the anchors' evaluation loop, side by side in one process, same cases and seed.
+
+Run: ``.venv/bin/python bench/run.py`` (about 10 minutes on 2 CPU cores; ``--help`` for options).
+
+For each (model, method) it runs
+  (a) the reference loop, written the way the anchor repositories evaluate: every probe in its own
+      forward pass at batch size 1, the pre-edit scores recomputed for every case, and the model
+      restored from a deep copy taken before each edit; and
+  (b) mmke's runner: one batched pre-edit pass over all cases, each case's probes batched, exact
+      restore from the edited parameters' snapshot, every record appended to a run store;
+checks both give the same metric values, and prints cases/s of each and their ratio, mmke's time
+over the floor (each edit's own compute + one batched forward of its case's probes), and peak
+memory: the process's peak RSS above its resting RSS with the model loaded, against the snapshot
+of the edited parameters. ``--workers`` adds 1 vs 2 local worker processes on a world run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from mmke.config import RunConfig
+from mmke.data.benchmark import load_benchmark
+from mmke.data.images import ImageStore
+from mmke.eval._efficiency import measure
+from mmke.eval.executors import InProcess, LocalWorkers
+from mmke.eval.metrics import score_case
+from mmke.eval.runner import Session, editor_for, run, run_method, select_cases
+from mmke.eval.store import RunStore
+from mmke.models import LVLM
+from mmke.models.gguf import smollm2_dir
+from mmke.types import EditCase
+
+GOALS = {"speedup": 5.0, "floor": 1.25, "memory": 1.2, "workers": 1.7}
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reference_loop(
+    model: LVLM, editor: Any, cases: tuple[EditCase, ...], images: ImageStore | None, seed: int
+) -> list[dict]:
+    """The anchors' way: per-probe forwards at batch 1, pre recomputed per case, deep-copy restore."""
+    metrics = []
+    for index, case in enumerate(cases):
+        pre = [model.score([p], images, batch_size=1)[0] for p in case.probes]
+        backup = copy.deepcopy(model.model.state_dict())
+        torch.manual_seed(seed * 1_000_003 + index)  # the runner's per-position edit seed
+        edited = editor.apply(model, case, images)
+        post = [edited.score([p], images, batch_size=1)[0] for p in case.probes]
+        model.model.load_state_dict(backup)
+        edited.restore()  # the method's own bookkeeping (its weights are already back)
+        metrics.append(score_case(case.probes, post, pre, "mmke", None)["metrics"])
+    return metrics
+
+
+class _Records(list):
+    """A sink for the runner that keeps records in memory (the bench times a real store as well)."""
+
+    def __init__(self, store: RunStore) -> None:
+        super().__init__()
+        self.store = store
+        self.config_hash = store.config_hash
+
+    def append(self, record: Any) -> None:
+        self.store.append(record)
+        super().append(record)
+
+    def done_keys(self) -> set:
+        return set()
+
+
+def session_for(model: LVLM, method: str, cfg: RunConfig, bench: Any, cases: tuple, out: Path) -> Session:
+    """A runner session on these cases, recording into a fresh run store, with its editor built."""
+    images = ImageStore(bench.image_root) if bench.image_root is not None else None
+    sink = _Records(RunStore.create(out, None, cfg.to_dict()))
+    s = Session(cfg, model, cfg.model, bench, cases, images, sink, {})
+    editor_for(s, method)  # built (trained editors loaded) before any timing, and shared
+    return s
+
+
+def mmke_loop(s: Session, method: str) -> tuple[list[dict], float]:
+    """mmke's runner on the session's cases; returns the records and the wall time (pre pass included)."""
+    start = time.perf_counter()
+    s.ensure_pre(range(len(s.cases)))
+    run_method(s, method)
+    return list(cast(_Records, s.store)), time.perf_counter() - start
+
+
+def floor_seconds(
+    model: LVLM, cases: tuple[EditCase, ...], images: ImageStore | None, records: list
+) -> float:
+    """Each edit's own compute (as the runner timed it) + one batched forward of its case's probes."""
+    edits = sum(r["efficiency"]["edit_seconds"] for r in records)
+    start = time.perf_counter()
+    for case in cases:
+        model.score(case.probes, images, batch_size=len(case.probes))
+    return edits + time.perf_counter() - start
+
+
+def compare(
+    label: str, model: LVLM, method: str, cfg: RunConfig, bench: Any, cases: tuple, out: Path
+) -> dict[str, Any]:
+    images = ImageStore(bench.image_root) if bench.image_root is not None else None
+    model_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
+    session = session_for(model, method, cfg, bench, cases, out)
+    editor = session.editors[method]  # the same editor (and trained weights) for the reference
+    reference_loop(model, editor, cases[:1], images, cfg.seed)  # warm-up: first calls pay one-off costs
+    rest = _rss_mb()
+    with measure(model.device) as m_mmke:
+        records, mmke_s = mmke_loop(session, method)
+    mmke_peak = m_mmke.peak_mb - rest
+    rest = _rss_mb()
+    with measure(model.device) as m_ref:
+        start = time.perf_counter()
+        ref = reference_loop(model, editor, cases, images, cfg.seed)
+        ref_s = time.perf_counter() - start
+    ref_peak = m_ref.peak_mb - rest
+    ours = [r["metrics"] for r in sorted(records, key=lambda r: r["index"])]
+    diffs = [abs(a[k] - b[k]) for a, b in zip(ours, ref, strict=True) for k in a]
+    snapshot = max(r["efficiency"]["edited_params"] for r in records) * 4 / 2**20
+    return {
+        "model": label,
+        "method": method,
+        "cases": len(cases),
+        "ref_cps": len(cases) / ref_s,
+        "mmke_cps": len(cases) / mmke_s,
+        "speedup": ref_s / mmke_s,
+        "floor": mmke_s / floor_seconds(model, cases, images, records),
+        "identical": max(diffs, default=0.0) == 0.0,
+        "max_diff": max(diffs, default=0.0),
+        "model_mb": model_mb,
+        "snapshot_mb": snapshot,
+        "ref_extra_mb": ref_peak,
+        "mmke_extra_mb": mmke_peak,
+    }
+
+
+def text_only(case: EditCase) -> EditCase:
+    """The case with every image dropped: its text probes for a text-only model."""
+    return replace(
+        case, edit=replace(case.edit, image=None), probes=tuple(replace(p, image=None) for p in case.probes)
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        "| model | method | cases | reference cases/s | mmke cases/s | speed-up | mmke / floor "
+        "| same metrics | model MB | snapshot MB | reference peak +MB | mmke peak +MB |"
+    )
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        same = "yes" if r["identical"] else f"no (max diff {r['max_diff']:.3g})"
+        print(
+            f"| {r['model']} | {r['method']} | {r['cases']} | {r['ref_cps']:.2f} | {r['mmke_cps']:.2f} "
+            f"| {r['speedup']:.1f}x | {r['floor']:.2f} | {same} | {r['model_mb']:.1f} "
+            f"| {r['snapshot_mb']:.2f} | {r['ref_extra_mb']:.0f} | {r['mmke_extra_mb']:.0f} |"
+        )
+
+
+def workers_ratio(methods: list[str], limit: int, out: Path) -> dict[str, float]:
+    """The world run with 1 process and with 2 local worker processes (both from a cold start)."""
+    cfg = RunConfig(methods=tuple(methods), limit=limit)
+    times = {}
+    for name, executor in (("1 process", InProcess()), ("2 workers", LocalWorkers(2))):
+        store = RunStore.create(out, None, cfg.to_dict())
+        start = time.perf_counter()
+        run(cfg, store, executor=executor)
+        times[name] = time.perf_counter() - start
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", type=int, default=24, help="world cases per method")
+    p.add_argument("--methods", default="ft_llm,ike,mend,serac", help="methods on the world model")
+    p.add_argument("--smollm-cases", type=int, default=8, help="text cases for FT-LLM on SmolLM2 (0: skip)")
+    p.add_argument("--workers", action="store_true", help="also time 1 process vs 2 worker processes")
+    p.add_argument("--workers-limit", type=int, default=48)
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("MMKE_BENCH_THREADS", torch.get_num_threads())))
+    out = Path(tempfile.mkdtemp(prefix="mmke-bench-"))
+    bench = load_benchmark("world")
+    rows = []
+    cfg = RunConfig(limit=args.cases)
+    cases = select_cases(bench.cases, args.cases, None)
+    world = LVLM.load("world")
+    for method in args.methods.split(","):  # the model's own method presets apply, as in `mmke run`
+        rows.append(compare("world", world, method, replace(cfg, methods=(method,)), bench, cases, out))
+        print_table(rows[-1:])
+    if args.smollm_cases:
+        smol = LVLM.load(smollm2_dir())
+        text_cases = tuple(text_only(c) for c in cases[: args.smollm_cases])
+        cfg_s = replace(cfg, model=str(smollm2_dir()), methods=("ft_llm",))
+        rows.append(compare("SmolLM2-135M", smol, "ft_llm", cfg_s, bench, text_cases, out))
+    print()
+    print_table(rows)
+    met = [r for r in rows if r["speedup"] >= GOALS["speedup"]]
+    print(f"\nspeed-up >= {GOALS['speedup']}x: {len(met)}/{len(rows)} rows")
+    for r in rows:
+        budget = GOALS["memory"] * r["snapshot_mb"]
+        print(
+            f"{r['model']}/{r['method']}: mmke / floor {r['floor']:.2f} "
+            f"(goal <= {GOALS['floor']} for ft_llm); mmke peak +{r['mmke_extra_mb']:.0f} MB "
+            f"over the resting model vs 1.2 x snapshot = {budget:.1f} MB"
+        )
+    if args.workers:
+        times = workers_ratio(["ft_llm", "mend", "ke", "grace"], args.workers_limit, out)
+        ratio = times["1 process"] / times["2 workers"]
+        print(
+            f"\nworld run, {args.workers_limit} cases x ft_llm,mend,ke,grace: "
+            f"1 process {times['1 process']:.1f} s, 2 workers {times['2 workers']:.1f} s: "
+            f"{ratio:.2f}x (goal >= {GOALS['workers']}x)"
+        )
+    print(f"\n(median over methods of the speed-up: {statistics.median(r['speedup'] for r in rows):.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
