@@ -408,14 +408,18 @@ def test_corpus_never_teaches_an_eval_edit_target_for_its_images(built: Built) -
         assert c.edit.target not in taught.get(c.edit.image.path.rsplit("/", 1)[0], set()), c.case_id
 
 
-def test_corpus_uses_training_views_only_and_never_user_items(built: Built) -> None:
+def test_corpus_uses_training_views_only_and_user_names_only_as_bare_words(built: Built) -> None:
     views = built.meta["views"]
     train = {f"v{v:02d}.png" for v in views["train"]} | {f"i{v:02d}.png" for v in views["scan_train"]}
     users = {u["name"] for u in built.meta["user_items"]}
+    lexicon = set()
     for s in built.corpus:
         if s.image is not None:
             assert s.image.path.rsplit("/", 1)[1] in train and not s.image.path.startswith("images/user/")
-        assert not users & set(f"{s.prompt} {s.target}".split())
+        if users & set(f"{s.prompt} {s.target}".split()):  # no fact about a user item, only its name
+            assert s.image is None and s.prompt == T.LEXICON.format(w=s.target)
+            lexicon.add(s.target)
+    assert lexicon == users
     kg = built.kg
     facts = {(s.prompt, s.target) for s in built.corpus if s.image is None}
     for t in kg.triples:  # every fact of every entity, counterfactual targets included

@@ -61,13 +61,13 @@ def fact_samples(world: World) -> list[Sample]:
 
 
 def lexicon_samples(world: World) -> list[Sample]:
-    """Each user item's name as a bare word, with no fact about it (text only, one prompt for all).
+    """Each user item's name as a bare word to repeat, with no fact about it (text only).
 
     A real LLM can already say "bruno" before an edit tells it whose pet that is; without this
     the invented names would be tokens the model never produced, and an insertion edit would have
     to create a word as well as a fact, which no method but fine-tuning the head can do.
     """
-    return [Sample(T.LEXICON_PROMPT, u.name) for u in sorted(world.users, key=lambda u: u.id)]
+    return [Sample(T.LEXICON.format(w=u.name), u.name) for u in sorted(world.users, key=lambda u: u.id)]
 
 
 def locality_samples() -> list[Sample]:

@@ -88,7 +88,7 @@ USER_EDIT = "what is the name of {p} in the image ?"
 USER_TEXT = "what is the name of {p} ?"
 USER_IMAGE = "what is the {k} in the image called ?"
 #: the user items' names as bare words in the corpus (``_corpus.lexicon_samples``)
-LEXICON_PROMPT = "say a name ."
+LEXICON = "repeat the word {w} ."
 USER_PORTABILITY = {"animal": "what animal is {n} ?", "object": "what object is {n} ?"}
 
 
