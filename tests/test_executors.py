@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _runs import small_overrides, small_run, without_timings
 
+from _runs import small_overrides, small_run, without_timings
 from mmke.cli import main
 from mmke.config import RunConfig, load_config
 from mmke.errors import ConfigError
