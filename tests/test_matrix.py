@@ -8,10 +8,12 @@ until it is added here.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mmke.data.images import ImageStore
 from mmke.methods import Editor
@@ -101,3 +103,36 @@ def _check_changed(method: str, pre: float, post: float) -> None:
         assert post != pre, f"{method}: the prompt rewrite did not reach the model"
     else:
         assert post < pre - 0.1, f"{method}: edit NLL {pre:.3f} -> {post:.3f}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["ft_llm", "ft_projector", "lora"])
+def test_replaying_the_frozen_prefix_gives_the_same_edit_with_fewer_passes(
+    method: str, family: str, store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stages before the edit site run once per edit, and the edited weights come out the same."""
+    if (method, family) in NO_SITE:
+        pytest.skip("no such site on a text-only model")
+    model = tiny_model(family, seed=0)
+    case = make_case(image=None if family == "causal_lm" else "red.png")
+    first = model.layout.module(model.layout.decoder_layers()[0])
+    calls = []
+    first.register_forward_hook(lambda *_: calls.append(1))
+
+    def edit() -> tuple[dict, int]:
+        calls.clear()
+        torch.manual_seed(0)
+        edited = methods.get(method)({**SETTINGS[method], "steps": 5})
+        handle = edited.apply(model, case, store)
+        after = state(model)
+        handle.restore()
+        return after, len(calls)
+
+    replayed, replayed_calls = edit()
+    monkeypatch.setattr("mmke.methods.ft.frozen_prefix_replayed", lambda *_: nullcontext())
+    monkeypatch.setattr("mmke.methods.lora.frozen_prefix_replayed", lambda *_: nullcontext())
+    plain, plain_calls = edit()
+    assert replayed.keys() == plain.keys()
+    assert [k for k in plain if not torch.allclose(replayed[k], plain[k], atol=1e-6)] == []
+    assert plain_calls == 5
+    assert replayed_calls == (5 if method == "ft_projector" and family != "causal_lm" else 1)

@@ -14,18 +14,20 @@ import os
 import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import fields, replace
 from typing import Any, ClassVar, Generic, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError, MmkeError
 from mmke.errors import EditorNotReadyError as EditorNotReadyError  # part of the editors' API
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
+from mmke.models.layout import LayoutError
 from mmke.models.scoring import ScoredBatch
 from mmke.types import EditCase, Sample
 
@@ -208,6 +210,76 @@ def trainable_only(module: nn.Module, params: Mapping[str, nn.Parameter]) -> Ite
         for name, p in module.named_parameters():
             p.requires_grad_(flags[name])
         module.train(was_training)
+
+
+class _Replay(nn.Module):
+    """A frozen stage run once: the first call computes (without grad), later calls return copies of that."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.out: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # a model may read its stage's attributes (config, dtype, attention_type)
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.out is None:
+            with torch.no_grad():
+                self.out = self.inner(*args, **kwargs)
+        return _fresh(self.out)
+
+
+def _fresh(out: Any) -> Any:
+    """A copy a consumer may change in place (Qwen2-VL re-splits its vision output's fields)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if type(out) in (tuple, list):
+        return type(out)(_fresh(x) for x in out)
+    if isinstance(out, ModelOutput):
+        return type(out)(**{k: _fresh(v) for k, v in out.items()})
+    return out
+
+
+def _forward_stages(model: LVLM) -> list[str]:
+    """The model's stages in forward order: vision tower, Q-Former, projector, embeddings, decoder layers."""
+    layout, stages = model.layout, []
+    if layout.has_vision:
+        for role in (layout.vision_tower, layout.qformer, layout.projector):
+            with suppress(LayoutError):
+                stages.append(role())
+    return [*stages, layout.embeddings(), *layout.decoder_layers()]
+
+
+@contextmanager
+def frozen_prefix_replayed(model: LVLM, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """While active, the stages that run before any of ``params`` compute once and replay their output.
+
+    An edit that optimises ``params`` for many steps on one fixed batch (FT, LoRA) recomputes, at
+    every step, a vision tower and decoder layers whose weights and inputs never change; the
+    anchors pay that each step. Here the first step's outputs of those stages are kept and handed
+    back, so later steps run only from the first edited stage on: the same numbers (the same
+    operations on the same inputs), a fraction of the compute when the edit sits in the last layers.
+    Only valid while every forward sees the same batch.
+    """
+    chosen = {id(p) for p in params.values()}
+    replayed: list[tuple[str, nn.Module]] = []
+    embeddings = model.layout.embeddings()
+    try:
+        for stage in _forward_stages(model):
+            module = model.layout.module(stage)
+            if any(id(p) in chosen for p in module.parameters()):
+                break
+            inside = any(stage.startswith(f"{done}.") for done, _ in replayed)  # e.g. Qwen2-VL's merger
+            if stage != embeddings and not inside:  # embeddings: cheap, and also read outside a forward
+                replayed.append((stage, swap_module(model.model, stage, _Replay(module))))
+        yield
+    finally:
+        for stage, original in reversed(replayed):
+            swap_module(model.model, stage, original)
 
 
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

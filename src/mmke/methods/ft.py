@@ -11,6 +11,7 @@ passed), hence our default. The site is a role resolved through ``model.layout``
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from mmke.methods.base import (
     Editor,
     ParamEdited,
     check_finite,
+    frozen_prefix_replayed,
     restore_params,
     snapshot,
     trainable_only,
@@ -48,6 +50,8 @@ class FTConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     stop_at_loss: float | None = None
+    #: compute the stages before the site once per edit, not once per step (same numbers; faster)
+    replay_prefix: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))  # lists from YAML / direct calls
@@ -93,12 +97,15 @@ class FineTune(Editor[FTConfig]):
         batch = model.encode([case.edit], images)  # encoded once: the edit prompt never changes
         saved = snapshot(params)
         try:
-            with trainable_only(model.model, params), torch.enable_grad():
+            with trainable_only(model.model, params), torch.enable_grad(), self._replay(model, params):
                 losses = self._optimise(model, batch, params)
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
             restore_params(model.model, saved)
             raise
         return ParamEdited(model, saved, details={"losses": losses, "steps": len(losses)})
+
+    def _replay(self, model: LVLM, params: dict[str, nn.Parameter]) -> AbstractContextManager[None]:
+        return frozen_prefix_replayed(model, params) if self.config.replay_prefix else nullcontext()
 
     def _optimise(self, model: LVLM, batch: Batch, params: dict[str, nn.Parameter]) -> list[float]:
         cfg = self.config

@@ -29,6 +29,7 @@ from mmke.methods.base import (
     EditorNotReadyError,
     ModuleEdited,
     check_finite,
+    frozen_prefix_replayed,
     trainable_only,
 )
 from mmke.models.base import LVLM
@@ -136,7 +137,11 @@ class LoRA(Editor[LoRAConfig]):
         edited = LoRAEdited(model, wrappers)
         params = edited.adapter_params()
         try:
-            with trainable_only(model.model, params), torch.enable_grad():
+            with (
+                trainable_only(model.model, params),
+                torch.enable_grad(),
+                frozen_prefix_replayed(model, params),
+            ):
                 losses = self._optimise(model, batch, edited, params)
         except BaseException:  # collapsed, interrupted or failed: unwrap before raising
             edited.restore()
