@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from mmke.data.schema import read_samples
 from mmke.data.world import WorldConfig, build_world
+from mmke.errors import ConfigError
 from mmke.models import LVLM
 from mmke.models.bundled import (
     TARGETS,
@@ -63,6 +65,20 @@ def test_training_is_deterministic(small_world: Path, smoke: tuple[Path, dict], 
     a = LVLM.load(first).model.state_dict()
     b = LVLM.load(tmp_path).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reusing_stage_one_gives_the_full_build(
+    small_world: Path, smoke: tuple[Path, dict], tmp_path: Path
+) -> None:
+    first, _ = smoke
+    report = train_world_model(small_world, tmp_path / "b", WorldModelSpec.smoke(), vision_from=first)
+    assert report["vision_reused_from"] == str(first)
+    a = LVLM.load(first).model.state_dict()
+    b = LVLM.load(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = replace(WorldModelSpec.smoke(), vision_rounds=2)
+    with pytest.raises(ConfigError, match="vision_rounds"):
+        train_world_model(small_world, tmp_path / "c", other, vision_from=first)
 
 
 def test_unbuilt_bundled_name_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

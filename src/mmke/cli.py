@@ -179,7 +179,7 @@ def cmd_build_model(args: argparse.Namespace, console: Console) -> int:
         def step(done: int, total: int, loss: float) -> None:
             bar.update(task, completed=done, total=total, loss=f"{loss:.3f}")
 
-        report = train_world_model(world, out, spec, step)
+        report = train_world_model(world, out, spec, step, args.vision_from)
     console.print(
         f"saved the world model to {out} ({report['parameters']:,} parameters, {report['train_seconds']} s)"
     )
@@ -448,6 +448,12 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--world-seed", type=int, default=0)
     model.add_argument("--epochs", type=int, default=None)
     model.add_argument("--smoke", action="store_true", help="a seconds-long tiny version (for tests)")
+    model.add_argument(
+        "--vision-from",
+        type=Path,
+        default=None,
+        help="reuse the vision tower of a model built with the same stage-1 recipe (skips stage 1)",
+    )
     model.set_defaults(func=cmd_build_model)
 
     val = sub.add_parser("validate", help="check a benchmark file; print file:line (case): problem")

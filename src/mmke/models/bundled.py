@@ -24,7 +24,8 @@ import yaml
 
 from mmke.data.images import ImageStore
 from mmke.data.schema import read_samples
-from mmke.data.world import entity_image, extra_views, visual_entities
+from mmke.data.world import entity_image, extra_views, locality_facts, visual_entities
+from mmke.errors import ConfigError
 from mmke.models._construct import llava_from_sizes
 from mmke.models.base import LVLM
 from mmke.types import Sample
@@ -85,6 +86,9 @@ class WorldModelSpec:
     #: Text-only facts are a quarter of the corpus and each is stated once; repeating them in
     #: every epoch balances them against the many image questions.
     text_repeats: int = 4
+    #: The unrelated text facts (the T-Loc probes) in total per epoch. 4 left the ten "x plus x"
+    #: sums wrong (the model summed "one plus one" to "six"): 172 facts among 28k samples.
+    locality_repeats: int = 12
     #: Stage 1 (vision): rounds of entity classification, each on ``vision_views`` freshly drawn
     #: views per visual entity plus its training views; 0 skips the stage.
     vision_rounds: int = 24
@@ -92,9 +96,9 @@ class WorldModelSpec:
     #: Stage 2: each time a training view of an entity is fed, with probability ``fresh_share``
     #: it is swapped for one of ``fresh_views`` extra views of that entity, so the language side
     #: cannot tie a name to the 8 training pictures' exact features; 0 views keeps them only.
-    #: (Measured with 16 rounds, text x4, 24 views, share 24/25: unseen views 81.7 -> 88.0%,
-    #: locality facts 93.6 -> 99.4%, but training views 96.5 -> 90.6%; not shipped yet.)
-    fresh_views: int = 24
+    #: (Measured: 16 rounds, share 24/25: unseen views 81.7 -> 88.0% but training views
+    #: 96.5 -> 90.6%; 24 rounds, 24 views, share 1/2: 89.0% unseen, 97.1% training views.)
+    fresh_views: int = 64
     fresh_share: float = 0.5
     vision_lr: float = 2e-3
     vision_batch_size: int = 128
@@ -350,19 +354,59 @@ def evaluate_checks(lvlm: LVLM, world: Path, batch_size: int = 128) -> dict[str,
     return out
 
 
+#: What stage 1 depends on: a model built with the same values has the same vision tower.
+_STAGE1 = (
+    "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "seed",
+    "weight_decay", "warmup_steps", "vision_rounds", "vision_views", "vision_lr", "vision_batch_size",
+)  # fmt: skip
+
+
+def _reuse_vision(lvlm: LVLM, spec: WorldModelSpec, world: Path, source: Path) -> float:
+    """Load stage 1's tower from ``source`` (built with the same stage-1 recipe and world);
+    returns the stage-1 seconds that build recorded."""
+    report = json.loads((source / "training.json").read_text())
+    theirs, ours = report["spec"], asdict(spec)
+    differ = [k for k in _STAGE1 if theirs.get(k) != ours[k]]
+    if differ or report.get("world") != _world_identity(world):
+        why = ", ".join(differ) or "the world"
+        raise ConfigError(f"{source}: its stage 1 was trained differently ({why}); cannot reuse its tower")
+    donor = LVLM.load(source)
+    tower = donor.layout.module(donor.layout.vision_tower())
+    lvlm.layout.module(lvlm.layout.vision_tower()).load_state_dict(tower.state_dict(), strict=True)
+    return float(report["vision_seconds"])
+
+
 def train_world_model(
-    world: Path, out: Path, spec: WorldModelSpec = WorldModelSpec(), progress: Progress | None = None
+    world: Path,
+    out: Path,
+    spec: WorldModelSpec = WorldModelSpec(),
+    progress: Progress | None = None,
+    vision_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the world model on ``world``'s corpus, save it (HF format + model card) to ``out``."""
+    """Train the world model on ``world``'s corpus, save it (HF format + model card) to ``out``.
+
+    ``vision_from``: a model built by the same stage-1 recipe on the same world, whose (frozen,
+    deterministic) vision tower is reused instead of training stage 1 again; the result is the
+    same as a full build (stage 2 reseeds itself), minus stage 1's time.
+    """
     torch.manual_seed(spec.seed)
     lvlm = build_untrained(spec, build_tokenizer(world_texts(world)))
     samples = read_samples(world / "corpus_train.jsonl")
     if spec.max_samples is not None:
         samples = random.Random(spec.seed).sample(samples, min(spec.max_samples, len(samples)))
     samples += [x for x in samples if x.image is None] * (spec.text_repeats - 1)
+    unrelated = set(locality_facts())
+    samples += [x for x in samples if (x.prompt, x.target) in unrelated][: len(unrelated)] * max(
+        0, spec.locality_repeats - spec.text_repeats
+    )
     start = time.perf_counter()
-    vision_losses = pretrain_vision(lvlm, world, spec, progress)
-    vision_seconds = time.perf_counter() - start
+    if vision_from is None:
+        vision_losses = pretrain_vision(lvlm, world, spec, progress)
+        vision_seconds = time.perf_counter() - start
+        reused = None
+    else:
+        vision_losses, vision_seconds = [], _reuse_vision(lvlm, spec, world, vision_from)
+        reused = str(vision_from)
     tower = lvlm.layout.module(lvlm.layout.vision_tower())
     tower.requires_grad_(spec.vision_rounds < 1)  # stage 2 keeps stage 1's features
     try:
@@ -380,6 +424,7 @@ def train_world_model(
         "train_seconds": round(seconds, 1),
         "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "vision_seconds": round(vision_seconds, 1),
+        "vision_reused_from": reused,
         "vision_final_loss": round(sum(vision_losses[-20:]) / max(1, len(vision_losses[-20:])), 4),
         "checks": evaluate_checks(lvlm, world),
         "world": _world_identity(world),
@@ -444,10 +489,13 @@ made by mmke's own deterministic code on a CPU.
 - Stage 1 (vision): the CLIP tower and a linear head classify the world's visual entities for
   {spec.get("vision_rounds", 0)} rounds, each on {spec.get("vision_views", 0)} freshly drawn views per entity
   plus its training views (never the held-out views); {report.get("vision_seconds", "-")} s,
-  final loss {report.get("vision_final_loss", "-")}. Stage 2 keeps the tower frozen.
+  final loss {report.get("vision_final_loss", "-")}{_reuse_note(report)}. Stage 2 keeps the tower frozen.
 - Stage 2 (all but the tower): AdamW (lr {spec["lr"]}, weight decay {spec["weight_decay"]},
   {spec["warmup_steps"]} warm-up steps, cosine decay), batch {spec["batch_size"]}, {spec["epochs"]} epochs
-  over {report["train_samples"]:,} samples, seed {spec["seed"]}; both stages
+  over {report["train_samples"]:,} samples (text facts x{spec.get("text_repeats", 1)}, the unrelated
+  locality facts x{spec.get("locality_repeats", spec.get("text_repeats", 1))}; a training view is
+  swapped for one of {spec.get("fresh_views", 0)} fresh views of its entity with probability
+  {spec.get("fresh_share", 0)}), seed {spec["seed"]}; both stages
   {report["train_seconds"]} s on {report["torch_threads"]} CPU threads; final loss
   {report["final_loss"]}.
 
@@ -464,6 +512,12 @@ N-hop question about the entity in an image (the portability baseline).
 
 {_targets_section(report["checks"])}
 """
+
+
+def _reuse_note(report: dict[str, Any]) -> str:
+    if not report.get("vision_reused_from"):
+        return ""
+    return " (measured by the build whose tower this one reuses: same stage-1 recipe, `--vision-from`)"
 
 
 def resolve_bundled(name: str) -> Path | None:

@@ -10,6 +10,7 @@ from mmke.data.world._config import WorldConfig
 from mmke.data.world._images import extra_views, visual_entities
 from mmke.data.world._kg import RELATIONS, Entity, KnowledgeGraph, Relation, Triple
 from mmke.data.world._plan import entity_image
+from mmke.data.world._templates import locality_facts
 
 __all__ = [
     "RELATIONS",
@@ -22,6 +23,7 @@ __all__ = [
     "entity_image",
     "extra_views",
     "load_kg",
+    "locality_facts",
     "visual_entities",
     "world_stats",
 ]
