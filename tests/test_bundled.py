@@ -109,7 +109,6 @@ def test_model_card_numbers_are_what_the_shipped_weights_measure(shipped_checks:
 
 
 @pytest.mark.skipif(not SHIPPED, reason="bundled world model not built (mmke build model)")
-@pytest.mark.xfail(strict=True, reason="issue 3 open: the shipped world model is below its targets")
 def test_shipped_model_meets_its_targets(shipped_checks: dict) -> None:
     for name, floor in TARGETS.items():
         assert shipped_checks[name]["exact_match"] >= floor, (name, shipped_checks[name])

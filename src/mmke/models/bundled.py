@@ -361,9 +361,9 @@ _STAGE1 = (
 )  # fmt: skip
 
 
-def _reuse_vision(lvlm: LVLM, spec: WorldModelSpec, world: Path, source: Path) -> float:
+def _reuse_vision(lvlm: LVLM, spec: WorldModelSpec, world: Path, source: Path) -> tuple[float, float]:
     """Load stage 1's tower from ``source`` (built with the same stage-1 recipe and world);
-    returns the stage-1 seconds that build recorded."""
+    returns the stage-1 seconds and final loss that build recorded."""
     report = json.loads((source / "training.json").read_text())
     theirs, ours = report["spec"], asdict(spec)
     differ = [k for k in _STAGE1 if theirs.get(k) != ours[k]]
@@ -373,7 +373,7 @@ def _reuse_vision(lvlm: LVLM, spec: WorldModelSpec, world: Path, source: Path) -
     donor = LVLM.load(source)
     tower = donor.layout.module(donor.layout.vision_tower())
     lvlm.layout.module(lvlm.layout.vision_tower()).load_state_dict(tower.state_dict(), strict=True)
-    return float(report["vision_seconds"])
+    return float(report["vision_seconds"]), float(report["vision_final_loss"])
 
 
 def train_world_model(
@@ -400,13 +400,14 @@ def train_world_model(
         0, spec.locality_repeats - spec.text_repeats
     )
     start = time.perf_counter()
+    reused = None if vision_from is None else str(vision_from)
     if vision_from is None:
         vision_losses = pretrain_vision(lvlm, world, spec, progress)
         vision_seconds = time.perf_counter() - start
-        reused = None
+        vision_loss = round(sum(vision_losses[-20:]) / max(1, len(vision_losses[-20:])), 4)
     else:
-        vision_losses, vision_seconds = [], _reuse_vision(lvlm, spec, world, vision_from)
-        reused = str(vision_from)
+        vision_seconds, vision_loss = _reuse_vision(lvlm, spec, world, vision_from)
+    start_2 = time.perf_counter()
     tower = lvlm.layout.module(lvlm.layout.vision_tower())
     tower.requires_grad_(spec.vision_rounds < 1)  # stage 2 keeps stage 1's features
     try:
@@ -416,7 +417,7 @@ def train_world_model(
         losses = train(lvlm, samples, images, spec, progress)
     finally:
         tower.requires_grad_(True)
-    seconds = time.perf_counter() - start
+    seconds = vision_seconds + time.perf_counter() - start_2  # both stages, a reused one at its cost
     report = {
         "spec": asdict(spec),
         "parameters": sum(p.numel() for p in lvlm.model.parameters()),
@@ -425,7 +426,7 @@ def train_world_model(
         "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "vision_seconds": round(vision_seconds, 1),
         "vision_reused_from": reused,
-        "vision_final_loss": round(sum(vision_losses[-20:]) / max(1, len(vision_losses[-20:])), 4),
+        "vision_final_loss": vision_loss,
         "checks": evaluate_checks(lvlm, world),
         "world": _world_identity(world),
         "torch_threads": torch.get_num_threads(),
