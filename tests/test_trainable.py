@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mmke.data.images import ImageStore
+from mmke.errors import ConfigError
 from mmke.methods import EditorNotReadyError, PromptEdited
 from mmke.methods.trainable import (
     CHECKPOINT_META,
@@ -121,3 +122,20 @@ def test_an_editor_for_another_model_or_a_corrupt_file_is_refused(tmp_path: Path
 def test_training_without_cases_says_so(tmp_path: Path) -> None:
     with pytest.raises(EditorNotReadyError, match="train cases"):
         Toy().fit(tiny_model("causal_lm"), [], None, tmp_path)
+
+
+def test_cosine_schedule_decays_the_rate_and_keys_the_editor_and_resumes_exactly(tmp_path: Path) -> None:
+    model = tiny_model("causal_lm")
+    assert "train_schedule" not in Toy().identity()  # editors saved before the option match
+    assert Toy({"train_schedule": "cosine"}).identity()["train_schedule"] == "cosine"
+    constant, cosine = Toy(), Toy({"train_schedule": "cosine"})
+    constant.fit(model, CASES, None, tmp_path / "constant")
+    cosine.fit(model, CASES, None, tmp_path / "cosine")
+    assert not torch.equal(weights(constant, model)["bias"], weights(cosine, model)["bias"])
+    resumed = Toy({"train_schedule": "cosine"})
+    _interrupt_after(Toy({"train_schedule": "cosine"}), model, tmp_path / "cut", steps=4)
+    resumed.fit(model, CASES, None, tmp_path / "cut")
+    for k, v in weights(cosine, model).items():
+        assert torch.equal(v, weights(resumed, model)[k])
+    with pytest.raises(ConfigError, match="train_schedule"):
+        Toy({"train_schedule": "linear"})

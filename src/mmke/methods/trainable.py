@@ -59,12 +59,16 @@ class EditorFileError(MmkeError):
     """A saved editor is missing, corrupt, or was trained for another model or method."""
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Fields every trainable editor's config has (its own dataclass inherits them).
 
-    ``train_steps`` meta-training steps of ``train_batch`` cases each, Adam at ``train_lr`` with
-    gradients clipped at ``grad_clip``; ``editor_path`` is a directory holding a trained editor.
+    ``train_steps`` meta-training steps of ``train_batch`` cases each, Adam at ``train_lr`` (held
+    constant, or with ``train_schedule="cosine"`` decayed to 0 by the last step) with gradients
+    clipped at ``grad_clip``; ``editor_path`` is a directory holding a trained editor.
     """
 
     train_steps: int = 1000
@@ -74,8 +78,13 @@ class TrainingConfig:
     train_seed: int = 0
     checkpoint_every: int = 100
     editor_path: str | None = None
+    train_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.train_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"train_schedule must be one of {', '.join(SCHEDULES)}, got {self.train_schedule!r}"
+            )
         if self.train_steps < 1 or self.train_batch < 1 or self.checkpoint_every < 1:
             raise ConfigError("train_steps, train_batch and checkpoint_every must be >= 1")
         if not self.train_lr > 0 or not self.grad_clip > 0:
@@ -169,8 +178,14 @@ class TrainableEditor(Editor[C], Generic[C]):
     # --- saving and finding -----------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        """The config fields that define the trained editor (what a saved one must match)."""
-        return {k: v for k, v in asdict(self.config).items() if k not in RUN_ONLY_FIELDS}
+        """The config fields that define the trained editor (what a saved one must match).
+
+        A constant schedule is left out: editors saved before ``train_schedule`` existed used it.
+        """
+        out = {k: v for k, v in asdict(self.config).items() if k not in RUN_ONLY_FIELDS}
+        if out.get("train_schedule") == "constant":
+            del out["train_schedule"]
+        return out
 
     def cache_path(self, model: LVLM) -> Path:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
@@ -299,6 +314,9 @@ class _Loop:
     def _step(self, step: int) -> None:
         rng = random.Random(f"{self.cfg.train_seed}:{step}")
         batch = [self.cases[rng.randrange(len(self.cases))] for _ in range(self.cfg.train_batch)]
+        if self.cfg.train_schedule == "cosine":
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.train_lr * 0.5 * (1 + math.cos(math.pi * step / self.cfg.train_steps))
         loss, stats = self.editor.meta_loss(self.model, self.nets, batch, self.images)
         value = float(loss.detach())
         if not math.isfinite(value):
