@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
 
-#: Units per worker under single editing: small enough to balance methods of unequal cost and to
-#: lose little on a kill, large enough that each unit's batched pre-edit pass stays efficient.
+#: Units per worker and method under single editing: small enough that methods of unequal cost
+#: (IKE's long prompts, SERAC's second pass) do not leave one worker idle at the end and that a
+#: kill loses little; each worker builds a method's editor and scores a case's pre-edit probes once.
 UNITS_PER_WORKER = 4
 
 
@@ -69,7 +70,7 @@ def plan_units(cfg: RunConfig, n_cases: int, workers: int) -> list[Unit]:
     units: list[Unit] = []
     for method in cfg.methods:
         if cfg.protocol in ("single", "edit_onehop"):
-            size = max(1, math.ceil(n_cases * len(cfg.methods) / (workers * UNITS_PER_WORKER)))
+            size = max(1, math.ceil(n_cases / (workers * UNITS_PER_WORKER)))
             units += [Unit(method, tuple(range(a, min(a + size, n_cases)))) for a in range(0, n_cases, size)]
         elif cfg.protocol == "sequential":
             units += [Unit(method, gaps=(g,)) for g in cfg.gaps if g < n_cases]
