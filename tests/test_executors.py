@@ -18,6 +18,23 @@ from mmke.eval.store import RunStore
 Setup = tuple[Path, Path]
 
 
+def _same(a: object, b: object, where: str = "") -> None:
+    """Equal, with floats to 1e-5: one process and a worker may use different torch thread
+    counts, which move the last bits of an NLL (metrics from argmax tokens do not move)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), where
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def _metrics(summary: dict) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "efficiency"} for g in summary["groups"]]
 
@@ -48,8 +65,8 @@ def test_two_local_workers_match_one_process(setup: Setup, tmp_path: Path, proto
     extra = ("methods=[ft_llm,noop]", f"protocol={protocol}", "gaps=[1,3]")
     one, one_summary = small_run(setup, tmp_path / "one", *extra)
     two, two_summary = small_run(setup, tmp_path / "two", *extra, executor=LocalWorkers(2))
-    assert _by_key(two.records()) == _by_key(one.records())
-    assert _metrics(two_summary) == _metrics(one_summary)
+    _same(_by_key(one.records()), _by_key(two.records()))
+    _same(_metrics(one_summary), _metrics(two_summary))
 
 
 def test_ray_actors_match_one_process(setup: Setup, tmp_path: Path) -> None:
@@ -57,8 +74,8 @@ def test_ray_actors_match_one_process(setup: Setup, tmp_path: Path) -> None:
     extra = ("methods=[ft_llm,noop]",)
     one, one_summary = small_run(setup, tmp_path / "one", *extra)
     two, two_summary = small_run(setup, tmp_path / "ray", *extra, executor=RayWorkers(2))
-    assert _by_key(two.records()) == _by_key(one.records())
-    assert _metrics(two_summary) == _metrics(one_summary)
+    _same(_by_key(one.records()), _by_key(two.records()))
+    _same(_metrics(one_summary), _metrics(two_summary))
 
 
 def test_workers_resume_a_cut_run_without_repeating_cases(setup: Setup, tmp_path: Path) -> None:
@@ -73,7 +90,7 @@ def test_workers_resume_a_cut_run_without_repeating_cases(setup: Setup, tmp_path
     summary = run(cfg, store, executor=LocalWorkers(2))
     keys = [(r["run"]["method"], r["case_id"]) for r in store.records()]
     assert len(keys) == len(set(keys)) == 12
-    assert _metrics(summary) == _metrics(full_summary)
+    _same(_metrics(full_summary), _metrics(summary))
 
 
 def test_bad_executor_settings_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
