@@ -31,6 +31,7 @@ from mmke.eval.runner import (
     note_skipped,
     open_cases,
     open_session,
+    planned_records,
     run_in_session,
     run_method,
 )
@@ -132,11 +133,9 @@ class _Driver:
     """The driver's side of a parallel run: appends records, counts progress, collects not-run."""
 
     def __init__(self, cfg: RunConfig, store: RunStore, progress: Progress | None, n_cases: int) -> None:
-        from mmke.eval.runner import _planned
-
         self.store = store
         self.progress = progress
-        self.planned = _planned(cfg, n_cases)
+        self.planned = planned_records(cfg, n_cases)
         self.recorded = len(store.records())
         self.not_run: dict[str, str] = {}
 

@@ -342,7 +342,7 @@ def _restore_all(stack: list[tuple[Edited, dict]]) -> None:
 # --- the whole run ------------------------------------------------------------------------
 
 
-def _planned(cfg: RunConfig, n: int) -> int:
+def planned_records(cfg: RunConfig, n: int) -> int:
     per_method = {
         "single": n,
         "edit_onehop": n,
@@ -433,7 +433,7 @@ def open_session(
     s = Session(cfg, model, cfg.model, bench, cases, images, store, {}, progress)
     if score_all:
         s.ensure_pre(range(len(cases)))
-    s.planned = _planned(cfg, len(cases))
+    s.planned = planned_records(cfg, len(cases))
     return s
 
 
