@@ -343,6 +343,7 @@ def _restore_all(stack: list[tuple[Edited, dict]]) -> None:
 
 
 def planned_records(cfg: RunConfig, n: int) -> int:
+    """How many case records a run of ``n`` cases writes in all (the progress bar's total)."""
     per_method = {
         "single": n,
         "edit_onehop": n,
