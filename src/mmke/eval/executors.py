@@ -99,15 +99,25 @@ class _Forward:
 
 
 class Worker:
-    """One model and benchmark for a worker's whole life; runs units and hands back their records."""
+    """One model and benchmark for a worker's whole life; runs units and hands back their records.
 
-    def __init__(self, cfg: RunConfig, config_hash: str, done: set[ResumeKey], threads: int | None) -> None:
+    Records go to ``emit`` as each case finishes (a local worker's queue); without one they are
+    kept and returned by ``run`` (a Ray actor's reply).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        config_hash: str,
+        done: set[ResumeKey],
+        threads: int | None,
+        emit: Callable[[dict], None] | None = None,
+    ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.out: list[dict] = []
-        self.session: Session = open_session(
-            cfg, _Forward(config_hash, done, self.out.append), score_all=False
-        )
+        sink = _Forward(config_hash, done, emit or self.out.append)
+        self.session: Session = open_session(cfg, sink, score_all=False)
 
     def run(self, unit: Unit) -> tuple[list[dict], str | None]:
         """Run one unit; returns its records and, if the method cannot run here, why."""
@@ -174,8 +184,7 @@ def _local_worker(
 ) -> None:
     """A local worker process: units from ``tasks`` until None; records and events to ``results``."""
     try:
-        worker = Worker(cfg, config_hash, done, threads)
-        worker.session.store = _Forward(config_hash, done, lambda r: results.put(("record", r)))
+        worker = Worker(cfg, config_hash, done, threads, lambda r: results.put(("record", r)))
         while (unit := tasks.get()) is not None:
             _, not_run = worker.run(unit)
             results.put(("unit", (unit, not_run)))
