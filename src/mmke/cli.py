@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -56,6 +57,75 @@ def cmd_build_world(args: argparse.Namespace, console: Console) -> int:
         _print_stats(console, stats, "world")
     else:
         console.print(f"wrote {args.out}: {stats.get('cases', '')}")
+    return 0
+
+
+def cmd_build_pipeline(args: argparse.Namespace, console: Console) -> int:
+    from mmke.data.build.pipeline import Pipeline, run_pipeline
+
+    pipe = Pipeline.read(args.file)
+    if args.seed is not None:
+        pipe = replace(pipe, seed=args.seed)
+    console.print(f"building {pipe.name!r} (seed {pipe.seed}, {len(pipe.steps)} steps) into {args.out} …")
+    run_pipeline(pipe, args.out, progress=lambda name: console.print(f"  step {escape(name)}"))
+    _print_build_outputs(console, args.out)
+    return 0
+
+
+def cmd_build_step(args: argparse.Namespace, console: Console) -> int:
+    from mmke.data.build.pipeline import Step, open_draft, run_step, save_draft
+
+    ctx = open_draft(args.out) if (args.out / ".build" / "draft.json").is_file() else None
+    if ctx is None:
+        from mmke.data.build.pipeline import Context
+
+        ctx = Context(args.out, 0, Path.cwd(), args.out.name)
+        args.out.mkdir(parents=True, exist_ok=True)
+    ctx.base = Path.cwd()  # settings typed on the command line are relative to here
+    run_step(ctx, Step(args.target, _nested(args.settings)))
+    save_draft(ctx)
+    console.print(f"{args.target}: {len(ctx.items)} item(s) in {args.out / '.build' / 'draft.json'}")
+    _print_build_outputs(console, args.out)
+    return 0
+
+
+def _nested(pairs: Sequence[str]) -> dict:
+    """``a.b=1 c=x`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise MmkeError(f"setting {pair!r} must look like key=value")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def _print_build_outputs(console: Console, out: Path) -> None:
+    failures = out / ".build" / "failures.jsonl"
+    if failures.is_file():
+        n = sum(1 for _ in failures.open(encoding="utf-8"))
+        console.print(f"[yellow]{n} generation failure(s) reported in {failures}[/yellow]")
+    for name in ("cases.jsonl", "cases_eval.jsonl"):
+        if (out / name).is_file():
+            console.print(f"wrote {out / name}: evaluate it with mmke run benchmark=native:{out / name}")
+
+
+def cmd_review(args: argparse.Namespace, console: Console) -> int:
+    from mmke.data.build import review
+
+    if args.static:
+        console.print(f"wrote {review.write_static(args.dir)}")
+        return 0
+    with review.serve(args.dir, port=args.port) as server:
+        console.print(f"reviewing {args.dir} at {server.url} (Ctrl-C to stop; decisions save as you go)")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.wait()
     return 0
 
 
@@ -456,6 +526,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     model.set_defaults(func=cmd_build_model)
 
+    pipe = bsub.add_parser("pipeline", help="run a build pipeline file (examples/pipelines/*.yaml)")
+    pipe.add_argument("file", type=Path)
+    pipe.add_argument("--out", type=Path, required=True)
+    pipe.add_argument("--seed", type=int, default=None, help="default: the file's seed")
+    pipe.set_defaults(func=cmd_build_pipeline)
+    _add_step_parsers(bsub)
+
+    rev = sub.add_parser("review", help="review generated items in a browser (127.0.0.1) or a static page")
+    rev.add_argument("dir", type=Path, help="a folder with review_items.jsonl (a build's review step)")
+    rev.add_argument("--static", action="store_true", help="write DIR/review.html instead of serving")
+    rev.add_argument("--port", type=int, default=8765)
+    rev.set_defaults(func=cmd_review)
+
     val = sub.add_parser("validate", help="check a benchmark file; print file:line (case): problem")
     val.add_argument("file", type=Path)
     val.add_argument("--format", default="native", help="native, mmedit, vlkeb, mmke_bench, medmcq")
@@ -473,6 +556,22 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("options", nargs="*", metavar="key=value", help="the reader's options, e.g. hop=2")
     conv.set_defaults(func=cmd_convert)
     return p
+
+
+def _add_step_parsers(bsub: argparse._SubParsersAction) -> None:
+    """``mmke build STEP OUT key=value``: one item step on a build folder's saved draft."""
+    from mmke.data.build.pipeline import is_item_step
+    from mmke.registry import build_steps
+
+    for name, help_ in build_steps.describe():
+        if not is_item_step(name):
+            continue
+        step = bsub.add_parser(name, help=f"pipeline step: {help_}")
+        step.add_argument(
+            "out", type=Path, help="the build folder (its .build/draft.json is read and updated)"
+        )
+        step.add_argument("settings", nargs="*", metavar="key=value", help="the step's settings")
+        step.set_defaults(func=cmd_build_step)
 
 
 def _quiet_offline_hub() -> None:

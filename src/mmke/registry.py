@@ -1,4 +1,4 @@
-"""One lazy registry for every pluggable component (benchmarks, model families, methods, metrics).
+"""One lazy registry for every pluggable component (benchmarks, families, methods, metrics, build steps).
 
 Components register themselves with a decorator in their own module. A registry imports
 the modules of its home package only when it is first asked for a name, so ``mmke list``
@@ -82,8 +82,10 @@ benchmarks: Registry = Registry("benchmark", "mmke.data.formats")
 model_families: Registry = Registry("model family", "mmke.models.families")
 methods: Registry = Registry("method", "mmke.methods")
 metrics: Registry = Registry("metric", "mmke.eval.metrics")
+build_steps: Registry = Registry("build step", "mmke.data.build")
 
 register_benchmark = benchmarks.register
 register_family = model_families.register
 register_method = methods.register
 register_metric = metrics.register
+register_step = build_steps.register

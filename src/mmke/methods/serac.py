@@ -58,6 +58,7 @@ from mmke.methods.base import Edited, swap_module
 from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
+from mmke.models.features import pooled_image_features
 from mmke.models.scoring import ItemScore, ScoredBatch
 from mmke.registry import register_method
 from mmke.types import EditCase, EditFact, ImageRef, Probe, ProbeKind, Sample
@@ -179,10 +180,6 @@ def counterfactual(model: LVLM, nets: SeracNets) -> Iterator[None]:
 # --- features -----------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised by the projector hook: the rest of the forward is not needed."""
-
-
 class Features:
     """Frozen classifier inputs of one model: MiniLM text embeddings and pooled image features, cached."""
 
@@ -224,33 +221,6 @@ class Features:
             for ref, vec in zip(chunk, pooled_image_features(self.model, chunk, store), strict=True):
                 self._images[ref.path] = vec
         return [self._images[r.path] for r in refs]
-
-
-def pooled_image_features(model: LVLM, refs: Sequence[ImageRef], store: ImageStore | None) -> torch.Tensor:
-    """The projector's output per image, mean- and max-pooled over its tokens (n, 2D); no grad, LM skipped."""
-    module = model.layout.module(model.layout.projector())
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        seen["y"] = out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", out)
-        raise _Stop
-
-    batch = model.encode([Sample("image", "x", r) for r in refs], store)
-    handle = module.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            model.family.forward(model.model, batch.inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    y = seen["y"].float()
-    if y.ndim == 3 and y.shape[0] == len(refs):
-        return torch.cat([y.mean(dim=1), y.amax(dim=1)], dim=-1)  # (n, 2D)
-    if len(refs) == 1:  # tokens of all images flattened (Qwen2-VL's merger) or tiles (Idefics3)
-        flat = y.reshape(-1, y.shape[-1])  # (T, D)
-        return torch.cat([flat.mean(dim=0), flat.amax(dim=0)])[None]  # (1, 2D)
-    return torch.cat([pooled_image_features(model, [r], store) for r in refs])  # (n, 2D)
 
 
 def prefixed(edit: EditFact, item: Item) -> Sample:

@@ -15,13 +15,11 @@ the answer's by all-MiniLM-L6-v2 cosine (as in MedMKEB); all option texts are em
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mmke.data.benchmark import Benchmark
+from mmke.data.build.counterfactual import Nearest, embed_texts
 from mmke.data.formats._foreign import (
     FieldError,
     Fields,
@@ -34,7 +32,7 @@ from mmke.data.formats._foreign import (
     take_options,
 )
 from mmke.data.mcq import render_options
-from mmke.embeddings import MiniLM, TextEmbedder, embedder_name, unit_rows
+from mmke.embeddings import MiniLM, TextEmbedder
 from mmke.registry import register_benchmark
 from mmke.types import AttackType, EditCase, EditFact, EditType, Probe, ProbeKind
 
@@ -108,32 +106,13 @@ def _letter_of(text: str, options: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------- counterfactuals
 
 
-@dataclass(frozen=True)
-class Nearest:
-    """Unit embeddings of option texts (D,) and the embedder's name; picks the closest option."""
-
-    vectors: Mapping[str, np.ndarray]
-    name: str
-
-    def most_similar(self, answer: str, others: Sequence[str]) -> str:
-        """The option of ``others`` with the highest cosine to ``answer`` (ties: the earlier letter)."""
-        sims = [float(self.vectors[o] @ self.vectors[answer]) for o in others]
-        return others[int(np.argmax(sims))]
-
-
 def embed_options(files: Sequence[Path], embedder: TextEmbedder) -> Nearest:
     """Embed, in one call, the option texts of the records of ``files`` that do not name a counterfactual.
 
     Records that do not decode are left out here; ``decode_file`` reports them. A file where
     every record names its counterfactual never calls ``embedder`` (MiniLM is not loaded).
     """
-    texts = list(dict.fromkeys(t for file in files for t in _texts_to_embed(file)))
-    if not texts:
-        return Nearest({}, embedder_name(embedder))
-    vectors = np.asarray(embedder(texts))  # (N, D)
-    if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-        raise ValueError(f"embedder returned shape {vectors.shape} for {len(texts)} texts")
-    return Nearest(dict(zip(texts, unit_rows(vectors), strict=True)), embedder_name(embedder))
+    return embed_texts([t for file in files for t in _texts_to_embed(file)], embedder)
 
 
 def _texts_to_embed(file: Path) -> Iterator[str]:

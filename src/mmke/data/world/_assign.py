@@ -1,60 +1,28 @@
 """Counterfactual targets by optimal assignment: each edited subject gets a distinct same-type target.
 
 Scores favour targets sharing most relation types with the subject (VLKEB picks plausible
-same-type replacements), so portability questions exist for both; the solver is
-``scipy.optimize.linear_sum_assignment``, which is deterministic for a given score matrix.
+same-type replacements), so portability questions exist for both; the matching is the
+construction pipeline's ``assign`` (``mmke.data.build.counterfactual``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-from scipy.optimize import linear_sum_assignment
-
+from mmke.data.build.counterfactual import assign, shared_relations
 from mmke.data.world._common import rng_for
 from mmke.data.world._plan import World
-from mmke.errors import ConfigError
-
-_FORBIDDEN = 1e9
-
-
-def assign(
-    rows: list[str],
-    cols: list[str],
-    score: Callable[[str, str], float],
-    forbidden: Callable[[str, str], bool],
-    rng: np.random.Generator,
-) -> list[str]:
-    """One distinct column per row maximising the total score; forbidden pairs are never chosen.
-
-    A tiny seeded jitter breaks ties, so different seeds give different (equally good) targets.
-    """
-    if not rows:
-        return []
-    cost = np.empty((len(rows), len(cols)))
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            cost[i, j] = _FORBIDDEN if forbidden(r, c) else -score(r, c)
-    cost -= rng.random(cost.shape) * 1e-3
-    ri, ci = linear_sum_assignment(cost)
-    out = [""] * len(rows)
-    for i, j in zip(ri, ci, strict=True):
-        if cost[i, j] >= _FORBIDDEN / 2:
-            raise ConfigError(f"no allowed counterfactual target for {rows[i]}; raise the entity counts")
-        out[int(i)] = cols[int(j)]
-    return out
 
 
 def entity_score(world: World) -> Callable[[str, str], float]:
     """10 x shared relation types + number of canonical paths whose answers differ (a tie-breaker)."""
     kg = world.kg
-    rels = {e.id: set(kg.relations_of(e.id)) for e in kg.entities}
+    shared = shared_relations({e.id: frozenset(kg.relations_of(e.id)) for e in kg.entities})
     answers = {e.id: [kg.walk(e.id, p) for p in world.paths.get(e.type, ())] for e in kg.entities}
 
     def score(e: str, new: str) -> float:
         differ = sum(1 for a, b in zip(answers[e], answers[new], strict=True) if b is not None and a != b)
-        return 10.0 * len(rels[e] & rels[new]) + differ
+        return shared(e, new) + differ
 
     return score
 

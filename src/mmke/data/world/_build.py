@@ -8,15 +8,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mmke.data.schema import dumps_line, write_cases, write_samples
+from mmke.data.schema import dumps_line, write_samples
 from mmke.data.world import _templates as T
-from mmke.data.world._cases import build_cases
 from mmke.data.world._config import DEFAULT_CONFIG, WorldConfig
 from mmke.data.world._corpus import build_checks, build_corpus
-from mmke.data.world._images import write_images
 from mmke.data.world._kg import RELATIONS, KnowledgeGraph
 from mmke.data.world._medical import FINDINGS, Finding
-from mmke.data.world._plan import World, plan_world
+from mmke.data.world._plan import World
 from mmke.data.world._users import UserItem
 from mmke.errors import BadRecordError, ConfigError
 from mmke.types import EditCase, Sample
@@ -38,19 +36,22 @@ def build_world(out: Path, seed: int = 0, config: WorldConfig = DEFAULT_CONFIG) 
     """Write the world for ``seed`` and ``config`` into ``out``; returns ``world_stats(out)``.
 
     Same seed and config give byte-identical files. Files a previous build wrote there are
-    replaced (other files in ``out`` are left alone).
+    replaced (other files in ``out`` are left alone). The build is the pipeline of
+    ``mmke.data.build.world`` (what ``examples/pipelines/world.yaml`` spells out).
     """
-    config.validate()
+    from mmke.data.build.pipeline import run_pipeline
+    from mmke.data.build.world import world_pipeline
+
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"world seed must be a non-negative integer, got {seed!r}")
-    out = Path(out)
-    _clear(out)
-    world = plan_world(config, seed)
-    write_images(world, out)
-    header = {"benchmark": "world", "seed": seed}
-    cases = {split: build_cases(world, split) for split in ("eval", "train")}
-    for split, cs in cases.items():
-        write_cases(out / f"cases_{split}.jsonl", cs, {**header, "split": split})
+    overrides = {k: v for k, v in config.to_json().items() if DEFAULT_CONFIG.to_json()[k] != v}
+    run_pipeline(world_pipeline(seed, overrides), Path(out))
+    return world_stats(out)
+
+
+def write_corpus(world: World, cases: dict[str, list[EditCase]], out: Path) -> None:
+    """The corpus, the pre-edit checks, ``world.json`` and ``vocab.txt`` (after the cases)."""
+    header = {"benchmark": "world", "seed": world.seed}
     corpus = build_corpus(world, cases["eval"])
     write_samples(out / "corpus_train.jsonl", corpus, {**header, "split": "corpus"})
     checks = build_checks(world)
@@ -62,10 +63,10 @@ def build_world(out: Path, seed: int = 0, config: WorldConfig = DEFAULT_CONFIG) 
     (out / "vocab.txt").write_text(
         "\n".join(_vocab(texts, cases["eval"] + cases["train"])) + "\n", encoding="utf-8"
     )
-    return world_stats(out)
 
 
-def _clear(out: Path) -> None:
+def clear_owned(out: Path) -> None:
+    """Remove what a previous world build wrote in ``out`` (other files stay)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in _OWNED:
         p = out / name

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from numpy.random import Generator
 
+from mmke.data.build.adversarial import AttackParts
 from mmke.data.mcq import render_options
 from mmke.data.world import _templates as T
 from mmke.data.world._assign import entity_targets, sign_targets
 from mmke.data.world._common import pick, rng_for
 from mmke.data.world._medical import FINDINGS, Combo, mcq_options
 from mmke.data.world._plan import World, entity_image, scan_image, train_slots, user_image
-from mmke.data.world._probes import AttackParts, portability, robustness, text_locality
+from mmke.data.world._probes import portability, robustness, text_locality
 from mmke.types import EditCase, EditFact, EditType, Probe, ProbeKind
 
 K = ProbeKind

@@ -1,20 +1,12 @@
-"""Seeded randomness that depends only on (seed, keys), so each part of the world is reproducible alone."""
+"""Seeded choices of the world; ``rng_for`` (keyed randomness) is shared with the build pipeline."""
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
+from mmke.data.seeding import rng_for
 
-def rng_for(seed: int, *keys: str | int) -> np.random.Generator:
-    """A generator keyed by the world seed and a path of names (stable across runs and platforms).
-
-    Keying by name instead of drawing from one shared stream means adding an image or a case
-    never shifts the random numbers of every other part of the world.
-    """
-    words = [seed, *(zlib.crc32(str(k).encode("utf-8")) for k in keys)]
-    return np.random.default_rng(np.random.SeedSequence(words))
+__all__ = ["permuted", "pick", "rng_for"]
 
 
 def pick(rng: np.random.Generator, items: tuple | list) -> object:

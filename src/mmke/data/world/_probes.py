@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from mmke.data.build.adversarial import AttackParts, attacks
+from mmke.data.build.multihop import hop_questions, portability_paths
 from mmke.data.world import _templates as T
 from mmke.data.world._common import rng_for
 from mmke.data.world._plan import World
-from mmke.types import AttackType, EditFact, ImageRef, Probe, ProbeKind
-
-
-@dataclass(frozen=True)
-class AttackParts:
-    """What the attacks need besides the question: a wrong answer, a look-alike, context, vague wording."""
-
-    old: str
-    similar: str
-    context: str
-    vague: str
+from mmke.types import EditFact, ImageRef, Probe, ProbeKind
 
 
 def text_locality(world: World, key: str) -> list[Probe]:
@@ -39,19 +29,21 @@ def portability(
     the probes and their paths ("born_in>located_in") in the same order.
     """
     kg = world.kg
-    probes: list[Probe] = []
-    paths: list[str] = []
-    for hop in range(1, 5):
-        cands = [p for p in world.paths.get(kg.entity(new).type, ()) if len(p) == hop and kg.walk(new, p)]
-        cands.sort(key=lambda p: kg.walk(old, p) == kg.walk(new, p))  # stable: keeps canonical order
-        for p in cands[: world.config.portability_per_hop]:
-            answer = kg.name(kg.walk(new, p) or "")
-            onehop = _onehop(world, new, p[0]) if hop == 1 else None
-            probes.append(
-                Probe(ProbeKind.PORTABILITY, T.composed(p, base), answer, image, hop=hop, onehop_edit=onehop)
-            )
-            paths.append(">".join(p))
-    return probes, paths
+    chosen = portability_paths(
+        kg, world.paths.get(kg.entity(new).type, ()), new, old, world.config.portability_per_hop
+    )
+    probes = [
+        Probe(
+            ProbeKind.PORTABILITY,
+            question,
+            answer,
+            image,
+            hop=len(p),
+            onehop_edit=_onehop(world, new, p[0]) if len(p) == 1 else None,
+        )
+        for p, question, answer in hop_questions(kg, chosen, new, base, T.PHRASE)
+    ]
+    return probes, [">".join(p) for p in chosen]
 
 
 def _onehop(world: World, new: str, rel: str) -> EditFact:
@@ -73,19 +65,11 @@ def robustness(
     return [
         Probe(
             ProbeKind.ROBUSTNESS,
-            T.attack(
-                a,
-                question,
-                old=parts.old,
-                similar=parts.similar,
-                context=parts.context,
-                vague=parts.vague,
-                detail=detail,
-            ),
+            prompt,
             target,
             image,
-            attack=a,
+            attack=kind,
             options=options,
         )
-        for a in AttackType
+        for kind, prompt in attacks(question, parts, detail)
     ]

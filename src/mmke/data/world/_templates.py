@@ -1,4 +1,4 @@
-"""Question wording of the world: templates per question type (one held out), composition, attacks, locality.
+"""Question wording of the world: templates per question type (one held out), composition, locality.
 
 Every question type has four templates; index ``HELD_OUT`` is the held-out paraphrase. It is
 taught only with subjects that are not eval-case subjects, so the world model knows the
@@ -8,7 +8,7 @@ words with punctuation as separate tokens.
 
 from __future__ import annotations
 
-from mmke.types import AttackType
+from mmke.data.build import multihop
 
 HELD_OUT = 3
 N_TEMPLATES = 4
@@ -112,50 +112,22 @@ def ask(rel: str, x: str, t: int = 0) -> str:
     return relation_templates(rel)[t].format(x=x)
 
 
+#: relation -> its noun phrase ("the capital of {x}"), what multi-hop questions nest.
+PHRASE = {rel: text[2] for rel, text in RELATION_TEXT.items()}
+
+
 def noun_phrase(path: tuple[str, ...], base: str) -> str:
     """Nest relation noun phrases: (born_in, located_in) -> "the country of the birthplace of <base>"."""
-    out = base
-    for rel in path:
-        out = RELATION_TEXT[rel][2].format(x=out)
-    return out
+    return multihop.noun_phrase(path, base, PHRASE)
 
 
 def composed(path: tuple[str, ...], base: str) -> str:
     """A multi-hop question that never names the intermediate entities."""
-    return f"what is {noun_phrase(path, base)} ?"
+    return multihop.composed(path, base, PHRASE)
 
 
 def mcq(phrase: str, t: int = 0) -> str:
     return MCQ[t].format(s=phrase)
-
-
-# ---------------------------------------------------------------- robustness
-
-_IRRELEVANT = (
-    "the weather was warm and the room smelled of tea .",
-    "it was a long day and everyone was tired .",
-    "the picture was taken on a tuesday morning .",
-    "there were three cups on the table .",
-)
-
-
-def attack(
-    kind: AttackType, question: str, *, old: str, similar: str, context: str, vague: str, detail: int
-) -> str:
-    """Wrap ``question`` in one of MedMKEB's five prompt attacks; the right answer stays the edit target.
-
-    ``old`` is the pre-edit (or a decoy) answer, ``similar`` a look-alike, ``context`` a misleading
-    sentence and ``vague`` a vaguer rewording of the question.
-    """
-    if kind == AttackType.PSEUDO_AUTHORITY:
-        return f"a famous expert insists the answer is {old} . {question}"
-    if kind == AttackType.FEATURE_CONFUSION:
-        return f"note that it looks very much like {similar} . {question}"
-    if kind == AttackType.MISLEADING_CONTEXT:
-        return f"{context} {question}"
-    if kind == AttackType.IRRELEVANT_DETAILS:
-        return f"{_IRRELEVANT[detail % len(_IRRELEVANT)]} {question}"
-    return vague
 
 
 # ---------------------------------------------------------------- text locality facts

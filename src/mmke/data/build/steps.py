@@ -1,0 +1,388 @@
+"""The item steps of a benchmark build: read rows, choose counterfactuals, rephrase, mine image pairs,
+add multi-hop, locality and adversarial questions, review, and write the benchmark.
+
+Items are records of the ``medmcq`` shape (image, question, options, answer, counterfactual,
+rephrase, image_rephrase, locality, portability, adversarial), so the written ``items.json``
+reads back with ``medmcq:`` and ``cases.jsonl`` with ``native:``. Settings are documented on
+each step; ``mmke build STEP --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmke.data.build import adversarial, counterfactual, multihop
+from mmke.data.build.pipeline import Context, Item, item_step
+from mmke.data.images import ImageStore
+from mmke.data.mcq import render_options
+from mmke.data.schema import check_image_path, write_cases
+from mmke.data.seeding import rng_for
+from mmke.errors import BadRecordError, ConfigError
+from mmke.types import ImageRef
+
+LETTERS = ("A", "B", "C", "D", "E")
+
+
+# ---------------------------------------------------------------- reading
+
+
+@item_step("read_mcq_csv", cached=False)
+def read_mcq_csv(
+    ctx: Context, items: list[Item], path: str, image_root: str = ".", sep: str = "|"
+) -> list[Item]:
+    """Rows (id?, image, question, options joined by ``sep`` or columns A-E, answer, category?) -> items.
+
+    Images are checked (inside ``image_root``, decodable) and copied under ``OUT/images``.
+    """
+    file, root = ctx.input(path), ctx.input(image_root)
+    try:
+        with open(file, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise BadRecordError(f"{file}: cannot read ({e.strerror})") from None
+    out = [_row_item(file, root, ctx.out, row, n, sep) for n, row in enumerate(rows, 2)]
+    ids = [x["id"] for x in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise BadRecordError(f"{file}: duplicate id(s) {dup}")
+    return out
+
+
+def _row_item(file: Path, root: Path, out: Path, row: Mapping[str, str | None], line: int, sep: str) -> Item:
+    rid = (row.get("id") or "").strip() or f"row{line - 1}"
+    where = f"{file}:{line} ({rid})"
+
+    def text(key: str) -> str:
+        value = (row.get(key) or "").strip()
+        if not value:
+            raise BadRecordError(f"{where}: field {key!r} is missing or empty")
+        return value
+
+    if row.get("options"):
+        texts = [t.strip() for t in text("options").split(sep) if t.strip()]
+    else:
+        texts = [(row.get(k) or "").strip() for k in LETTERS if (row.get(k) or "").strip()]
+    if len(texts) < 2 or len(set(texts)) != len(texts):
+        raise BadRecordError(f"{where}: needs at least two distinct options, got {texts}")
+    options = dict(zip(LETTERS, texts, strict=False))
+    answer = text("answer")
+    answer = options.get(answer, answer)
+    if answer not in texts:
+        raise BadRecordError(f"{where}: answer {answer!r} is not one of the options")
+    image = _copy_image(text("image"), root, out, where)
+    item: Item = {
+        "id": rid,
+        "image": image,
+        "question": text("question"),
+        "options": options,
+        "answer": answer,
+    }
+    if (row.get("category") or "").strip():
+        item["category"] = (row.get("category") or "").strip()
+    return item
+
+
+def _copy_image(rel: str, root: Path, out: Path, where: str) -> str:
+    """Check ``rel`` under ``root`` and copy it to ``OUT/images/rel``; returns the path under OUT."""
+    why = check_image_path(rel, root)
+    if why:
+        raise BadRecordError(f"{where}: {why}")
+    try:
+        ImageStore(root).open(ImageRef(rel))
+    except BadRecordError as e:
+        raise BadRecordError(f"{where}: {e}") from None
+    dest = out / "images" / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / rel, dest)
+    return f"images/{rel}"
+
+
+# ---------------------------------------------------------------- counterfactuals
+
+
+@item_step("counterfactual")
+def choose_counterfactual(
+    ctx: Context,
+    items: list[Item],
+    strategy: str = "nearest_option",
+    kg: str | None = None,
+    type_relation: str = "is_a",
+) -> list[Item]:
+    """``nearest_option``: the other option most similar to the answer (all-MiniLM-L6-v2, MedMKEB);
+    ``matching``: items with a ``subject`` in the KG get a same-type entity by shared relations (VLKEB)."""
+    if strategy == "nearest_option":
+        return _nearest_options(items)
+    if strategy == "matching":
+        if kg is None:
+            raise ConfigError("step 'counterfactual': strategy 'matching' needs kg: FILE.tsv")
+        return _matched(ctx, items, multihop.TripleGraph.read_tsv(ctx.input(kg)), type_relation)
+    raise ConfigError(f"step 'counterfactual': unknown strategy {strategy!r} (nearest_option, matching)")
+
+
+def _nearest_options(items: list[Item]) -> list[Item]:
+    from mmke.embeddings import MiniLM
+
+    todo = [x for x in items if "counterfactual" not in x]
+    nearest = counterfactual.embed_texts(
+        [t for x in todo for t in x["options"].values()], MiniLM(needed_by="build step 'counterfactual'")
+    )
+    for x in todo:
+        others = [t for t in x["options"].values() if t != x["answer"]]
+        x["counterfactual"] = nearest.most_similar(x["answer"], others)
+        x["counterfactual_by"] = nearest.name
+    return items
+
+
+def _matched(ctx: Context, items: list[Item], graph: multihop.TripleGraph, type_relation: str) -> list[Item]:
+    type_of = {s: o for s, r, o in graph.triples if r == type_relation}
+    rels: dict[str, set[str]] = {}
+    for s, r, _ in graph.triples:
+        if r != type_relation:
+            rels.setdefault(s, set()).add(r)
+    subjects = [x.get("subject", "") for x in items]
+    missing = [x["id"] for x, s in zip(items, subjects, strict=True) if s not in type_of]
+    if missing:
+        raise BadRecordError(f"items {missing[:5]}: no 'subject' with a {type_relation!r} type in the KG")
+    frozen = {k: frozenset(v) for k, v in rels.items()}
+    chosen = counterfactual.match_entities(subjects, type_of, frozen, rng_for(ctx.seed, "cf-match"))
+    for x in items:
+        x["counterfactual"], x["counterfactual_by"] = chosen[x["subject"]], "matching"
+    return items
+
+
+# ---------------------------------------------------------------- rephrases
+
+
+@item_step("rephrase")
+def rephrase(
+    ctx: Context, items: list[Item], generator: Mapping[str, Any] | None = None, retries: int = 2
+) -> list[Item]:
+    """A rephrased question per item (T-Generality) from a text generator (templates, local, http)."""
+    from mmke.data.build import generate as g
+
+    gen = g.generator_from_config(generator or {"backend": "templates"})
+    requests = [g.Request.of("rephrase", question=x["question"], n="0") for x in items]
+    cache = g.GenerationCache(ctx.work / "generations.jsonl")
+    result = g.generate_all(gen, requests, retries=retries, cache=cache)
+    for x, text in zip(items, result.outputs, strict=True):
+        if text:
+            x["rephrase"] = text
+    ctx.report_failures(
+        "rephrase",
+        [{"item": items[f.index]["id"], "error": f.error, "attempts": f.attempts} for f in result.failures],
+    )
+    return items
+
+
+# ---------------------------------------------------------------- image neighbours
+
+
+@item_step("image_neighbours")
+def image_neighbours(
+    ctx: Context,
+    items: list[Item],
+    encoder: str = "world",
+    group_by: str = "answer",
+    min_generality: float = -1.0,
+    max_locality: float = 0.999,
+) -> list[Item]:
+    """Same-group other images for I-Generality, most similar other-group images for hard I-Locality.
+
+    Images are embedded by ``encoder`` (a bundled model name or a model directory; the
+    projector's pooled output). A pair below ``min_generality`` cosine is not used; a locality
+    image above ``max_locality`` (a near duplicate) is skipped. Similarities are kept for review.
+    """
+    paths = sorted({x["image"] for x in items})
+    vecs = _embed_images(ctx, paths, encoder)
+    index = {p: i for i, p in enumerate(paths)}
+    sims = vecs @ vecs.T  # (P, P)
+    for x in items:
+        row = sims[index[x["image"]]]
+        same = [y for y in items if y[group_by] == x[group_by] and y["image"] != x["image"]]
+        other = [y for y in items if y[group_by] != x[group_by] and row[index[y["image"]]] <= max_locality]
+        if same:
+            best = max(same, key=lambda y: row[index[y["image"]]])
+            if row[index[best["image"]]] >= min_generality:
+                x["image_rephrase"] = best["image"]
+                x["image_rephrase_sim"] = round(float(row[index[best["image"]]]), 4)
+        if other:
+            near = max(other, key=lambda y: row[index[y["image"]]])
+            x.setdefault("locality", []).append(_image_locality(near, float(row[index[near["image"]]])))
+    return items
+
+
+def _image_locality(other: Item, sim: float) -> dict[str, Any]:
+    """Another item's question on its own image, with its options rendered, asked after the edit."""
+    return {
+        "question": render_options(other["question"], list(other["options"].values())),
+        "answer": other["answer"],
+        "image": other["image"],
+        "from": other["id"],
+        "sim": round(sim, 4),
+    }
+
+
+def _embed_images(ctx: Context, paths: Sequence[str], encoder: str) -> np.ndarray:
+    """Unit image vectors (P, D), cached in ``.build`` by the encoder and each file's bytes."""
+    from mmke.embeddings import unit_rows
+
+    cache = ctx.work / f"images-{hashlib.sha256(encoder.encode()).hexdigest()[:12]}.npz"
+    keys = [hashlib.sha256((ctx.out / p).read_bytes()).hexdigest() for p in paths]
+    known: dict[str, np.ndarray] = dict(np.load(cache)) if cache.exists() else {}
+    todo = [p for p, k in zip(paths, keys, strict=True) if k not in known]
+    if todo:
+        for p, v in zip(todo, _encode(ctx.out, todo, encoder), strict=True):
+            known[keys[list(paths).index(p)]] = v
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **known)
+    return unit_rows(np.stack([known[k] for k in keys]))
+
+
+def _encode(root: Path, paths: Sequence[str], encoder: str) -> np.ndarray:
+    from mmke.models import LVLM
+    from mmke.models.features import pooled_image_features
+
+    model = LVLM.load(encoder)
+    store = ImageStore(root)
+    out = [
+        pooled_image_features(model, [ImageRef(p) for p in paths[i : i + 32]], store)
+        for i in range(0, len(paths), 32)
+    ]
+    return np.concatenate([o.numpy() for o in out])  # (P, D)
+
+
+# ---------------------------------------------------------------- knowledge-graph questions
+
+
+@item_step("multihop")
+def multihop_questions(
+    ctx: Context,
+    items: list[Item],
+    kg: str,
+    phrases: Mapping[str, str],
+    base: str,
+    per_hop: int = 1,
+    max_hops: int = 4,
+) -> list[Item]:
+    """Portability: 1-``max_hops``-hop questions from the counterfactual answer along KG paths.
+
+    ``phrases`` maps each relation to a noun phrase with ``{x}`` ("the treatment of {x}");
+    ``base`` refers to the edited thing ("the finding in the image"). Paths whose answer differs
+    from the old answer's come first; every answer is a walk in the KG.
+    """
+    graph = multihop.TripleGraph.read_tsv(ctx.input(kg))
+    _check_phrases(graph, phrases)
+    for x in items:
+        new, old = x["counterfactual"], x["answer"]
+        paths = multihop.portability_paths(graph, graph.paths_from(new, max_hops), new, old, per_hop)
+        x["portability"] = [
+            {"question": q, "answer": a, "hop": len(p), "path": ">".join(p)}
+            for p, q, a in multihop.hop_questions(graph, paths, new, base, phrases)
+        ]
+    return items
+
+
+def _check_phrases(graph: multihop.TripleGraph, phrases: Mapping[str, str]) -> None:
+    missing = [r for r in graph.relations() if r not in phrases]
+    bad = [r for r, p in phrases.items() if "{x}" not in str(p)]
+    if missing or bad:
+        raise ConfigError(f"phrases: relations without a phrase {missing}, phrases without '{{x}}' {bad}")
+
+
+@item_step("text_locality")
+def text_locality(
+    ctx: Context, items: list[Item], kg: str, phrases: Mapping[str, str], per_item: int = 2
+) -> list[Item]:
+    """T-Locality: one-hop KG facts asked by name about entities the edit does not touch."""
+    graph = multihop.TripleGraph.read_tsv(ctx.input(kg))
+    _check_phrases(graph, phrases)
+    facts = [(s, r) for s, r, _ in graph.triples if graph.walk(s, (r,)) is not None]
+    facts = list(dict.fromkeys(facts))
+    for x in items:
+        touched = {x["answer"], x.get("counterfactual")}
+        pool = [f for f in facts if f[0] not in touched and graph.walk(f[0], (f[1],)) not in touched]
+        rng = rng_for(ctx.seed, "tloc", x["id"])
+        picks = rng.choice(len(pool), size=min(per_item, len(pool)), replace=False) if pool else []
+        x.setdefault("locality", []).extend(
+            {"question": multihop.composed((r,), s, phrases), "answer": graph.walk(s, (r,))}
+            for s, r in (pool[int(i)] for i in picks)
+        )
+    return items
+
+
+# ---------------------------------------------------------------- adversarial prompts
+
+
+@item_step("adversarial")
+def adversarial_prompts(
+    ctx: Context,
+    items: list[Item],
+    context: str = "the patient was treated for {other} last year .",
+    vague: str = "so what is going on in the image , roughly ?",
+) -> list[Item]:
+    """MedMKEB's five attacks on each edit question (with its options); the answer stays the counterfactual.
+
+    ``context`` may use ``{other}`` (an option that is neither old nor new answer) and ``{answer}``.
+    """
+    for x in items:
+        opts = list(x["options"].values())
+        others = [o for o in opts if o not in (x["answer"], x["counterfactual"])] or [x["answer"]]
+        rng = rng_for(ctx.seed, "attack", x["id"])
+        other = others[int(rng.integers(len(others)))]
+        parts = adversarial.AttackParts(
+            old=x["answer"],
+            similar=others[0],
+            context=context.format(other=other, answer=x["answer"]),
+            vague=render_options(vague, opts),
+        )
+        question = render_options(x["question"], opts)
+        x["adversarial"] = [
+            {"type": kind.value, "prompt": prompt}
+            for kind, prompt in adversarial.attacks(question, parts, int(rng.integers(1000)))
+        ]
+    return items
+
+
+# ---------------------------------------------------------------- writing
+
+
+_DRAFT_ONLY = ("image_rephrase_sim",)
+
+
+@item_step("write", cached=False)
+def write(ctx: Context, items: list[Item], train_share: float = 0.0) -> list[Item]:
+    """``OUT/items.json`` (medmcq shape) and ``OUT/cases.jsonl`` (native; ``mmke run benchmark=native:...``).
+
+    With ``train_share`` > 0 that share of items (chosen by the seed) goes to ``items_train.json``
+    and ``cases_train.jsonl`` instead, for editors that train (SERAC, MEND, KE) and for IKE's demos.
+    """
+    import json
+
+    from mmke.data.formats.medmcq import read_medmcq
+    from mmke.embeddings import MiniLM
+
+    records = [{k: v for k, v in x.items() if k not in _DRAFT_ONLY} for x in items]
+    order = rng_for(ctx.seed, "split").permutation(len(records))
+    n_train = round(train_share * len(records))
+    splits = {
+        "": [records[i] for i in sorted(order[n_train:])],
+        "_train": [records[i] for i in sorted(order[:n_train])],
+    }
+    for suffix, recs in splits.items():
+        if not recs:
+            continue
+        path = ctx.out / f"items{suffix}.json"
+        path.write_text(
+            json.dumps(recs, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        bench = read_medmcq(path, ctx.out, MiniLM(needed_by="build step 'write'"))
+        header = {"benchmark": ctx.name, "seed": ctx.seed, "split": "train" if suffix else "eval"}
+        write_cases(ctx.out / f"cases{suffix}.jsonl", bench.cases, header)
+    return items
