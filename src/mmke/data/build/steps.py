@@ -39,7 +39,7 @@ def read_mcq_csv(
 ) -> list[Item]:
     """Rows (id?, image, question, options joined by ``sep`` or columns A-E, answer, category?) -> items.
 
-    Images are checked (inside ``image_root``, decodable) and copied under ``OUT/images``.
+    Images are checked (inside ``image_root``, decodable) and copied to the same path under OUT.
     """
     file, root = ctx.input(path), ctx.input(image_root)
     try:
@@ -90,7 +90,7 @@ def _row_item(file: Path, root: Path, out: Path, row: Mapping[str, str | None], 
 
 
 def _copy_image(rel: str, root: Path, out: Path, where: str) -> str:
-    """Check ``rel`` under ``root`` and copy it to ``OUT/images/rel``; returns the path under OUT."""
+    """Check ``rel`` under ``root`` and copy it to ``OUT/rel``; returns ``rel`` (now a path under OUT)."""
     why = check_image_path(rel, root)
     if why:
         raise BadRecordError(f"{where}: {why}")
@@ -98,10 +98,17 @@ def _copy_image(rel: str, root: Path, out: Path, where: str) -> str:
         ImageStore(root).open(ImageRef(rel))
     except BadRecordError as e:
         raise BadRecordError(f"{where}: {e}") from None
-    dest = out / "images" / rel
+    dest = out / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(root / rel, dest)
-    return f"images/{rel}"
+    return rel
+
+
+def _require(items: list[Item], key: str, step: str, before: str) -> None:
+    """A clear error when an earlier step this one needs has not run."""
+    missing = [x["id"] for x in items if key not in x]
+    if missing:
+        raise ConfigError(f"step {step!r}: item {missing[0]!r} has no {key!r}; run {before!r} before it")
 
 
 # ---------------------------------------------------------------- counterfactuals
@@ -277,6 +284,7 @@ def multihop_questions(
     ``base`` refers to the edited thing ("the finding in the image"). Paths whose answer differs
     from the old answer's come first; every answer is a walk in the KG.
     """
+    _require(items, "counterfactual", "multihop", "counterfactual")
     graph = multihop.TripleGraph.read_tsv(ctx.input(kg))
     _check_phrases(graph, phrases)
     for x in items:
@@ -331,6 +339,7 @@ def adversarial_prompts(
 
     ``context`` may use ``{other}`` (an option that is neither old nor new answer) and ``{answer}``.
     """
+    _require(items, "counterfactual", "adversarial", "counterfactual")
     for x in items:
         opts = list(x["options"].values())
         others = [o for o in opts if o not in (x["answer"], x["counterfactual"])] or [x["answer"]]
@@ -348,6 +357,93 @@ def adversarial_prompts(
             for kind, prompt in adversarial.attacks(question, parts, int(rng.integers(1000)))
         ]
     return items
+
+
+# ---------------------------------------------------------------- review
+
+
+@item_step("review", cached=False)
+def review_step(ctx: Context, items: list[Item]) -> list[Item]:
+    """Write what was generated to ``OUT/review_items.jsonl`` for ``mmke review OUT``; apply saved decisions.
+
+    A rejected counterfactual drops its item; a rejected rephrase, image pair, locality,
+    portability or adversarial question drops that question; an edit replaces its text.
+    Undecided items stay as generated, so an unreviewed build still completes.
+    """
+    from mmke.data.build import review
+
+    generated = [r for x in items for r in _review_items(x)]
+    review.write_items(ctx.out, generated)
+    kept = {r.id: r for r in review.apply_decisions(generated, review.read_decisions(ctx.out))}
+    return [y for x in items if (y := _reviewed(x, kept)) is not None]
+
+
+def _review_items(x: Item) -> list[Any]:
+    from mmke.data.build.review import ReviewItem
+
+    rid, img = x["id"], (x["image"],)
+    out = [ReviewItem(f"{rid}/counterfactual", "counterfactual", _cf_fields(x), img)]
+    if "rephrase" in x:
+        out.append(
+            ReviewItem(f"{rid}/rephrase", "rephrase", {"rephrase": x["rephrase"], "of": x["question"]}, img)
+        )
+    if "image_rephrase" in x:
+        pics = (x["image"], x["image_rephrase"])
+        out.append(ReviewItem(f"{rid}/image_rephrase", "image_neighbours", {"answer": x["answer"]}, pics))
+    for k, loc in enumerate(x.get("locality", [])):
+        pics = (loc["image"],) if loc.get("image") else ()
+        fields = {"question": loc["question"], "answer": loc["answer"]}
+        out.append(ReviewItem(f"{rid}/locality/{k}", "locality", fields, pics))
+    for k, port in enumerate(x.get("portability", [])):
+        fields = {"question": port["question"], "answer": port["answer"], "hop": str(port["hop"])}
+        out.append(ReviewItem(f"{rid}/portability/{k}", "multihop", fields, img))
+    for att in x.get("adversarial", []):
+        out.append(
+            ReviewItem(f"{rid}/adversarial/{att['type']}", "adversarial", {"prompt": att["prompt"]}, img)
+        )
+    return out
+
+
+def _cf_fields(x: Item) -> dict[str, str]:
+    return {"question": x["question"], "answer": x["answer"], "counterfactual": x.get("counterfactual", "")}
+
+
+def _reviewed(x: Item, kept: Mapping[str, Any]) -> Item | None:
+    """``x`` after the decisions: None when its counterfactual was rejected."""
+    rid = x["id"]
+    cf = kept.get(f"{rid}/counterfactual")
+    if cf is None:
+        return None
+    if cf.fields["counterfactual"] not in x["options"].values() or cf.fields["counterfactual"] == x["answer"]:
+        raise BadRecordError(f"review of {rid}: the counterfactual must be another of its options")
+    x["counterfactual"] = cf.fields["counterfactual"]
+    if "rephrase" in x:
+        r = kept.get(f"{rid}/rephrase")
+        if r is None:
+            del x["rephrase"]
+        else:
+            x["rephrase"] = r.fields["rephrase"]
+    if "image_rephrase" in x and f"{rid}/image_rephrase" not in kept:
+        del x["image_rephrase"]
+    x["locality"] = _kept_list(x.get("locality", []), rid, "locality", kept, ("question", "answer"))
+    x["portability"] = _kept_list(x.get("portability", []), rid, "portability", kept, ("question", "answer"))
+    x["adversarial"] = [
+        {**a, "prompt": kept[f"{rid}/adversarial/{a['type']}"].fields["prompt"]}
+        for a in x.get("adversarial", [])
+        if f"{rid}/adversarial/{a['type']}" in kept
+    ]
+    return x
+
+
+def _kept_list(
+    entries: list[dict[str, Any]], rid: str, part: str, kept: Mapping[str, Any], keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    out = []
+    for k, entry in enumerate(entries):
+        r = kept.get(f"{rid}/{part}/{k}")
+        if r is not None:
+            out.append({**entry, **{key: r.fields[key] for key in keys}})
+    return out
 
 
 # ---------------------------------------------------------------- writing
