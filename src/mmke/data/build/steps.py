@@ -172,20 +172,34 @@ def rephrase(
     ctx: Context, items: list[Item], generator: Mapping[str, Any] | None = None, retries: int = 2
 ) -> list[Item]:
     """A rephrased question per item (T-Generality) from a text generator (templates, local, http)."""
+    asks = [("rephrase", {"question": x["question"], "n": "0"}) for x in items]
+    for x, text in zip(
+        items, _generate(ctx, "rephrase", asks, [x["id"] for x in items], generator, retries), strict=True
+    ):
+        if text:
+            x["rephrase"] = text
+    return items
+
+
+def _generate(
+    ctx: Context,
+    step: str,
+    asks: Sequence[tuple[str, dict[str, str]]],
+    ids: Sequence[str],
+    generator: Mapping[str, Any] | None,
+    retries: int,
+) -> list[str | None]:
+    """Outputs of (task, fields) requests, cached in ``.build``; failures reported under ``ids``."""
     from mmke.data.build import generate as g
 
     gen = g.generator_from_config(generator or {"backend": "templates"})
-    requests = [g.Request.of("rephrase", question=x["question"], n="0") for x in items]
+    requests = [g.Request.of(task, **fields) for task, fields in asks]
     cache = g.GenerationCache(ctx.work / "generations.jsonl")
     result = g.generate_all(gen, requests, retries=retries, cache=cache)
-    for x, text in zip(items, result.outputs, strict=True):
-        if text:
-            x["rephrase"] = text
     ctx.report_failures(
-        "rephrase",
-        [{"item": items[f.index]["id"], "error": f.error, "attempts": f.attempts} for f in result.failures],
+        step, [{"item": ids[f.index], "error": f.error, "attempts": f.attempts} for f in result.failures]
     )
-    return items
+    return result.outputs
 
 
 # ---------------------------------------------------------------- image neighbours
@@ -306,23 +320,50 @@ def _check_phrases(graph: multihop.TripleGraph, phrases: Mapping[str, str]) -> N
 
 @item_step("text_locality")
 def text_locality(
-    ctx: Context, items: list[Item], kg: str, phrases: Mapping[str, str], per_item: int = 2
+    ctx: Context,
+    items: list[Item],
+    kg: str,
+    phrases: Mapping[str, str] | None = None,
+    generator: Mapping[str, Any] | None = None,
+    per_item: int = 2,
+    retries: int = 2,
 ) -> list[Item]:
-    """T-Locality: one-hop KG facts asked by name about entities the edit does not touch."""
+    """T-Locality: one-hop KG facts about entities the edit does not touch, asked by name.
+
+    Questions are ``what is <phrase of the relation> ?`` with ``phrases``, or written by a text
+    generator from (subject, relation, answer) with ``generator`` (a fact whose question fails
+    is reported and left out).
+    """
+    if (phrases is None) == (generator is None):
+        raise ConfigError("step 'text_locality': give either phrases or generator")
     graph = multihop.TripleGraph.read_tsv(ctx.input(kg))
-    _check_phrases(graph, phrases)
-    facts = [(s, r) for s, r, _ in graph.triples if graph.walk(s, (r,)) is not None]
-    facts = list(dict.fromkeys(facts))
-    for x in items:
-        touched = {x["answer"], x.get("counterfactual")}
-        pool = [f for f in facts if f[0] not in touched and graph.walk(f[0], (f[1],)) not in touched]
-        rng = rng_for(ctx.seed, "tloc", x["id"])
-        picks = rng.choice(len(pool), size=min(per_item, len(pool)), replace=False) if pool else []
-        x.setdefault("locality", []).extend(
-            {"question": multihop.composed((r,), s, phrases), "answer": graph.walk(s, (r,))}
-            for s, r in (pool[int(i)] for i in picks)
-        )
+    if phrases is not None:
+        _check_phrases(graph, phrases)
+    facts = list(dict.fromkeys((s, r) for s, r, _ in graph.triples if graph.walk(s, (r,)) is not None))
+    chosen = {x["id"]: _locality_facts(ctx, graph, facts, x, per_item) for x in items}
+    flat = [(rid, s, r, graph.walk(s, (r,)) or "") for rid, fs in chosen.items() for s, r in fs]
+    if phrases is not None:
+        questions: list[str | None] = [multihop.composed((r,), s, phrases) for _, s, r, _ in flat]
+    else:
+        asks = [("question", {"subject": s, "relation": r, "answer": a}) for _, s, r, a in flat]
+        questions = _generate(ctx, "text_locality", asks, [f[0] for f in flat], generator, retries)
+    by_id = {x["id"]: x for x in items}
+    for (rid, _, _, answer), q in zip(flat, questions, strict=True):
+        if q:
+            by_id[rid].setdefault("locality", []).append({"question": q, "answer": answer})
     return items
+
+
+def _locality_facts(
+    ctx: Context, graph: multihop.TripleGraph, facts: list[tuple[str, str]], x: Item, n: int
+) -> list[tuple[str, str]]:
+    """``n`` facts (seeded per item) whose subject and answer are neither the old nor the new answer."""
+    touched = {x["answer"], x.get("counterfactual")}
+    pool = [f for f in facts if f[0] not in touched and graph.walk(f[0], (f[1],)) not in touched]
+    if not pool:
+        return []
+    picks = rng_for(ctx.seed, "tloc", x["id"]).choice(len(pool), size=min(n, len(pool)), replace=False)
+    return [pool[int(i)] for i in picks]
 
 
 # ---------------------------------------------------------------- adversarial prompts
