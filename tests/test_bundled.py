@@ -17,8 +17,10 @@ from mmke.models.bundled import (
     TARGETS,
     WorldModelSpec,
     build_tokenizer,
+    build_untrained,
     bundled_dir,
     evaluate_checks,
+    pretrain_vision,
     train_world_model,
     world_texts,
 )
@@ -79,6 +81,22 @@ def test_reusing_stage_one_gives_the_full_build(
     other = replace(WorldModelSpec.smoke(), vision_rounds=2)
     with pytest.raises(ConfigError, match="vision_rounds"):
         train_world_model(small_world, tmp_path / "c", other, vision_from=first)
+
+
+def test_prefetched_rounds_train_the_same_tower(small_world: Path) -> None:
+    """Stage 1 with round r+1 drawn in another process gives the weights of drawing in-process."""
+    spec = replace(WorldModelSpec.smoke(), vision_rounds=3)
+    tokenizer = build_tokenizer(world_texts(small_world))
+    towers = []
+    for prefetch in (False, True):
+        torch.manual_seed(spec.seed)
+        lvlm = build_untrained(spec, tokenizer)
+        losses = pretrain_vision(lvlm, small_world, spec, prefetch=prefetch)
+        tower = lvlm.layout.module(lvlm.layout.vision_tower())
+        towers.append((losses, {k: v.clone() for k, v in tower.state_dict().items()}))
+    (loss_a, a), (loss_b, b) = towers
+    assert loss_a == loss_b and len(loss_a) > 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unbuilt_bundled_name_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

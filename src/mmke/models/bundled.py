@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -244,7 +247,7 @@ def train(
 
 
 def pretrain_vision(
-    lvlm: LVLM, world: Path, spec: WorldModelSpec, progress: Progress | None = None
+    lvlm: LVLM, world: Path, spec: WorldModelSpec, progress: Progress | None = None, prefetch: bool = True
 ) -> list[float]:
     """Stage 1: the vision tower learns to tell the world's visual entities apart.
 
@@ -252,6 +255,7 @@ def pretrain_vision(
     identities too slowly and never generalised to unseen views (5% recognition). Here it
     classifies entities (a linear head on the mean of the patch features the projector reads) on
     views drawn fresh every round, so it cannot memorise views; stage 2 then keeps it frozen.
+    With ``prefetch`` a second process draws round r+1 while round r trains (same pixels).
     """
     if spec.vision_rounds < 1:
         return []
@@ -268,8 +272,7 @@ def pretrain_vision(
     gen = torch.Generator().manual_seed(spec.seed)
     tower.train()
     try:
-        for r in range(spec.vision_rounds):
-            pixels, labels = _vision_round(lvlm, world, r, spec, head_of)  # (M, 3, S, S), (M,)
+        for pixels, labels in _vision_rounds(lvlm, world, spec, head_of, prefetch):  # (M, 3, S, S), (M,)
             order = torch.randperm(len(labels), generator=gen)
             for b in range(0, len(order) - spec.vision_batch_size + 1, spec.vision_batch_size):
                 idx = order[b : b + spec.vision_batch_size]
@@ -292,12 +295,39 @@ def _train_views(world: Path) -> list[int]:
     return list(json.loads((world / "world.json").read_text())["views"]["train"])
 
 
-def _vision_round(
-    lvlm: LVLM, world: Path, r: int, spec: WorldModelSpec, head_of: dict[str, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round's pictures (fresh views + the world's training views) as model pixels, and labels."""
+def _vision_rounds(
+    lvlm: LVLM, world: Path, spec: WorldModelSpec, head_of: dict[str, int], prefetch: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each round's pixels and labels on the model's device, in round order.
+
+    Drawing and preprocessing a round (single-threaded PIL) took about as long as training on
+    it, so with ``prefetch`` one spawned process prepares round r+1 while round r trains.
+    """
+    processor = lvlm.processor.image_processor
+    args = [(world, r, spec.vision_views, head_of, processor) for r in range(spec.vision_rounds)]
+    if not prefetch or spec.vision_rounds < 2:
+        rounds: Iterable[tuple[np.ndarray, list[int]]] = (_round_arrays(*a) for a in args)
+        yield from (_on_device(lvlm, *x) for x in rounds)
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = pool.submit(_round_arrays, *args[0])
+        for r in range(spec.vision_rounds):
+            pixels, labels = pending.result()
+            if r + 1 < spec.vision_rounds:
+                pending = pool.submit(_round_arrays, *args[r + 1])
+            yield _on_device(lvlm, pixels, labels)
+
+
+def _on_device(lvlm: LVLM, pixels: np.ndarray, labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(pixels).to(lvlm.device, lvlm.dtype), torch.tensor(labels, device=lvlm.device)
+
+
+def _round_arrays(
+    world: Path, r: int, views: int, head_of: dict[str, int], image_processor: Any
+) -> tuple[np.ndarray, list[int]]:
+    """One round's pictures (fresh views + the world's training views) as pixel arrays, and labels."""
     pictures, labels = [], []
-    for eid, picture in extra_views(world, r, spec.vision_views):
+    for eid, picture in extra_views(world, r, views):
         pictures.append(picture)
         labels.append(head_of[eid])
     store = ImageStore(world)
@@ -305,8 +335,8 @@ def _vision_round(
         for v in _train_views(world):
             pictures.append(store.open(entity_image(eid, v)))
             labels.append(label)
-    pixels = lvlm.processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
-    return pixels.to(lvlm.device, lvlm.dtype), torch.tensor(labels, device=lvlm.device)
+    pixels = image_processor(images=pictures, return_tensors="np")["pixel_values"]  # (M, 3, S, S)
+    return np.asarray(pixels, dtype=np.float32), labels
 
 
 class FreshViewImages:
