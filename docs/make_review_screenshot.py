@@ -13,19 +13,7 @@ from pathlib import Path
 from playwright.sync_api import expect, sync_playwright
 
 from mmke.data.build import Pipeline, run_pipeline
-from mmke.data.build.review import serve
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from mmke.data.build.review import CHROMIUM, CHROMIUM_ARGS, serve
 
 
 def _medical(tmp: Path) -> Path:
@@ -40,7 +28,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("review.png"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, serve(_medical(Path(tmp))) as server, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=list(CHROMIUM_ARGS), headless=True)
         page = browser.new_page(viewport={"width": 1000, "height": 700})
         page.goto(server.url)
         cards = page.locator("section.item")

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from mmke.data.build import review
 from mmke.data.build.review import (
+    CHROMIUM_ARGS,
     DECISIONS_FILE,
     ITEMS_FILE,
     Decision,
@@ -30,17 +32,7 @@ from mmke.data.build.review import (
 )
 from mmke.errors import BadRecordError, ConfigError
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM = Path(review.CHROMIUM)
 NASTY = 'He said "</script><b>x</b>" & left <!-- at 5 > 3'
 
 
@@ -322,7 +314,7 @@ def browser() -> Iterator[Any]:
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS), headless=True)
         yield chromium
         chromium.close()
 

@@ -41,6 +41,20 @@ _IMAGE_TYPES = {
     ".bmp": "image/bmp",
 }
 _MAX_POST_BYTES = 1 << 20
+
+#: Debian's Chromium, headless and offline (no background connections on a closed network): how
+#: the page's browser test and ``docs/make_review_screenshot.py`` open it with Playwright.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 
