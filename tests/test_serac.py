@@ -172,3 +172,30 @@ def test_config_is_validated_and_registered() -> None:
         Serac({"threshold": 1.5}, embedder=HashEmbedder())
     with pytest.raises(ConfigError, match="train_lr"):
         Serac({"train_lr": 0.0}, embedder=HashEmbedder())
+
+
+def test_copy_share_gives_chosen_cases_one_random_word_everywhere() -> None:
+    """The augmentation swaps an edit's answer and its probes' (same) answer for one vocabulary word."""
+    model = tiny_model("causal_lm")
+    editor = Serac({**FAST, "copy_share": 1.0}, embedder=HashEmbedder())
+    cases = cases_for(model)
+    pairs = [
+        (c.edit, p)
+        for c in cases
+        for p in c.probes
+        if p.kind == ProbeKind.RELIABILITY or p.kind == ProbeKind.TEXT_GENERALITY
+    ]
+    out = editor._with_random_targets(model, pairs, cases)
+    assert out == editor._with_random_targets(model, pairs, cases)  # keyed by the batch: resumable
+    words = set(editor._words(model))
+    for (edit, probe), (old, _) in zip(out, pairs, strict=True):
+        assert edit.target in words and probe.target == edit.target and edit.prompt == old.prompt
+    assert (
+        Serac({**FAST, "copy_share": 0.0}, embedder=HashEmbedder())._with_random_targets(model, pairs, cases)
+        == pairs
+    )
+    # editors trained before the option (copy_share 0) keep their identity
+    assert "copy_share" not in Serac(FAST, embedder=HashEmbedder()).identity()
+    assert Serac({"copy_share": 0.5}, embedder=HashEmbedder()).identity()["copy_share"] == 0.5
+    with pytest.raises(ConfigError, match="copy_share"):
+        Serac({"copy_share": 2.0}, embedder=HashEmbedder())

@@ -93,6 +93,9 @@ class TrainingConfig:
 
 #: Config fields that do not change what a trained editor is (so they do not key the cache).
 RUN_ONLY_FIELDS = ("checkpoint_every", "editor_path")
+#: Fields added after editors were shipped, with the value those editors were trained with: at that
+#: value a field stays out of the identity, so the older editors still load.
+ADDED_LATER: dict[str, Any] = {"train_schedule": "constant", "copy_share": 0.0}
 
 C = TypeVar("C", bound=TrainingConfig)
 
@@ -180,12 +183,10 @@ class TrainableEditor(Editor[C], Generic[C]):
     def identity(self) -> dict[str, Any]:
         """The config fields that define the trained editor (what a saved one must match).
 
-        A constant schedule is left out: editors saved before ``train_schedule`` existed used it.
+        Fields in ``ADDED_LATER`` at their old value are left out (editors saved before them used it).
         """
         out = {k: v for k, v in asdict(self.config).items() if k not in RUN_ONLY_FIELDS}
-        if out.get("train_schedule") == "constant":
-            del out["train_schedule"]
-        return out
+        return {k: v for k, v in out.items() if not (k in ADDED_LATER and ADDED_LATER[k] == v)}
 
     def cache_path(self, model: LVLM) -> Path:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
