@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -251,19 +252,29 @@ def _image_locality(other: Item, sim: float) -> dict[str, Any]:
 
 
 def _embed_images(ctx: Context, paths: Sequence[str], encoder: str) -> np.ndarray:
-    """Unit image vectors (P, D), cached in ``.build`` by the encoder and each file's bytes."""
+    """Unit image vectors (P, D), cached in ``.build`` by the encoder's weights and each file's bytes."""
     from mmke.embeddings import unit_rows
 
-    cache = ctx.work / f"images-{hashlib.sha256(encoder.encode()).hexdigest()[:12]}.npz"
+    cache = ctx.work / f"images-{_encoder_stamp(encoder)}.npz"
     keys = [hashlib.sha256((ctx.out / p).read_bytes()).hexdigest() for p in paths]
     known: dict[str, np.ndarray] = dict(np.load(cache)) if cache.exists() else {}
-    todo = [p for p, k in zip(paths, keys, strict=True) if k not in known]
+    todo = [(p, k) for p, k in zip(paths, keys, strict=True) if k not in known]
     if todo:
-        for p, v in zip(todo, _encode(ctx.out, todo, encoder), strict=True):
-            known[keys[list(paths).index(p)]] = v
+        vectors = _encode(ctx.out, [p for p, _ in todo], encoder)  # (T, D)
+        known.update({k: v for (_, k), v in zip(todo, vectors, strict=True)})
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, **known)
     return unit_rows(np.stack([known[k] for k in keys]))
+
+
+def _encoder_stamp(encoder: str) -> str:
+    """The encoder's name and its weight files' sizes and times: a retrained model misses the cache."""
+    from mmke.models.bundled import resolve_bundled
+
+    folder = resolve_bundled(encoder) or Path(encoder)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    blob = json.dumps([encoder, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _encode(root: Path, paths: Sequence[str], encoder: str) -> np.ndarray:
@@ -500,8 +511,6 @@ def write(ctx: Context, items: list[Item], train_share: float = 0.0) -> list[Ite
     With ``train_share`` > 0 that share of items (chosen by the seed) goes to ``items_train.json``
     and ``cases_train.jsonl`` instead, for editors that train (SERAC, MEND, KE) and for IKE's demos.
     """
-    import json
-
     from mmke.data.formats.medmcq import read_medmcq
     from mmke.embeddings import MiniLM
 
