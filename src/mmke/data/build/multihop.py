@@ -9,7 +9,7 @@ the image ?"), so it never names an intermediate entity, and its answer is a wal
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -109,21 +109,34 @@ class TripleGraph:
 
     def paths_from(self, start: str, max_hops: int = MAX_HOPS) -> list[tuple[str, ...]]:
         """Relation paths with one answer from ``start`` that never revisit an entity, shortest first."""
-        out: list[tuple[str, ...]] = []
         order = self.relations()
 
-        def grow(path: tuple[str, ...], seen: tuple[str, ...]) -> None:
-            if path:
-                out.append(path)
-            if len(path) == max_hops:
-                return
-            for rel in order:
-                nxt = self.walk(seen[-1], (rel,))
-                if nxt is not None and nxt not in seen:
-                    grow((*path, rel), (*seen, nxt))
+        def steps(node: str) -> list[tuple[str, str]]:
+            return [(rel, end) for rel in order if (end := self.walk(node, (rel,))) is not None]
 
-        grow((), (start,))
-        return sorted(out, key=len)
+        return sorted(relation_paths(start, steps, max_hops), key=len)
+
+
+def relation_paths(
+    start: str, steps: Callable[[str], Iterable[tuple[str, str]]], max_hops: int = MAX_HOPS
+) -> list[tuple[str, ...]]:
+    """Every path of 1..``max_hops`` relations from ``start`` that never revisits a node (depth first).
+
+    ``steps(node)`` gives (relation, next node) pairs: entities of a graph, or types of a schema.
+    """
+    out: list[tuple[str, ...]] = []
+
+    def grow(path: tuple[str, ...], seen: tuple[str, ...]) -> None:
+        if path:
+            out.append(path)
+        if len(path) == max_hops:
+            return
+        for rel, nxt in steps(seen[-1]):
+            if nxt not in seen:
+                grow((*path, rel), (*seen, nxt))
+
+    grow((), (start,))
+    return out
 
 
 def hop_questions(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mmke.data.build.multihop import relation_paths
 from mmke.data.world._vocab import FILM_ADJECTIVES, FILM_NOUNS
 
 #: Types whose entities have a drawn identity and can be the subject of a visual-entity edit.
@@ -138,18 +139,11 @@ def schema_paths(kind: str, max_hops: int = MAX_HOPS) -> list[tuple[str, ...]]:
 
     Ordered by length, then required relations before optional ones, then schema order.
     """
-    out: list[tuple[str, ...]] = []
 
-    def grow(path: tuple[str, ...], seen: tuple[str, ...]) -> None:
-        if path:
-            out.append(path)
-        if len(path) == max_hops:
-            return
-        for r in RELATIONS:
-            if r.domain == seen[-1] and r.range not in seen:
-                grow((*path, r.name), (*seen, r.range))
+    def steps(type_: str) -> list[tuple[str, str]]:
+        return [(r.name, r.range) for r in RELATIONS if r.domain == type_]
 
-    grow((), (kind,))
+    out = relation_paths(kind, steps, max_hops)
     order = {r.name: i for i, r in enumerate(RELATIONS)}
     return sorted(out, key=lambda p: (len(p), -_prob(p), [order[r] for r in p]))
 
