@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from mmke.embeddings import TextEmbedder, embedder_name, unit_rows
 from mmke.errors import ConfigError
@@ -31,6 +30,8 @@ def assign(
 
     A tiny seeded jitter breaks ties, so different seeds give different (equally good) targets.
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: the CLI lists steps without it
+
     if not rows:
         return []
     cost = np.empty((len(rows), len(cols)))
