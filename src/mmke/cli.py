@@ -73,17 +73,13 @@ def cmd_build_pipeline(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_build_step(args: argparse.Namespace, console: Console) -> int:
-    from mmke.data.build.pipeline import Step, open_draft, run_step, save_draft
+    from mmke.data.build.pipeline import Context, Step, open_draft, run_step
 
-    ctx = open_draft(args.out) if (args.out / ".build" / "draft.json").is_file() else None
-    if ctx is None:
-        from mmke.data.build.pipeline import Context
-
-        ctx = Context(args.out, 0, Path.cwd(), args.out.name)
-        args.out.mkdir(parents=True, exist_ok=True)
+    has_draft = (args.out / ".build" / "draft.json").is_file()
+    ctx = open_draft(args.out) if has_draft else Context(args.out, name=args.out.name)
     ctx.base = Path.cwd()  # settings typed on the command line are relative to here
-    run_step(ctx, Step(args.target, _nested(args.settings)))
-    save_draft(ctx)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_step(ctx, Step(args.target, _nested(args.settings)))  # an item step saves the draft itself
     console.print(f"{args.target}: {len(ctx.items)} item(s) in {args.out / '.build' / 'draft.json'}")
     _print_build_outputs(console, args.out)
     return 0

@@ -138,7 +138,7 @@ def run_step(ctx: Context, step: Step) -> None:
     """Run one registered step with its settings checked against the step's signature."""
     fn = build_steps.get(step.name)
     sig = inspect.signature(fn)
-    settings = [p for p in list(sig.parameters)[1:]]
+    settings = list(sig.parameters)[1:]
     try:
         sig.bind(ctx, **step.params)
     except TypeError as e:
