@@ -314,27 +314,34 @@ def _train_views(world: Path) -> list[int]:
 def _vision_rounds(
     lvlm: LVLM, world: Path, spec: WorldModelSpec, head_of: dict[str, int], prefetch: bool | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Each round's pixels and labels on the model's device, in round order.
+    """Each round's pixels and labels on the model's device, in round order: the round's fresh
+    views, then the world's training views (the same every round, so processed once).
 
     Drawing and preprocessing a round (single-threaded PIL) took about as long as training on
     it, so with ``prefetch`` one spawned process prepares round r+1 while round r trains.
     """
     processor = lvlm.processor.image_processor
+    kept_pixels, kept_labels = _train_view_arrays(world, head_of, processor)
     args = [(world, r, spec.vision_views, head_of, processor) for r in range(spec.vision_rounds)]
     if prefetch is None:
         prefetch = (os.cpu_count() or 1) > torch.get_num_threads()
     if not prefetch or spec.vision_rounds < 2:
         rounds: Iterable[tuple[np.ndarray, list[int]]] = (_round_arrays(*a) for a in args)
-        yield from (_on_device(lvlm, *x) for x in rounds)
-        return
+    else:
+        rounds = _prefetched(args)
+    for pixels, labels in rounds:
+        yield _on_device(lvlm, np.concatenate([pixels, kept_pixels]), labels + kept_labels)
+
+
+def _prefetched(args: list[tuple]) -> Iterator[tuple[np.ndarray, list[int]]]:
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=_background) as pool:
         pending = pool.submit(_round_arrays, *args[0])
-        for r in range(spec.vision_rounds):
-            pixels, labels = pending.result()
-            if r + 1 < spec.vision_rounds:
+        for r in range(len(args)):
+            result = pending.result()
+            if r + 1 < len(args):
                 pending = pool.submit(_round_arrays, *args[r + 1])
-            yield _on_device(lvlm, pixels, labels)
+            yield result
 
 
 def _background() -> None:
@@ -350,18 +357,27 @@ def _on_device(lvlm: LVLM, pixels: np.ndarray, labels: list[int]) -> tuple[torch
 def _round_arrays(
     world: Path, r: int, views: int, head_of: dict[str, int], image_processor: Any
 ) -> tuple[np.ndarray, list[int]]:
-    """One round's pictures (fresh views + the world's training views) as pixel arrays, and labels."""
+    """Round ``r``'s freshly drawn views as pixel arrays, and their labels."""
     pictures, labels = [], []
     for eid, picture in extra_views(world, r, views):
         pictures.append(picture)
         labels.append(head_of[eid])
-    store = ImageStore(world)
-    for eid, label in head_of.items():
-        for v in _train_views(world):
-            pictures.append(store.open(entity_image(eid, v)))
-            labels.append(label)
+    return _pixels(image_processor, pictures), labels
+
+
+def _train_view_arrays(
+    world: Path, head_of: dict[str, int], image_processor: Any
+) -> tuple[np.ndarray, list[int]]:
+    """The world's training views of every visual entity as pixel arrays, and their labels."""
+    store, views = ImageStore(world), _train_views(world)
+    pictures = [store.open(entity_image(eid, v)) for eid in head_of for v in views]
+    labels = [label for label in head_of.values() for _ in views]
+    return _pixels(image_processor, pictures), labels
+
+
+def _pixels(image_processor: Any, pictures: list[Any]) -> np.ndarray:
     pixels = image_processor(images=pictures, return_tensors="np")["pixel_values"]  # (M, 3, S, S)
-    return np.asarray(pixels, dtype=np.float32), labels
+    return np.asarray(pixels, dtype=np.float32)
 
 
 class FreshViewImages:

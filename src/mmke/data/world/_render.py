@@ -7,6 +7,7 @@ consistently. Pictures are drawn at twice the size and box-filtered down for cle
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -81,8 +82,15 @@ class Painter:
             md.polygon(self.map(p), fill=255)
         pat = Image.new("L", self.img.size, 0)
         pd = ImageDraw.Draw(pat)
-        for p in pattern_polys(pattern):
-            pd.polygon(self.map(p), fill=255)
+        xs, ys, ends = _pattern_points(pattern)
+        # one vectorised view transform for a pattern's hundreds of points; same float ops as map()
+        c, s, k = self._cos, self._sin, self._k
+        px = (self._cx + k * (c * xs - s * ys)).tolist()
+        py = (self._cy + k * (s * xs + c * ys)).tolist()
+        start = 0
+        for end in ends:
+            pd.polygon(list(zip(px[start:end], py[start:end], strict=True)), fill=255)
+            start = end
         self.img.paste(pattern_colour, mask=ImageChops.multiply(mask, pat))
 
     def finish(self, view: View, rng: np.random.Generator) -> Image.Image:
@@ -93,6 +101,11 @@ class Painter:
             hit = rng.random(arr.shape[:2]) < view.noise  # (H, W)
             arr[hit] += rng.integers(-60, 61, size=(int(hit.sum()), 1), dtype=np.int16)
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def jitter(colour: tuple[int, ...], rng: np.random.Generator) -> RGB:
+    """``colour`` with each channel shifted by up to 12 (a view's background varies a little)."""
+    return tuple(min(255, max(0, v + int(rng.integers(-12, 13)))) for v in colour)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- shapes (unit coordinates)
@@ -145,14 +158,15 @@ def cross(cx: float, cy: float, r: float) -> Points:
 
 def accent_shape(kind: int, cx: float, cy: float, r: float) -> Points:
     """Six accent emblems: circle, triangle, square, diamond, star, cross."""
-    return [
-        ellipse(cx, cy, r, r),
-        regular(cx, cy, r * 1.15, 3),
-        regular(cx, cy, r * 1.1, 4, 45),
-        regular(cx, cy, r * 1.15, 4),
-        star(cx, cy, r * 1.25),
-        cross(cx, cy, r * 1.1),
-    ][kind]
+    shapes = (
+        lambda: ellipse(cx, cy, r, r),
+        lambda: regular(cx, cy, r * 1.15, 3),
+        lambda: regular(cx, cy, r * 1.1, 4, 45),
+        lambda: regular(cx, cy, r * 1.15, 4),
+        lambda: star(cx, cy, r * 1.25),
+        lambda: cross(cx, cy, r * 1.1),
+    )
+    return shapes[kind]()
 
 
 def pattern_polys(kind: int) -> list[Points]:
@@ -173,6 +187,14 @@ def pattern_polys(kind: int) -> list[Points]:
             if (i + j) % 2 == 0
         ]
     return [ellipse(x + 0.2, y + 0.2, 0.09, 0.09, 10) for x in span for y in span]
+
+
+@functools.cache
+def _pattern_points(kind: int) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """A pattern's polygons as flat x and y arrays and each polygon's end index (drawn per view)."""
+    polys = pattern_polys(kind)
+    pts = np.array([pt for poly in polys for pt in poly], dtype=np.float64)  # (P, 2)
+    return pts[:, 0].copy(), pts[:, 1].copy(), tuple(itertools.accumulate(len(poly) for poly in polys))
 
 
 # ---------------------------------------------------------------- entity figures
@@ -279,7 +301,7 @@ _FIGURES = {
 
 def render_entity(kind: str, spec: Spec, view: View, size: int, rng: np.random.Generator) -> Image.Image:
     """One view of a visual KG entity of type ``kind``."""
-    bg = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in BACKGROUNDS[spec["background"]])
+    bg = jitter(BACKGROUNDS[spec["background"]], rng)
     p = Painter(size, bg, view)  # type: ignore[arg-type]
     _FIGURES[kind](p, spec)
     return p.finish(view, rng)
@@ -345,7 +367,7 @@ def _sign_symbol(p: Painter, kind: int, colour: RGB) -> None:
 
 def render_sign(spec: Spec, view: View, size: int, rng: np.random.Generator) -> Image.Image:
     """One view of a sign: a post, an outer shape with a border, and a symbol."""
-    sky = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in (185, 210, 235))
+    sky = jitter((185, 210, 235), rng)
     p = Painter(size, sky, view)  # type: ignore[arg-type]
     p.poly(rect(-1.5, 0.7, 1.5, 1.5), (120, 150, 95))
     posts = [[(-0.06, 0.06)], [(-0.5, -0.38), (0.38, 0.5)], [(-0.95, -0.83), (0.83, 0.95)]][spec["post"]]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mmke.data.world._common import permuted
 from mmke.data.world._names import NamePool
-from mmke.data.world._render import Painter, View, ellipse, rect, regular
+from mmke.data.world._render import Painter, View, ellipse, jitter, rect, regular
 from mmke.data.world._visual import PALETTE
 
 OWNERS = (
@@ -82,7 +82,7 @@ def make_user_items(n: int, rng: np.random.Generator, names: NamePool) -> tuple[
 
 def render_user_item(spec: dict[str, int], view: View, size: int, rng: np.random.Generator) -> Image.Image:
     """One photo of a personal pet or item in a room (wall, floor)."""
-    wall = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in _WALLS[spec["wall"]])
+    wall = jitter(_WALLS[spec["wall"]], rng)
     p = Painter(size, wall, view)  # type: ignore[arg-type]
     p.poly(rect(-1.5, 0.6, 1.5, 1.6), _FLOORS[spec["floor"]])
     _DRAW[KINDS[spec["kind"]]](p, PALETTE[spec["main"]], PALETTE[spec["accessory"]])  # type: ignore[arg-type]
