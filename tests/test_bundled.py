@@ -14,6 +14,7 @@ from mmke.data.world import WorldConfig, build_world
 from mmke.errors import ConfigError
 from mmke.models import LVLM
 from mmke.models.bundled import (
+    METHOD_PRESETS,
     TARGETS,
     WorldModelSpec,
     build_tokenizer,
@@ -160,3 +161,12 @@ def test_fresh_views_replace_only_training_views_at_the_given_share(small_world:
     assert all(always.open(train_ref).tobytes() != original for _ in range(5))
     held = ImageStore(small_world).open(held_ref).tobytes()
     assert always.open(held_ref).tobytes() == held  # the checks' views are never touched
+
+
+def test_the_shipped_method_presets_are_the_code_s() -> None:
+    # a run reads the file next to the weights; editors are cached by their settings, so a file
+    # left behind by a preset change silently evaluates an older editor
+    import yaml
+
+    shipped = yaml.safe_load((bundled_dir() / "mmke_methods.yaml").read_text())
+    assert shipped == METHOD_PRESETS
