@@ -8,6 +8,7 @@ training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -411,6 +413,54 @@ class FreshViewImages:
         return self.store.open(ref)
 
 
+class _KeptTowerOutputs(torch.nn.Module):
+    """Stands in for stage 1's frozen vision tower in stage 2: each distinct picture's output is
+    computed once, not at every step of every epoch that shows the picture again.
+
+    A tower's output for one picture does not depend on the rest of its batch (checked bit for
+    bit, and the test compares stage 2 with and without), so pictures are keyed by their pixels.
+    Only the hidden states LLaVA's connector reads are kept; the others are None.
+    """
+
+    def __init__(self, tower: torch.nn.Module, layers: Sequence[int], n_states: int) -> None:
+        super().__init__()
+        self.tower = tower
+        self.layers = sorted({n_states + i if i < 0 else i for i in layers})
+        self.n_states = n_states
+        self.kept: dict[bytes, list[torch.Tensor]] = {}
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        keys = [hashlib.blake2b(x.cpu().numpy().tobytes(), digest_size=16).digest() for x in pixel_values]
+        new = [i for i, k in enumerate(keys) if k not in self.kept]
+        if new:
+            with torch.no_grad():
+                out = self.tower(pixel_values[new], output_hidden_states=True, return_dict=True)
+            for j, i in enumerate(new):
+                self.kept[keys[i]] = [out.hidden_states[n][j].clone() for n in self.layers]
+        states: list[torch.Tensor | None] = [None] * self.n_states
+        for pos, n in enumerate(self.layers):
+            states[n] = torch.stack([self.kept[k][pos] for k in keys])  # (B, P + 1, H)
+        return BaseModelOutputWithPooling(last_hidden_state=states[-1], hidden_states=tuple(states))
+
+
+@contextmanager
+def _frozen_tower(lvlm: LVLM) -> Iterator[None]:
+    """While stage 2 trains, the (frozen) vision tower's outputs are kept per picture."""
+    site = lvlm.layout.vision_tower()
+    parent_name, _, name = site.rpartition(".")
+    parent = lvlm.model.get_submodule(parent_name)
+    tower = getattr(parent, name)
+    chosen = lvlm.model.config.vision_feature_layer
+    layers = [chosen] if isinstance(chosen, int) else list(chosen)
+    setattr(parent, name, _KeptTowerOutputs(tower, layers, tower.config.num_hidden_layers + 1))
+    try:
+        yield
+    finally:
+        setattr(parent, name, tower)
+
+
 def evaluate_checks(lvlm: LVLM, world: Path, batch_size: int = 128) -> dict[str, dict[str, float]]:
     """Exact match and token accuracy of the model on each of the world's check sets."""
     images = ImageStore(world)
@@ -486,7 +536,11 @@ def train_world_model(
         images: ImageStore | FreshViewImages = ImageStore(world)
         if spec.fresh_views > 0:
             images = FreshViewImages(world, spec.fresh_views, spec.seed, spec.fresh_share)
-        losses = train(lvlm, samples, images, spec, progress)
+        if spec.vision_rounds > 0:
+            with _frozen_tower(lvlm):
+                losses = train(lvlm, samples, images, spec, progress)
+        else:
+            losses = train(lvlm, samples, images, spec, progress)
     finally:
         tower.requires_grad_(True)
     seconds = vision_seconds + time.perf_counter() - start_2  # both stages, a reused one at its cost
