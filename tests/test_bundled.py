@@ -16,6 +16,7 @@ from mmke.data.world import WorldConfig, build_world
 from mmke.errors import ConfigError
 from mmke.models import LVLM
 from mmke.models.bundled import (
+    DRAWINGS,
     METHOD_PRESETS,
     TARGETS,
     WorldModelSpec,
@@ -88,20 +89,25 @@ def test_reusing_stage_one_gives_the_full_build(
         train_world_model(small_world, tmp_path / "c", other, vision_from=first)
 
 
-def test_prefetched_rounds_train_the_same_tower(small_world: Path) -> None:
-    """Stage 1 with round r+1 drawn in another process gives the weights of drawing in-process."""
-    spec = replace(WorldModelSpec.smoke(), vision_rounds=3)
+def test_rounds_drawn_in_other_processes_train_the_same_tower(small_world: Path) -> None:
+    """Stage 1 with its rounds drawn ahead in another process, or several at once in one process
+    per core, gives the weights of drawing each round in-process."""
+    spec = replace(WorldModelSpec.smoke(), vision_rounds=3)  # "together" on 2 cores: rounds 0+1, then 2
     tokenizer = build_tokenizer(world_texts(small_world))
     towers = []
-    for prefetch in (False, True):
+    for drawing in DRAWINGS:
         torch.manual_seed(spec.seed)
         lvlm = build_untrained(spec, tokenizer)
-        losses = pretrain_vision(lvlm, small_world, spec, prefetch=prefetch)
+        losses = pretrain_vision(lvlm, small_world, spec, drawing=drawing)
         tower = lvlm.layout.module(lvlm.layout.vision_tower())
         towers.append((losses, {k: v.clone() for k, v in tower.state_dict().items()}))
-    (loss_a, a), (loss_b, b) = towers
-    assert loss_a == loss_b and len(loss_a) > 3
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    (loss_a, a), *others = towers
+    assert len(loss_a) > 3
+    for loss_b, b in others:
+        assert loss_a == loss_b
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="unknown drawing"):
+        pretrain_vision(build_untrained(spec, tokenizer), small_world, spec, drawing="elsewhere")
 
 
 def test_stage_2_with_kept_tower_outputs_trains_the_same_weights(small_world: Path) -> None:

@@ -263,7 +263,7 @@ def pretrain_vision(
     world: Path,
     spec: WorldModelSpec,
     progress: Progress | None = None,
-    prefetch: bool | None = None,
+    drawing: str | None = None,
 ) -> list[float]:
     """Stage 1: the vision tower learns to tell the world's visual entities apart.
 
@@ -271,9 +271,8 @@ def pretrain_vision(
     identities too slowly and never generalised to unseen views (5% recognition). Here it
     classifies entities (a linear head on the mean of the patch features the projector reads) on
     views drawn fresh every round, so it cannot memorise views; stage 2 then keeps it frozen.
-    With ``prefetch`` a second process draws round r+1 while round r trains (same pixels, same
-    weights). By default it does so only where a core is free of torch's threads: on 2 cores with
-    2 threads it made a round slower (36 s against 29 s, measured), as both fight for the cores.
+    ``drawing`` says where rounds are drawn (see ``DRAWINGS``); every way gives the same pixels,
+    hence the same weights.
     """
     if spec.vision_rounds < 1:
         return []
@@ -290,7 +289,7 @@ def pretrain_vision(
     gen = torch.Generator().manual_seed(spec.seed)
     tower.train()
     try:
-        for pixels, labels in _vision_rounds(lvlm, world, spec, head_of, prefetch):  # (M, 3, S, S), (M,)
+        for pixels, labels in _vision_rounds(lvlm, world, spec, head_of, drawing):  # (M, 3, S, S), (M,)
             order = torch.randperm(len(labels), generator=gen)
             for b in range(0, len(order) - spec.vision_batch_size + 1, spec.vision_batch_size):
                 idx = order[b : b + spec.vision_batch_size]
@@ -313,31 +312,54 @@ def _train_views(world: Path) -> list[int]:
     return list(json.loads((world / "world.json").read_text())["views"]["train"])
 
 
+#: Where stage 1's rounds are drawn. Drawing and preprocessing a round (single-threaded PIL)
+#: takes about as long as training on it.
+#: ``here``: in this process, before each round trains.
+#: ``ahead``: one spawned process draws round r+1 while round r trains; only worth it where a
+#: core is free of torch's threads (on 2 cores with 2 threads a round took 36 s against 29 s,
+#: measured, as drawing and training fight for the cores).
+#: ``together``: one spawned process per core draws the next rounds at once while training
+#: waits, then they train one after another: the cores draw in parallel and never contend
+#: with training.
+DRAWINGS = ("here", "ahead", "together")
+
+
+def default_drawing() -> str:
+    cores = os.cpu_count() or 1
+    if cores > torch.get_num_threads():
+        return "ahead"
+    return "together" if cores > 1 else "here"
+
+
 def _vision_rounds(
-    lvlm: LVLM, world: Path, spec: WorldModelSpec, head_of: dict[str, int], prefetch: bool | None
+    lvlm: LVLM, world: Path, spec: WorldModelSpec, head_of: dict[str, int], drawing: str | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each round's pixels and labels on the model's device, in round order: the round's fresh
-    views, then the world's training views (the same every round, so processed once).
-
-    Drawing and preprocessing a round (single-threaded PIL) took about as long as training on
-    it, so with ``prefetch`` one spawned process prepares round r+1 while round r trains.
-    """
+    views, then the world's training views (the same every round, so processed once)."""
+    drawing = drawing or default_drawing()
+    if drawing not in DRAWINGS:
+        raise ValueError(f"unknown drawing {drawing!r}; expected one of {', '.join(DRAWINGS)}")
     processor = lvlm.processor.image_processor
     kept_pixels, kept_labels = _train_view_arrays(world, head_of, processor)
     args = [(world, r, spec.vision_views, head_of, processor) for r in range(spec.vision_rounds)]
-    if prefetch is None:
-        prefetch = (os.cpu_count() or 1) > torch.get_num_threads()
-    if not prefetch or spec.vision_rounds < 2:
-        rounds: Iterable[tuple[np.ndarray, list[int]]] = (_round_arrays(*a) for a in args)
+    rounds: Iterable[tuple[np.ndarray, list[int]]]
+    if drawing == "here" or spec.vision_rounds < 2:
+        rounds = (_round_arrays(*a) for a in args)
+    elif drawing == "ahead":
+        rounds = _drawn_ahead(args)
     else:
-        rounds = _prefetched(args)
+        rounds = _drawn_together(args, min(os.cpu_count() or 1, len(args)))
     for pixels, labels in rounds:
         yield _on_device(lvlm, np.concatenate([pixels, kept_pixels]), labels + kept_labels)
 
 
-def _prefetched(args: list[tuple]) -> Iterator[tuple[np.ndarray, list[int]]]:
+def _drawing_pool(workers: int) -> ProcessPoolExecutor:
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn, initializer=_background) as pool:
+    return ProcessPoolExecutor(workers, mp_context=spawn, initializer=_background)
+
+
+def _drawn_ahead(args: list[tuple]) -> Iterator[tuple[np.ndarray, list[int]]]:
+    with _drawing_pool(1) as pool:
         pending = pool.submit(_round_arrays, *args[0])
         for r in range(len(args)):
             result = pending.result()
@@ -346,8 +368,15 @@ def _prefetched(args: list[tuple]) -> Iterator[tuple[np.ndarray, list[int]]]:
             yield result
 
 
+def _drawn_together(args: list[tuple], workers: int) -> Iterator[tuple[np.ndarray, list[int]]]:
+    with _drawing_pool(workers) as pool:
+        for start in range(0, len(args), workers):
+            # All drawn before any trains (a generator would let training start on the first).
+            yield from list(pool.map(_round_arrays, *zip(*args[start : start + workers], strict=True)))
+
+
 def _background() -> None:
-    """The drawing process yields to training (whose thread count, and so its bits, stays as is)."""
+    """A drawing process yields to training (whose thread count, and so its bits, stays as is)."""
     os.nice(19)
     torch.set_num_threads(1)
 
