@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import replace
+import platform
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mmke.data.images import ImageStore
 from mmke.data.schema import read_samples
-from mmke.data.world import WorldConfig, build_world
+from mmke.data.world import WorldConfig, build_world, visual_entities
 from mmke.errors import ConfigError
 from mmke.models import LVLM
 from mmke.models.bundled import (
@@ -21,10 +23,15 @@ from mmke.models.bundled import (
     TARGETS,
     WorldModelSpec,
     _frozen_tower,
+    _kept_pixels,
+    _round_arrays,
+    _train_view_arrays,
+    _vision_rounds,
     build_tokenizer,
     build_untrained,
     bundled_dir,
     evaluate_checks,
+    keep_freed_memory,
     pretrain_vision,
     train,
     train_world_model,
@@ -92,7 +99,8 @@ def test_reusing_stage_one_gives_the_full_build(
 def test_rounds_drawn_in_other_processes_train_the_same_tower(small_world: Path) -> None:
     """Stage 1 with its rounds drawn ahead in another process, or several at once in one process
     per core, gives the weights of drawing each round in-process."""
-    spec = replace(WorldModelSpec.smoke(), vision_rounds=3)  # "together" on 2 cores: rounds 0+1, then 2
+    # each draw serves two rounds: draws -1..2, "together" on 2 cores: -1+0, then 1+2
+    spec = replace(WorldModelSpec.smoke(), vision_rounds=3, vision_views=2, vision_fresh=1)
     tokenizer = build_tokenizer(world_texts(small_world))
     towers = []
     for drawing in DRAWINGS:
@@ -108,6 +116,50 @@ def test_rounds_drawn_in_other_processes_train_the_same_tower(small_world: Path)
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="unknown drawing"):
         pretrain_vision(build_untrained(spec, tokenizer), small_world, spec, drawing="elsewhere")
+
+
+def test_each_drawn_view_serves_vision_views_over_vision_fresh_rounds(small_world: Path) -> None:
+    """Round r trains on the views drawn for it, those drawn for the round before, and the
+    training views; a draw count that does not divide the round's views is a clear error."""
+    spec = replace(WorldModelSpec.smoke(), vision_rounds=3, vision_views=2, vision_fresh=1)
+    lvlm = build_untrained(spec, build_tokenizer(world_texts(small_world)))
+    head_of = {eid: i for i, eid in enumerate(visual_entities(small_world))}
+    image_processor = lvlm.processor.image_processor
+    draws = {d: _round_arrays(small_world, d, 1, head_of, image_processor) for d in range(-1, 3)}
+    kept, kept_labels = _train_view_arrays(small_world, head_of, image_processor)
+    rounds = list(_vision_rounds(lvlm, small_world, spec, head_of, "here"))
+    assert len(rounds) == 3
+    for r, (pixels, labels) in enumerate(rounds):
+        (now, now_labels), (before, before_labels) = draws[r], draws[r - 1]
+        assert torch.equal(pixels, torch.from_numpy(np.concatenate([now, before, kept])))
+        assert labels.tolist() == now_labels + before_labels + kept_labels
+    assert not np.array_equal(draws[0][0], draws[1][0])
+    for fresh in (0, 3, 4):
+        bad = replace(spec, vision_fresh=fresh, vision_views=4 if fresh == 3 else 2)
+        with pytest.raises(ConfigError, match="vision_fresh"):
+            next(_vision_rounds(lvlm, small_world, bad, head_of, "here"))
+
+
+def test_stage_2_processes_each_picture_once_into_the_same_batches(small_world: Path) -> None:
+    samples = [x for x in read_samples(small_world / "corpus_train.jsonl") if x.image is not None][:24]
+    lvlm = build_untrained(WorldModelSpec.smoke(), build_tokenizer(world_texts(small_world)))
+    images = ImageStore(small_world)
+    distinct = {images.open(x.image).tobytes() for x in samples}
+    plain = [lvlm.encode(samples[i : i + 8], images) for i in (0, 8, 16, 0)]
+    with _kept_pixels(lvlm):
+        memo = lvlm.processor.image_processor
+        kept = [lvlm.encode(samples[i : i + 8], images) for i in (0, 8, 16, 0)]
+        assert len(memo.kept) == len(distinct) > 8
+    assert lvlm.processor.image_processor is memo.processor
+    for a, b in zip(plain, kept, strict=True):
+        assert a.inputs.keys() == b.inputs.keys()
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+        assert torch.equal(a.labels, b.labels)
+
+
+def test_the_build_keeps_freed_memory_where_glibc_allows() -> None:
+    applied = keep_freed_memory()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
 def test_stage_2_with_kept_tower_outputs_trains_the_same_weights(small_world: Path) -> None:
@@ -159,6 +211,16 @@ def test_model_card_numbers_are_what_the_shipped_weights_measure(shipped_checks:
     assert shipped_checks.keys() == recorded.keys()
     for name, check in recorded.items():
         assert shipped_checks[name] == pytest.approx(check), name
+
+
+@pytest.mark.skipif(not SHIPPED, reason="bundled world model not built (mmke build model)")
+def test_the_shipped_weights_were_built_by_the_code_s_recipe() -> None:
+    """``mmke build model`` rebuilds the shipped weights: the recorded recipe is the default one,
+    and a field added since defaults to the behaviour the record predates (None: off)."""
+    recorded = json.loads((bundled_dir() / "training.json").read_text())["spec"]
+    code = asdict(WorldModelSpec())
+    assert {k: code[k] for k in recorded} == recorded
+    assert all(code[k] is None for k in code.keys() - recorded.keys())
 
 
 @pytest.mark.skipif(not SHIPPED, reason="bundled world model not built (mmke build model)")

@@ -226,8 +226,9 @@ def cmd_build_model(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmke.data.formats.world import world_dir
-    from mmke.models.bundled import WorldModelSpec, bundled_dir, train_world_model
+    from mmke.models.bundled import WorldModelSpec, bundled_dir, keep_freed_memory, train_world_model
 
+    keep_freed_memory()
     spec = WorldModelSpec.smoke() if args.smoke else WorldModelSpec()
     if args.epochs is not None:
         spec = replace(spec, epochs=args.epochs)
