@@ -488,7 +488,7 @@ class _KeptTowerOutputs(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        keys = [hashlib.blake2b(x.cpu().numpy().tobytes(), digest_size=16).digest() for x in pixel_values]
+        keys = [_content_key(x.cpu().numpy().tobytes()) for x in pixel_values]
         new = [i for i, k in enumerate(keys) if k not in self.kept]
         if new:
             with torch.no_grad():
@@ -547,8 +547,15 @@ class _KeptPixels:
 
 
 def _picture_key(picture: Any) -> bytes:
-    head = f"{picture.mode}:{picture.size}".encode()
-    return hashlib.blake2b(head + picture.tobytes(), digest_size=16).digest()
+    return _content_key(f"{picture.mode}:{picture.size}".encode(), picture.tobytes())
+
+
+def _content_key(*parts: bytes) -> bytes:
+    """What stage 2's per-picture caches key on: the content, as pictures may be reopened."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
 
 
 @contextmanager
