@@ -31,6 +31,7 @@ from mmke.models.bundled import (
     build_untrained,
     bundled_dir,
     evaluate_checks,
+    jitter_views,
     keep_freed_memory,
     pretrain_vision,
     train,
@@ -100,7 +101,7 @@ def test_rounds_drawn_in_other_processes_train_the_same_tower(small_world: Path)
     """Stage 1 with its rounds drawn ahead in another process, or several at once in one process
     per core, gives the weights of drawing each round in-process."""
     # each draw serves two rounds: draws -1..2, "together" on 2 cores: -1+0, then 1+2
-    spec = replace(WorldModelSpec.smoke(), vision_rounds=3, vision_views=2, vision_fresh=1)
+    spec = replace(WorldModelSpec.smoke(), vision_rounds=3, vision_views=2, vision_fresh=1, vision_jitter=1.0)
     tokenizer = build_tokenizer(world_texts(small_world))
     towers = []
     for drawing in DRAWINGS:
@@ -138,6 +139,35 @@ def test_each_drawn_view_serves_vision_views_over_vision_fresh_rounds(small_worl
         bad = replace(spec, vision_fresh=fresh, vision_views=4 if fresh == 3 else 2)
         with pytest.raises(ConfigError, match="vision_fresh"):
             next(_vision_rounds(lvlm, small_world, bad, head_of, "here"))
+
+
+def test_jitter_views_moves_tints_and_specks_each_view_reproducibly() -> None:
+    std = torch.tensor([0.25, 0.5, 1.0])
+    square = torch.zeros(16, 3, 32, 32)
+    square[:, :, 12:20, 12:20] = 1.0
+
+    def jittered(strength: float, seed: int = 0) -> torch.Tensor:
+        return jitter_views(square, strength, std, torch.Generator().manual_seed(seed))
+
+    assert torch.allclose(jittered(0.0), square, atol=1e-6)
+    assert torch.equal(jittered(1.0), jittered(1.0))
+    assert not torch.equal(jittered(1.0), jittered(1.0, seed=1))
+    out = jittered(1.0)
+    # far corners stay background: shifted by the view's tint (at most 14 levels) and specks only
+    corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # (16, 3, 4)
+    tint = corners.median(-1).values * std  # (16, 3), back in pixel units
+    assert (tint.abs() <= 14 / 255 + 1e-6).all() and tint.std() > 0
+    # the square moved: its centre of mass differs from view to view
+    mass = (out - out.amin((-2, -1), keepdim=True))[:, 0].clamp(min=0)
+    cols = (mass.sum(-2) * torch.arange(32)).sum(-1) / mass.sum((-2, -1))
+    assert cols.std() > 0.3
+    # on a blank view, what is left after the tint is grey specks on a few percent of pixels
+    blank = jitter_views(torch.zeros(16, 3, 32, 32), 1.0, std, torch.Generator().manual_seed(0))
+    levels = blank * std[:, None, None]
+    specks = levels - levels.median(-1).values.median(-1).values[..., None, None]
+    assert all(torch.allclose(specks[:, c], specks[:, 0], atol=1e-5) for c in (1, 2))
+    hit = specks[:, 0].abs() > 1e-4
+    assert 0 < hit.float().mean() < 0.06 and (specks.abs() <= 60 / 255 + 1e-5).all()
 
 
 def test_stage_2_processes_each_picture_once_into_the_same_batches(small_world: Path) -> None:
@@ -250,13 +280,16 @@ def test_fresh_views_replace_only_training_views_at_the_given_share(small_world:
 
     views = json.loads((small_world / "world.json").read_text())["views"]
     eid = visual_entities(small_world)[0]
-    train_ref, held_ref = entity_image(eid, views["train"][0]), entity_image(eid, views["held_out"][0])
+    assert views["train"][0] == FreshViewImages.CANONICAL
+    train_ref, held_ref = entity_image(eid, views["train"][1]), entity_image(eid, views["held_out"][0])
     original = ImageStore(small_world).open(train_ref).tobytes()
     never, always = (FreshViewImages(small_world, 3, seed=0, share=s) for s in (0.0, 1.0))
     assert all(never.open(train_ref).tobytes() == original for _ in range(5))
     assert all(always.open(train_ref).tobytes() != original for _ in range(5))
     held = ImageStore(small_world).open(held_ref).tobytes()
     assert always.open(held_ref).tobytes() == held  # the checks' views are never touched
+    canonical = entity_image(eid, FreshViewImages.CANONICAL)  # the cases' picture, kept as drawn
+    assert always.open(canonical).tobytes() == ImageStore(small_world).open(canonical).tobytes()
 
 
 def test_the_shipped_method_presets_are_the_code_s() -> None:
