@@ -157,6 +157,7 @@ class WorldModelSpec:
             max_samples=256,
             vision_rounds=1,
             vision_views=1,
+            vision_fresh=None,
             fresh_views=1,
         )
 
