@@ -32,7 +32,18 @@ import yaml
 
 from mmke.data.images import ImageStore
 from mmke.data.schema import read_samples
-from mmke.data.world import entity_image, extra_views, locality_facts, visual_entities
+from mmke.data.world import (
+    CANONICAL_VIEW,
+    MAX_ANGLE,
+    MAX_NOISE,
+    MAX_SHIFT,
+    MAX_TINT,
+    SPECK,
+    entity_image,
+    extra_views,
+    locality_facts,
+    visual_entities,
+)
 from mmke.errors import ConfigError
 from mmke.models._construct import llava_from_sizes
 from mmke.models.base import LVLM
@@ -347,20 +358,20 @@ def jitter_views(
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return (lo + (hi - lo) * torch.rand(b, *shape, generator=gen)).to(pixels)
 
-    angle = torch.deg2rad(uniform(-20.0, 20.0) * strength)
+    angle = torch.deg2rad(uniform(-MAX_ANGLE, MAX_ANGLE) * strength)
     zoom = torch.exp(uniform(-0.1, 0.1) * strength)  # sampling grid scale: >1 shrinks the figure
-    shift = uniform(-0.2, 0.2, 2) * strength  # the world shifts by 0.1 of the side; the grid spans 2
+    shift = uniform(-2 * MAX_SHIFT, 2 * MAX_SHIFT, 2) * strength  # the grid spans 2, the side 1
     cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
     rows = [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)]
     theta = torch.stack(rows, 1)  # (B, 2, 3)
     grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
     moved = torch.nn.functional.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
-    tint = uniform(-14 / 255, 14 / 255, 3) * strength  # per channel, as the world's tint
-    # sparse grey specks, as the world's: a share of pixels moved by up to 60 levels
+    tint = uniform(-MAX_TINT / 255, MAX_TINT / 255, 3) * strength  # per channel, as the world's tint
+    # sparse grey specks, as the world's
     side = pixels.shape[-2:]
     draws = torch.rand(b, 1, *side, generator=gen).to(pixels)
-    hit = draws < uniform(0.0, 0.03)[:, None, None, None] * strength
-    specks = hit * uniform(-60 / 255, 60 / 255, 1, *side)
+    hit = draws < uniform(0.0, MAX_NOISE)[:, None, None, None] * strength
+    specks = hit * uniform(-SPECK / 255, SPECK / 255, 1, *side)
     return moved + (tint[:, :, None, None] + specks) / std[None, :, None, None]
 
 
@@ -493,11 +504,11 @@ class FreshViewImages:
 
     #: extra_views round reserved for stage 2 (stage 1 uses rounds 0..vision_rounds-1).
     ROUND = 10_000
-    #: The near-canonical view (``sample_view``'s view 0) is never swapped: it is the picture
-    #: the benchmark's cases show (2,536 of the eval cases' 3,016 entity pictures), so the model
-    #: must know it as drawn. (Swapped like the others, in 7 epochs, 5.5% of entities went
-    #: unrecognised in it: every miss of the training-view check.)
-    CANONICAL = 0
+    #: The near-canonical view is never swapped: it is the picture the benchmark's cases show
+    #: (2,536 of the eval cases' 3,016 entity pictures), so the model must know it as drawn.
+    #: (Swapped like the others, in 7 epochs, 5.5% of entities went unrecognised in it: every
+    #: miss of the training-view check.)
+    CANONICAL = CANONICAL_VIEW
 
     def __init__(self, world: Path, per_entity: int, seed: int, share: float = 0.5) -> None:
         self.store = ImageStore(world)

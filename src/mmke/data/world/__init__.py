@@ -10,10 +10,17 @@ from mmke.data.world._config import WorldConfig
 from mmke.data.world._images import extra_views, visual_entities
 from mmke.data.world._kg import RELATIONS, Entity, KnowledgeGraph, Relation, Triple
 from mmke.data.world._plan import entity_image
+from mmke.data.world._render import CANONICAL_VIEW, MAX_ANGLE, MAX_NOISE, MAX_SHIFT, MAX_TINT, SPECK
 from mmke.data.world._templates import locality_facts
 
 __all__ = [
+    "CANONICAL_VIEW",
+    "MAX_ANGLE",
+    "MAX_NOISE",
+    "MAX_SHIFT",
+    "MAX_TINT",
     "RELATIONS",
+    "SPECK",
     "Entity",
     "KnowledgeGraph",
     "Relation",

@@ -35,17 +35,24 @@ class View:
     noise: float = 0.0
 
 
+#: The near-canonical view: drawn as the entity is, the picture the benchmark's cases show.
+CANONICAL_VIEW = 0
+#: How far other views are turned (degrees), shifted (share of the side), tinted (levels per
+#: channel) and specked (share of pixels, each moved by up to ``SPECK`` grey levels).
+MAX_ANGLE, MAX_SHIFT, MAX_TINT, MAX_NOISE, SPECK = 20.0, 0.1, 14, 0.03, 60
+
+
 def sample_view(rng: np.random.Generator, index: int) -> View:
     """View 0 is near-canonical; later views vary pose, scale, position, colour and noise."""
-    if index == 0:
+    if index == CANONICAL_VIEW:
         return View()
     return View(
-        angle=float(rng.uniform(-20, 20)),
+        angle=float(rng.uniform(-MAX_ANGLE, MAX_ANGLE)),
         scale=float(rng.uniform(0.8, 1.05)),
-        dx=float(rng.uniform(-0.1, 0.1)),
-        dy=float(rng.uniform(-0.1, 0.1)),
-        tint=tuple(int(v) for v in rng.integers(-14, 15, size=3)),  # type: ignore[arg-type]
-        noise=float(rng.uniform(0.0, 0.03)),
+        dx=float(rng.uniform(-MAX_SHIFT, MAX_SHIFT)),
+        dy=float(rng.uniform(-MAX_SHIFT, MAX_SHIFT)),
+        tint=tuple(int(v) for v in rng.integers(-MAX_TINT, MAX_TINT + 1, size=3)),  # type: ignore[arg-type]
+        noise=float(rng.uniform(0.0, MAX_NOISE)),
     )
 
 
@@ -99,7 +106,7 @@ class Painter:
         arr = np.asarray(small, dtype=np.int16) + np.asarray(view.tint, dtype=np.int16)  # (H, W, 3)
         if view.noise > 0:
             hit = rng.random(arr.shape[:2]) < view.noise  # (H, W)
-            arr[hit] += rng.integers(-60, 61, size=(int(hit.sum()), 1), dtype=np.int16)
+            arr[hit] += rng.integers(-SPECK, SPECK + 1, size=(int(hit.sum()), 1), dtype=np.int16)
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
