@@ -15,7 +15,8 @@ import pytest
 
 from mmke.cli import main
 from mmke.data.benchmark import load_benchmark
-from mmke.data.formats._foreign import MAX_FIELD_CHARS, iter_records
+from mmke.data.checks import MAX_FIELD_CHARS
+from mmke.data.formats._foreign import iter_records
 from mmke.errors import BadRecordError, ConfigError
 from mmke.types import EditType, ProbeKind
 

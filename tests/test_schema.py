@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from mmke.data.schema import check_image_path, read_cases, validate, write_cases
+from mmke.data.checks import check_image_path
+from mmke.data.schema import read_cases, validate, write_cases
 from mmke.errors import BadRecordError
 from mmke.types import AttackType, EditCase, EditFact, EditType, ImageRef, Probe, ProbeKind
 
@@ -46,7 +48,7 @@ def _case(cid: str = "c1") -> EditCase:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"\x89PNG")
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "img" / "a.png")
     return tmp_path
 
 
@@ -145,3 +147,74 @@ def test_symlink_out_of_root_is_rejected(root: Path, tmp_path_factory: pytest.Te
     (root / "img" / "link.png").symlink_to(outside)
     assert "outside the data root" in (check_image_path("img/link.png", root) or "")
     assert check_image_path("img/a.png", root) is None
+
+
+def bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A few hundred bytes that claim ``width x height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "expect"),
+    [
+        (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        (lambda p: p.write_bytes(p.read_bytes()[:40]), "corrupt or truncated"),
+        (lambda p: p.write_text("I am text, named .png"), "corrupt or truncated"),
+        (bomb_png, "too large to decode safely"),
+        (lambda p: bomb_png(p, 9_000, 9_000), "9000x9000 pixels, over the limit"),
+    ],
+)
+def test_native_reader_decodes_every_image(root: Path, make, expect: str) -> None:
+    """Issue 19.2: zero-byte, truncated, text-named and bomb images were 'ok' until the run."""
+    bad = root / "img" / "bad.png"
+    bad.write_bytes((root / "img" / "a.png").read_bytes())
+    make(bad)
+    f = _write_raw(root, [_good(), _mutate(["probes", 0, "image"], "img/bad.png")])
+    problems = [str(p) for p in validate(f, root)]
+    assert len(problems) == 1 and problems[0].startswith(f"{f}:3 (bad): probe 0 (reliability)")
+    assert expect in problems[0]
+
+
+def test_native_strings_and_lists_are_capped(root: Path) -> None:
+    """Issue 19.3: a 1 MB prompt ran for minutes; the foreign readers' cap applies to native too."""
+    from mmke.data.checks import MAX_FIELD_CHARS, MAX_LIST_ITEMS
+
+    long = _mutate(["probes", 0, "prompt"], "x" * 1_000_000)
+    many = _mutate(["probes"], [_good()["probes"][1]] * (MAX_LIST_ITEMS + 1))
+    many["id"] = "many"
+    f = _write_raw(root, [long, many])
+    problems = [str(p) for p in validate(f, root)]
+    assert f"field 'prompt' is 1,000,000 characters long (limit {MAX_FIELD_CHARS:,})" in problems[0]
+    assert f"'probes' has {MAX_LIST_ITEMS + 1} items" in problems[1]
+
+
+def test_native_encoding_nesting_and_bom(root: Path) -> None:
+    """Issue 19.4: non-UTF-8 bytes and deep nesting were raw tracebacks; a BOM was refused."""
+    f = _write_raw(root, [_good()])
+    good = f.read_bytes()
+    f.write_bytes(b"\xef\xbb\xbf" + good)  # a BOM: accepted, as the foreign readers accept it
+    assert validate(f, root) == []
+    deep: object = 1
+    for _ in range(40):  # deeper than any record, shallow enough for json to decode
+        deep = [deep]
+    lines = [b'{"id": "caf\xe9"}', b"[" * 100_000, json.dumps(_good()).encode(), json.dumps(deep).encode()]
+    f.write_bytes(good + b"\n".join(lines) + b"\n")
+    problems = [str(p) for p in validate(f, root)]
+    assert problems[0] == f"{f}:3: line is not UTF-8 text"
+    assert problems[1].startswith(f"{f}:4: invalid JSON (nested deeper than")
+    assert "duplicate id" in problems[2]
+    assert problems[3].startswith(f"{f}:6: invalid JSON (nested deeper than")
+    assert len(problems) == 4

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from mmke.data.schema import check_image_path
+from mmke.data.checks import FieldError, check_image_path, decode_image
 from mmke.errors import BadRecordError
 from mmke.types import ImageRef
 
@@ -39,8 +39,6 @@ class ImageStore:
 
 def _decode(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as im:
-            im.load()  # force a full decode so truncated files fail here, not mid-batch
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadRecordError(f"{path}: image is corrupt or unreadable ({type(e).__name__}: {e})") from None
+        return decode_image(path)
+    except FieldError as e:
+        raise BadRecordError(f"{path}: {e}") from None

@@ -6,12 +6,19 @@ Every problem is reported as ``file:line (case-id): problem`` so a user can fix 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from mmke.data.checks import (
+    MAX_LIST_ITEMS,
+    FieldError,
+    ImagePathChecks,
+    check_length,
+    loads_record,
+    utf8_lines,
+)
 from mmke.errors import BadRecordError
 from mmke.types import AttackType, EditCase, EditFact, EditType, ImageRef, Probe, ProbeKind, Sample
 
@@ -116,66 +123,17 @@ class Problem:
         return f"{where} ({self.case_id}): {self.message}" if self.case_id else f"{where}: {self.message}"
 
 
-class _Bad(Exception):
-    """Internal: a field problem found while decoding one record."""
-
-
-def check_image_path(path: str, root: Path | None = None) -> str | None:
-    """Why ``path`` is not an acceptable image reference under ``root`` (None when it is).
-
-    Rejects absolute paths, drive letters, backslashes and ``..`` segments; with a root,
-    also a target that resolves (through symlinks) outside the root, or that is missing.
-    """
-    return ImagePathChecks(root)(path)
-
-
-class ImagePathChecks:
-    """``check_image_path`` for the many references of one file under one root.
-
-    The root is resolved once and each distinct path checked once: a world case file names
-    each picture in several probes, and resolving them all took 1.7 s of every run's start.
-    """
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-        self._root_real = None if root is None else Path(os.path.realpath(root))
-        self._seen: dict[str, str | None] = {}
-
-    def __call__(self, path: str) -> str | None:
-        if path not in self._seen:
-            self._seen[path] = self._check(path)
-        return self._seen[path]
-
-    def _check(self, path: str) -> str | None:
-        if not path:
-            return "image path is empty"
-        if "\\" in path or (len(path) > 1 and path[1] == ":"):
-            return f"image path {path!r} is not a relative POSIX path"
-        pure = PurePosixPath(path)
-        if pure.is_absolute():
-            return f"image path {path!r} is absolute; paths must be relative to the data root"
-        if ".." in pure.parts:
-            return f"image path {path!r} escapes the data root"
-        if self._root_real is not None:
-            real = Path(os.path.realpath(self._root_real / pure))
-            if not real.is_relative_to(self._root_real):
-                return f"image path {path!r} resolves outside the data root (symlink?)"
-            if not real.is_file():
-                return f"image {path!r} not found under {self.root}"
-        return None
-
-
 def _str(rec: dict[str, Any], key: str, *, required: bool = True, nonempty: bool = False) -> str | None:
     if key not in rec or rec[key] is None:
         if required:
-            raise _Bad(f"field {key!r} missing")
+            raise FieldError(f"field {key!r} missing")
         return None
     val = rec[key]
     if not isinstance(val, str):
-        raise _Bad(f"field {key!r} must be a string, got {type(val).__name__}")
+        raise FieldError(f"field {key!r} must be a string, got {type(val).__name__}")
     if nonempty and not val.strip():
-        raise _Bad(f"field {key!r} is empty")
-    return val
+        raise FieldError(f"field {key!r} is empty")
+    return check_length(val, key)
 
 
 def _image(rec: dict[str, Any], checks: ImagePathChecks) -> ImageRef | None:
@@ -184,20 +142,22 @@ def _image(rec: dict[str, Any], checks: ImagePathChecks) -> ImageRef | None:
         return None
     why = checks(path)
     if why:
-        raise _Bad(why)
+        raise FieldError(why)
     return ImageRef(path)
 
 
 def _options(rec: dict[str, Any]) -> tuple[str, ...]:
     opts = rec.get("options", [])
     if not isinstance(opts, list) or not all(isinstance(o, str) and o.strip() for o in opts):
-        raise _Bad("field 'options' must be a list of non-empty strings")
-    return tuple(opts)
+        raise FieldError("field 'options' must be a list of non-empty strings")
+    if len(opts) > MAX_LIST_ITEMS:
+        raise FieldError(f"field 'options' has {len(opts)} items (limit {MAX_LIST_ITEMS})")
+    return tuple(check_length(o, "options") for o in opts)
 
 
 def _fact(rec: Any, checks: ImagePathChecks, where: str) -> EditFact:
     if not isinstance(rec, dict):
-        raise _Bad(f"{where} must be an object")
+        raise FieldError(f"{where} must be an object")
     try:
         return EditFact(
             prompt=_str(rec, "prompt", nonempty=True) or "",
@@ -206,8 +166,8 @@ def _fact(rec: Any, checks: ImagePathChecks, where: str) -> EditFact:
             ground_truth=_str(rec, "ground_truth", required=False),
             options=_options(rec),
         )
-    except _Bad as e:
-        raise _Bad(f"{where}: {e}") from None
+    except FieldError as e:
+        raise FieldError(f"{where}: {e}") from None
 
 
 def _enum(enum: type, value: Any, what: str) -> Any:
@@ -215,24 +175,24 @@ def _enum(enum: type, value: Any, what: str) -> Any:
         return enum(value)
     except ValueError:
         choices = ", ".join(m.value for m in enum)
-        raise _Bad(f"unknown {what} {value!r} (expected one of: {choices})") from None
+        raise FieldError(f"unknown {what} {value!r} (expected one of: {choices})") from None
 
 
 def _probe(rec: Any, checks: ImagePathChecks, i: int) -> Probe:
     where = f"probe {i}"
     if not isinstance(rec, dict):
-        raise _Bad(f"{where} must be an object")
+        raise FieldError(f"{where} must be an object")
     try:
         kind = _enum(ProbeKind, _str(rec, "kind"), "probe kind")
         hop = rec.get("hop")
         if hop is not None and (not isinstance(hop, int) or isinstance(hop, bool) or not 1 <= hop <= 4):
-            raise _Bad(f"hop must be an integer 1-4, got {hop!r}")
+            raise FieldError(f"hop must be an integer 1-4, got {hop!r}")
         if kind == ProbeKind.PORTABILITY and hop is None:
-            raise _Bad("portability probe needs 'hop'")
+            raise FieldError("portability probe needs 'hop'")
         attack = rec.get("attack")
         attack = None if attack is None else _enum(AttackType, attack, "attack type")
         if kind == ProbeKind.ROBUSTNESS and attack is None:
-            raise _Bad("robustness probe needs 'attack'")
+            raise FieldError("robustness probe needs 'attack'")
         onehop = rec.get("onehop_edit")
         return Probe(
             kind=kind,
@@ -244,22 +204,26 @@ def _probe(rec: Any, checks: ImagePathChecks, i: int) -> Probe:
             options=_options(rec),
             onehop_edit=None if onehop is None else _fact(onehop, checks, "onehop_edit"),
         )
-    except _Bad as e:
-        raise _Bad(f"{where} ({rec.get('kind', '?')}): {e}") from None
+    except FieldError as e:
+        raise FieldError(f"{where} ({rec.get('kind', '?')}): {e}") from None
 
 
 def case_from_json(rec: Any, root: Path | ImagePathChecks | None = None) -> EditCase:
-    """Decode one case record; raises ``_Bad`` style errors as BadRecordError-ready text."""
+    """Decode one case record; raises ``FieldError`` style errors as BadRecordError-ready text."""
     checks = root if isinstance(root, ImagePathChecks) else ImagePathChecks(root)
     if not isinstance(rec, dict):
-        raise _Bad("record must be a JSON object")
+        raise FieldError("record must be a JSON object")
     case_id = _str(rec, "id", nonempty=True) or ""
     probes = rec.get("probes")
     if not isinstance(probes, list) or not probes:
-        raise _Bad("field 'probes' must be a non-empty list")
+        raise FieldError("field 'probes' must be a non-empty list")
+    if len(probes) > MAX_LIST_ITEMS:
+        raise FieldError(f"field 'probes' has {len(probes)} items (limit {MAX_LIST_ITEMS})")
     meta = rec.get("meta", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _Bad("field 'meta' must be an object of strings")
+        raise FieldError("field 'meta' must be an object of strings")
+    for key, value in meta.items():
+        check_length(value, f"meta.{key}")
     return EditCase(
         case_id=case_id,
         edit_type=_enum(EditType, _str(rec, "edit_type"), "edit type"),
@@ -270,11 +234,15 @@ def case_from_json(rec: Any, root: Path | ImagePathChecks | None = None) -> Edit
     )
 
 
-def _header_problem(line: str, name: str) -> str | None:
+def _header_problem(line: str | None) -> str | None:
+    if line is None:
+        return "header is not UTF-8 text"
+    if not line.strip():
+        return "file is empty (no header line)"
     try:
-        head = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"header is not valid JSON ({e.msg})"
+        head = loads_record(line)
+    except (json.JSONDecodeError, FieldError) as e:
+        return f"header is not valid JSON ({getattr(e, 'msg', e)})"
     if not isinstance(head, dict) or head.get("format") != FORMAT:
         return f"not an mmke case file (header 'format' must be {FORMAT!r})"
     if head.get("version") != VERSION:
@@ -282,29 +250,39 @@ def _header_problem(line: str, name: str) -> str | None:
     return None
 
 
-def iter_validated(path: Path, root: Path | None = None) -> Iterator[EditCase | Problem]:
-    """Yield each case of ``path`` or, for a bad record, a Problem; duplicates are problems too."""
-    name = str(path)
-    seen: dict[str, int] = {}
-    checks = ImagePathChecks(root)
+def _read_bytes(path: Path) -> bytes | str:
+    """The file's bytes, or why it cannot be read."""
     try:
-        f = open(path, encoding="utf-8")  # noqa: SIM115 -- an unreadable file is a Problem, not a raise
+        return path.read_bytes()
     except OSError as e:
-        yield Problem(name, 0, None, f"cannot open: {e.strerror}")
+        return f"cannot open: {e.strerror}"
+
+
+def iter_validated(
+    path: Path, root: Path | None = None, *, decode_images: bool = True
+) -> Iterator[EditCase | Problem]:
+    """Yield each case of ``path`` or, for a bad record, a Problem; duplicates are problems too.
+
+    Every image a case names must decode (``mmke.data.checks``), as in the foreign readers;
+    ``decode_images=False`` checks paths only, for files mmke generated itself.
+    """
+    name = str(path)
+    data = _read_bytes(path)
+    if isinstance(data, str):
+        yield Problem(name, 0, None, data)
         return
-    with f:
-        try:
-            first = f.readline()
-        except UnicodeDecodeError:
-            yield Problem(name, 1, None, "file is not UTF-8 text")
-            return
-        why = _header_problem(first, name) if first.strip() else "file is empty (no header line)"
-        if why:
-            yield Problem(name, 1, None, why)
-            return
-        for lineno, line in enumerate(f, start=2):
-            if not line.strip():
-                continue
+    lines = utf8_lines(data)
+    _, first = next(lines)
+    why = _header_problem(first)
+    if why:
+        yield Problem(name, 1, None, why)
+        return
+    seen: dict[str, int] = {}
+    checks = ImagePathChecks(root, decode=decode_images)
+    for lineno, line in lines:
+        if line is None:
+            yield Problem(name, lineno, None, "line is not UTF-8 text")
+        elif line.strip():
             yield _decode_line(line, lineno, name, checks, seen)
 
 
@@ -312,13 +290,17 @@ def _decode_line(
     line: str, lineno: int, name: str, checks: ImagePathChecks, seen: dict[str, int]
 ) -> EditCase | Problem:
     try:
-        rec = json.loads(line)
+        rec = loads_record(line)
     except json.JSONDecodeError as e:
         return Problem(name, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")
+    except FieldError as e:
+        return Problem(name, lineno, None, str(e))
     cid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
+    if cid is not None and len(cid) > 80:  # the one-line error must stay one readable line
+        cid = cid[:80] + "…"
     try:
         case = case_from_json(rec, checks)
-    except _Bad as e:
+    except FieldError as e:
         return Problem(name, lineno, cid, str(e))
     if case.case_id in seen:
         return Problem(name, lineno, cid, f"duplicate id (first seen on line {seen[case.case_id]})")
@@ -331,11 +313,11 @@ def validate(path: Path, root: Path | None = None) -> list[Problem]:
     return [x for x in iter_validated(path, root) if isinstance(x, Problem)]
 
 
-def read_cases(path: Path, root: Path | None = None) -> list[EditCase]:
+def read_cases(path: Path, root: Path | None = None, *, decode_images: bool = True) -> list[EditCase]:
     """Read a native case file, refusing it whole if any record is bad (before any editing starts)."""
     cases: list[EditCase] = []
     problems: list[Problem] = []
-    for x in iter_validated(path, root):
+    for x in iter_validated(path, root, decode_images=decode_images):
         (problems if isinstance(x, Problem) else cases).append(x)  # type: ignore[arg-type]
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -344,12 +326,16 @@ def read_cases(path: Path, root: Path | None = None) -> list[EditCase]:
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
-    why = _header_problem(first, str(path)) if first.strip() else "file is empty (no header line)"
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError as e:
+        raise BadRecordError(f"{path}: cannot open: {e.strerror}") from None
+    _, line = next(utf8_lines(first.rstrip(b"\n")))
+    why = _header_problem(line)
     if why:
         raise BadRecordError(f"{path}:1: {why}")
-    return json.loads(first)
+    return json.loads(line)  # type: ignore[arg-type]
 
 
 def read_samples(path: Path) -> list[Sample]:

@@ -21,9 +21,10 @@ import numpy as np
 
 from mmke.data.build import adversarial, counterfactual, multihop
 from mmke.data.build.pipeline import Context, Item, item_step
+from mmke.data.checks import check_image_path
 from mmke.data.images import ImageStore
 from mmke.data.mcq import render_options
-from mmke.data.schema import check_image_path, write_cases
+from mmke.data.schema import write_cases
 from mmke.data.seeding import rng_for
 from mmke.errors import BadRecordError, ConfigError
 from mmke.types import ImageRef

@@ -19,22 +19,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from mmke.data.benchmark import Benchmark
-from mmke.data.schema import Problem, check_image_path
+from mmke.data.checks import (
+    MAX_LIST_ITEMS,
+    FieldError,
+    check_depth,
+    check_image_path,
+    check_length,
+    image_problem,
+    json_type,
+)
+from mmke.data.schema import Problem
 from mmke.errors import BadRecordError, ConfigError
 from mmke.types import EditCase, ImageRef
-
-#: Longest string a record may hold. Real prompts and answers are far shorter (MMKE-Bench's
-#: longest descriptions are ~2k characters); a longer one is a broken or hostile record.
-MAX_FIELD_CHARS = 16_384
-#: A probe list longer than this in one record is not a benchmark record either.
-MAX_LIST_ITEMS = 1_000
-
-
-class FieldError(Exception):
-    """A problem with one field of one record (becomes a ``Problem`` with the record's place)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +140,8 @@ class Fields:
 
     def __init__(self, value: Any) -> None:
         if not isinstance(value, dict):
-            raise FieldError(f"record must be a JSON object, got {_json_type(value)}")
+            raise FieldError(f"record must be a JSON object, got {json_type(value)}")
+        check_depth(value)
         self.rec: dict[str, Any] = value
 
     def has(self, *keys: str) -> bool:
@@ -165,7 +163,7 @@ class Fields:
         if value is None:
             return []
         if not isinstance(value, list):
-            raise FieldError(f"field {key!r} must be a list, got {_json_type(value)}")
+            raise FieldError(f"field {key!r} must be a list, got {json_type(value)}")
         if len(value) > MAX_LIST_ITEMS:
             raise FieldError(f"field {key!r} has {len(value)} items (limit {MAX_LIST_ITEMS})")
         return value
@@ -176,17 +174,10 @@ def checked_text(value: Any, key: str) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # answers such as 1989 are often stored as numbers
     if not isinstance(value, str):
-        raise FieldError(f"field {key!r} must be a string, got {_json_type(value)}")
+        raise FieldError(f"field {key!r} must be a string, got {json_type(value)}")
     if not value.strip():
         raise FieldError(f"field {key!r} is empty")
-    if len(value) > MAX_FIELD_CHARS:
-        raise FieldError(f"field {key!r} is {len(value):,} characters long (limit {MAX_FIELD_CHARS:,})")
-    return value
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
+    return check_length(value, key)
 
 
 # ---------------------------------------------------------------- images
@@ -226,18 +217,6 @@ class ImageChecker:
     def _resolve(self, rel: str, folder: Path) -> ImageRef | str:
         why = check_image_path(rel, folder) or image_problem(folder / rel)
         return why if why else ImageRef((folder / rel).relative_to(self.root).as_posix())
-
-
-def image_problem(file: Path) -> str | None:
-    """Why ``file`` is not a usable image (None when it decodes completely)."""
-    try:
-        if file.stat().st_size == 0:
-            return f"image {file.name!r} is empty (0 bytes)"
-        with Image.open(file) as im:
-            im.load()  # a full decode: truncated files fail here, before any editing starts
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"image {file.name!r} is corrupt or truncated ({type(e).__name__})"
-    return None
 
 
 # ---------------------------------------------------------------- records -> benchmark
