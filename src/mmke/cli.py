@@ -12,12 +12,19 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from mmke.errors import MmkeError
+
+if TYPE_CHECKING:
+    from mmke.config import RunConfig
+    from mmke.data.benchmark import Benchmark
+    from mmke.eval.executors import Executor
+    from mmke.eval.store import RunStore
 
 log = logging.getLogger("mmke")
 
@@ -275,23 +282,41 @@ def cmd_eval_base(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """The main job: edit and evaluate every configured method, record each case, report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from mmke.config import load_config
     from mmke.eval.executors import executor_for
-    from mmke.eval.runner import preflight, run
+    from mmke.eval.runner import preflight
     from mmke.eval.store import RunStore
 
     executor = executor_for(args.executor, args.workers, args.ray_address)
+    given = [*_run_flags(args), *args.overrides]
+    with contextlib.ExitStack() as held:
+        if args.resume:
+            store = RunStore.open(args.resume)
+            held.enter_context(store.locked())  # a second writer is told before any reading or loading
+            cfg = _resumed_config(store, args.config, given)
+            bench = preflight(cfg)
+        else:
+            cfg = load_config(args.config, given)
+            bench = preflight(cfg)  # nothing is created on disk before this passes
+            store = RunStore.create(Path(cfg.out), args.run_id, cfg.to_dict())
+            held.enter_context(store.locked(discard_if_empty=True))
+        console.print(f"run {store.path}: {', '.join(cfg.methods)} on {cfg.benchmark} with model {cfg.model}")
+        summary = _run_with_progress(console, cfg, store, executor, bench)
+    _print_summary(console, summary)
+    reported = _write_report(console, store.path)
+    failures = run_failures(summary)
+    for line in failures:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return 1 if failures or not reported else 0
 
-    if args.resume:
-        store = RunStore.open(args.resume)
-        cfg = load_config(None, _as_overrides(store.config))
-    else:
-        cfg = load_config(args.config, [*_run_flags(args), *args.overrides])
-        preflight(cfg)
-        store = RunStore.create(Path(cfg.out), args.run_id, cfg.to_dict())
-    console.print(f"run {store.path}: {', '.join(cfg.methods)} on {cfg.benchmark} with model {cfg.model}")
+
+def _run_with_progress(
+    console: Console, cfg: RunConfig, store: RunStore, executor: Executor, bench: Benchmark
+) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mmke.eval.runner import run
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("scoring the unedited model", total=None)
@@ -299,10 +324,51 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         def step(done: int, total: int, method: str) -> None:
             bar.update(task, completed=done, total=total, description=f"editing ({method})")
 
-        summary = run(cfg, store, step, executor)
-    _print_summary(console, summary)
-    _write_report(console, store.path)
-    return 0
+        try:
+            return run(cfg, store, step, executor, bench)
+        except OSError as e:  # a full disk, a folder gone read-only: what was recorded is kept
+            kept = len(store.records())
+            raise MmkeError(
+                f"{_os_error(e)}; the {kept} case record(s) written so far are kept: "
+                f"fix it, then `mmke run --resume {store.path}`"
+            ) from None
+
+
+def _resumed_config(store: RunStore, config: Path | None, given: Sequence[str]) -> RunConfig:
+    """The saved run's settings; settings given with ``--resume`` must equal them (else a ConfigError
+    naming the keys that differ), since a resumed run finishes its own plan."""
+    from mmke.config import load_config
+    from mmke.errors import ConfigError
+
+    saved = _as_overrides(store.config)
+    cfg = load_config(None, saved)
+    if config is None and not given:
+        return cfg
+    asked = load_config(config, [*saved, *given]).to_dict()
+    had = cfg.to_dict()
+    differ = [f"{k} (saved {had[k]!r}, given {asked[k]!r})" for k in had if asked[k] != had[k]]
+    if differ:
+        raise ConfigError(
+            f"--resume {store.path}: the run was started with other settings: {'; '.join(differ)}; "
+            "resume without them, or start a new run"
+        )
+    return cfg
+
+
+def run_failures(summary: dict) -> list[str]:
+    """Why a finished run is not complete, one line each: methods not run, cases that failed with an
+    error, and method groups whose every edit collapsed (e.g. float16 on CPU). Empty: complete."""
+    run = summary.get("run") or {}
+    lines = [f"incomplete: {m} not run ({why})" for m, why in (run.get("not_run") or {}).items()]
+    for g in summary.get("groups", []):
+        if g["edit_type"] != "all":
+            continue
+        name = g["method"] + (f" ({g['protocol']})" if g["protocol"] != "single" else "")
+        if g["n_error"]:
+            lines.append(f"incomplete: {name}: {g['n_error']} case(s) failed with an error (see cases.jsonl)")
+        elif g["n_cases"] and g["n_collapsed"] == g["n_cases"]:
+            lines.append(f"failed: {name}: every edit collapsed (non-finite weights or scores)")
+    return lines
 
 
 def _run_flags(args: argparse.Namespace) -> list[str]:
@@ -397,10 +463,21 @@ def _print_summary(console: Console, summary: dict) -> None:
         console.print(f"{run['skipped_records']} bad benchmark record(s) skipped (see skipped.jsonl)")
 
 
-def _write_report(console: Console, run_dir: Path) -> None:
+def _write_report(console: Console, run_dir: Path, out: Path | None = None) -> bool:
+    """Write the run's report; a folder that cannot be written is one line (the results are safe)."""
     from mmke.report import write_report
 
-    console.print(f"report: {write_report(run_dir)}")
+    try:
+        console.print(f"report: {write_report(run_dir, out)}")
+    except OSError as e:
+        where = e.filename or out or run_dir
+        print(
+            f"mmke: error: report not written ({e.strerror}: {where}); the results are saved: "
+            f"write it elsewhere with `mmke report {run_dir} --out DIR`",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -415,8 +492,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         from mmke.report.tables import rich_table, select_table
 
         console.print(rich_table(select_table(summary, args.table)))
-    _write_report(console, args.run)
-    return 0
+    return 0 if _write_report(console, args.run, args.out) else 1
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
@@ -434,7 +510,7 @@ def _run_help() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmke", description=__doc__)
+    p = _Parser(prog="mmke", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -490,6 +566,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables, plots and one HTML page for a finished run")
     rep.add_argument("run", type=Path)
     rep.add_argument("--table", default=None, help="also print this table, e.g. mmke_bench, edit_types")
+    rep.add_argument("--out", type=Path, default=None, help="write the report here (default: the run folder)")
     rep.set_defaults(func=cmd_report)
 
     cmp = sub.add_parser("compare", help="two runs side by side (markdown)")
@@ -571,6 +648,34 @@ def _add_step_parsers(bsub: argparse._SubParsersAction) -> None:
         step.set_defaults(func=cmd_build_step)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options and positionals (``key=value`` settings) in any order, on every subcommand.
+
+    Plain argparse stops filling ``nargs="*"`` positionals at the first option, so
+    ``mmke run limit=2 --model world methods=[ft_llm]`` was refused; intermixed parsing is not.
+    A parser with subcommands parses as usual and hands the rest to the chosen subcommand.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        has_sub = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions)
+        if has_sub or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _os_error(e: OSError) -> str:
+    """An OS error as ``what: which file`` (a full disk says how to fix it)."""
+    what = e.strerror or type(e).__name__
+    where = f": {e.filename}" if e.filename else ""
+    return f"{what}{where}"
+
+
 def _quiet_offline_hub() -> None:
     """Nothing may download at run time, and library progress bars would break the one-line errors."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
@@ -589,14 +694,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args, console)
     except MmkeError as e:
-        print(f"mmke: error: {e}", file=sys.stderr)
+        _fail(args, f"mmke: error: {e}")
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"mmke: error: {e.strerror}: {e.filename}", file=sys.stderr)
+    except OSError as e:  # a missing or unwritable file, a full disk: the message names the file
+        _fail(args, f"mmke: error: {_os_error(e)}")
         return 2
     except KeyboardInterrupt:
         print("mmke: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: still one line; -v shows where
+        _fail(args, f"mmke: internal error: {type(e).__name__}: {e} (run with -v for the traceback)")
+        return 70
+
+
+def _fail(args: argparse.Namespace, line: str) -> None:
+    """One line on stderr; with ``-v`` the traceback first."""
+    if args.verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(line.splitlines()[0] if line.strip() else line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,10 @@ class RunConfig:
     device: str = field(default="cpu", metadata=_help("torch device: cpu, cuda, cuda:1 …"))
     dtype: str = field(default="float32", metadata=_help(f"one of {', '.join(DTYPES)}"))
     skip_bad: bool = field(default=False, metadata=_help("skip malformed cases instead of stopping"))
+    allow_pickle: bool = field(
+        default=False,
+        metadata=_help("load a model folder's pickle weights (pytorch_model.bin), which can run code"),
+    )
 
     def validate(self) -> RunConfig:
         """Check names and ranges; returns self so it chains after construction."""
@@ -271,6 +275,8 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -52,9 +52,11 @@ UNITS_PER_WORKER = 8
 
 class Executor(Protocol):
     def run(
-        self, cfg: RunConfig, store: RunStore, progress: Progress | None
+        self, cfg: RunConfig, store: RunStore, progress: Progress | None, bench: Benchmark | None = None
     ) -> tuple[Benchmark, dict[str, str]]:
-        """Run every configured method; returns the benchmark and the methods that could not run."""
+        """Run every configured method; returns the benchmark and the methods that could not run.
+
+        ``bench``: the run's benchmark when the driver has read it already (``preflight``)."""
         ...
 
 
@@ -168,9 +170,9 @@ class InProcess:
     """Everything in this process, on one model (the default)."""
 
     def run(
-        self, cfg: RunConfig, store: RunStore, progress: Progress | None
+        self, cfg: RunConfig, store: RunStore, progress: Progress | None, bench: Benchmark | None = None
     ) -> tuple[Benchmark, dict[str, str]]:
-        s = open_session(cfg, store, progress)
+        s = open_session(cfg, store, progress, bench=bench)
         note_skipped(store, s.bench)
         s.recorded = len(store.records())
         return s.bench, run_in_session(s)
@@ -203,7 +205,7 @@ class LocalWorkers:
     workers: int = 2
 
     def run(
-        self, cfg: RunConfig, store: RunStore, progress: Progress | None
+        self, cfg: RunConfig, store: RunStore, progress: Progress | None, bench: Benchmark | None = None
     ) -> tuple[Benchmark, dict[str, str]]:
         ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and any CUDA state
         tasks, results = ctx.Queue(), ctx.Queue()
@@ -212,7 +214,7 @@ class LocalWorkers:
         for p in procs:  # first: their imports and model loading overlap the driver's benchmark read
             p.start()
         try:
-            bench, cases = open_cases(cfg)
+            bench, cases = open_cases(cfg, bench)
             note_skipped(store, bench)
             driver = _Driver(cfg, store, progress, len(cases))
             units = plan_units(cfg, len(cases), self.workers)
@@ -252,13 +254,13 @@ class RayWorkers:
     address: str | None = None
 
     def run(
-        self, cfg: RunConfig, store: RunStore, progress: Progress | None
+        self, cfg: RunConfig, store: RunStore, progress: Progress | None, bench: Benchmark | None = None
     ) -> tuple[Benchmark, dict[str, str]]:
         try:
             import ray
         except ImportError:
             raise ConfigError("--executor ray needs Ray: pip install 'mmke[ray]'") from None
-        bench, cases = open_cases(cfg)
+        bench, cases = open_cases(cfg, bench)
         note_skipped(store, bench)
         driver = _Driver(cfg, store, progress, len(cases))
         units = plan_units(cfg, len(cases), self.workers)

@@ -19,7 +19,7 @@ import torch
 from mmke.config import RunConfig
 from mmke.data.benchmark import Benchmark
 from mmke.data.images import ImageStore
-from mmke.errors import BadRecordError, MmkeError
+from mmke.errors import BadRecordError, ConfigError, MmkeError
 from mmke.eval import protocols
 from mmke.eval._efficiency import measure
 from mmke.eval.metrics import behavioural_collapse, score_case, string_match
@@ -405,9 +405,9 @@ def open_benchmark(cfg: RunConfig) -> Benchmark:
     return load_benchmark(cfg.benchmark, root, skip_bad=cfg.skip_bad, options=cfg.benchmark_options)
 
 
-def open_cases(cfg: RunConfig) -> tuple[Benchmark, tuple[EditCase, ...]]:
-    """The benchmark and the run's selection of its cases; no cases at all is an error."""
-    bench = open_benchmark(cfg)
+def open_cases(cfg: RunConfig, bench: Benchmark | None = None) -> tuple[Benchmark, tuple[EditCase, ...]]:
+    """The benchmark (read unless given) and the run's selection of its cases; none is an error."""
+    bench = open_benchmark(cfg) if bench is None else bench
     cases = select_cases(bench.cases, cfg.limit, cfg.edit_types)
     if not cases:
         why = f"; {len(bench.skipped)} bad record(s) skipped" if bench.skipped else ""
@@ -422,14 +422,20 @@ def note_skipped(store: RunStore, bench: Benchmark) -> None:
 
 
 def open_session(
-    cfg: RunConfig, store: Sink, progress: Progress | None = None, *, score_all: bool = True
+    cfg: RunConfig,
+    store: Sink,
+    progress: Progress | None = None,
+    *,
+    score_all: bool = True,
+    bench: Benchmark | None = None,
 ) -> Session:
-    """Load the model and benchmark once and (``score_all``) score the unedited model on every probe.
+    """Load the model and benchmark (unless given) once and (``score_all``) score the unedited
+    model on every probe.
 
     A worker that runs only some cases passes ``score_all=False`` and scores them as it meets them.
     """
-    bench, cases = open_cases(cfg)
-    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    bench, cases = open_cases(cfg, bench)
+    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
     images = ImageStore(bench.image_root) if bench.image_root is not None else None
     s = Session(cfg, model, cfg.model, bench, cases, images, store, {}, progress)
     if score_all:
@@ -438,13 +444,25 @@ def open_session(
     return s
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Fail on unknown component names before anything is created, loaded or edited."""
+def preflight(cfg: RunConfig) -> Benchmark:
+    """Check everything a run can check without loading its model, before anything is created,
+    loaded or edited: component names, every method's options, the device, the model folder's
+    config and the benchmark's records. Returns the benchmark, read once for the run."""
+    from mmke.methods.base import make_config
+    from mmke.models._loading import check_device, read_config
     from mmke.registry import benchmarks, methods
 
     benchmarks.get(cfg.benchmark.partition(":")[0])
+    source = model_dir(cfg.model)
     for method in cfg.methods:
-        methods.get(method)
+        editor = methods.get(method)
+        make_config(editor.defaults, method_options(source, cfg, method), method)
+    path = bundled_or_path(cfg.model)
+    check_device(cfg.device, path)
+    read_config(path)
+    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise ConfigError(f"image_root={cfg.image_root!r} is not a directory")
+    return open_cases(cfg)[0]
 
 
 def model_dir(name: str) -> Path | None:
@@ -469,17 +487,22 @@ def run_in_session(s: Session) -> dict[str, str]:
 
 
 def run(
-    cfg: RunConfig, store: RunStore, progress: Progress | None = None, executor: Executor | None = None
+    cfg: RunConfig,
+    store: RunStore,
+    progress: Progress | None = None,
+    executor: Executor | None = None,
+    bench: Benchmark | None = None,
 ) -> dict:
     """Run every configured method on the configured protocol; returns (and stores) the summary.
 
-    ``executor`` says where the work happens (default: in this process; see ``mmke.eval.executors``).
+    ``executor`` says where the work happens (default: in this process; see ``mmke.eval.executors``);
+    ``bench`` is ``preflight``'s benchmark (checked and read here when not given).
     """
     from mmke.eval.executors import InProcess
     from mmke.eval.metrics import summarize
 
-    preflight(cfg)
-    bench, not_run = (executor or InProcess()).run(cfg, store, progress)
+    bench = preflight(cfg) if bench is None else bench
+    bench, not_run = (executor or InProcess()).run(cfg, store, progress, bench)
     run_info = {
         "config": cfg.to_dict(),
         "config_hash": store.config_hash,

@@ -3,15 +3,21 @@
 ``runs/<id>/config.yaml`` + ``config_hash``, ``cases.jsonl`` (one canonical JSON line per case,
 fsync'd before ``append`` returns, so a kill loses at most the case in flight) and
 ``summary.json`` (replaced atomically). ``done_keys`` lets ``--resume`` skip finished cases.
+A process that writes a run holds an exclusive OS lock on ``runs/<id>/.lock`` for the run's whole
+life (``RunStore.locked``); the OS drops it on any exit, kill -9 included. Readers (report,
+compare) take no lock.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +25,19 @@ from typing import Any
 import yaml
 
 from mmke.data.schema import Problem, dumps_line
-from mmke.errors import BadRecordError, ConfigError
+from mmke.errors import BadRecordError, ConfigError, MmkeError
+
+try:  # POSIX; elsewhere a run folder has no writer lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 CONFIG_FILE = "config.yaml"
 HASH_FILE = "config_hash"
 CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
 SKIPPED_FILE = "skipped.jsonl"
+LOCK_FILE = ".lock"
 RECORD_SCHEMA = "mmke-case/1"
 
 ResumeKey = tuple[Any, Any, Any, Any, str]
@@ -61,14 +73,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+class RunLockedError(MmkeError):
+    """Another process is writing this run folder."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never half of one.
+
+    The temporary file is fsync'd before the rename and removed if anything fails (a full disk).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _writable_dir(path: Path) -> None:
+    """A one-line error now, before any model is loaded, if nothing can be written in ``path``."""
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        why = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
+        raise ConfigError(f"cannot write in {path} ({why}); choose another out= folder") from None
 
 
 def _new_run_dir(root: Path, digest: str) -> Path:
@@ -91,6 +126,7 @@ class RunStore:
     path: Path
     config: dict[str, Any]
     config_hash: str
+    _lock_fd: int | None = None
 
     @property
     def run_id(self) -> str:
@@ -109,7 +145,10 @@ class RunStore:
         """Start a run under ``root`` (``runs/``); refuses to reuse an existing run directory."""
         plain = plain_config(config)
         digest = config_hash(plain)
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"out={str(root)!r} is a file; out names the folder that holds run folders")
         root.mkdir(parents=True, exist_ok=True)
+        _writable_dir(root)
         if run_id is None:
             path = _new_run_dir(root, digest)
         else:
@@ -120,11 +159,52 @@ class RunStore:
                 path.mkdir()
             except FileExistsError:
                 raise ConfigError(f"run {path} already exists; resume it with --resume {path}") from None
-        _write_atomic(path / CONFIG_FILE, yaml.safe_dump(plain, sort_keys=True, allow_unicode=True))
-        _write_atomic(path / HASH_FILE, digest + "\n")
+        write_atomic(path / CONFIG_FILE, yaml.safe_dump(plain, sort_keys=True, allow_unicode=True))
+        write_atomic(path / HASH_FILE, digest + "\n")
         (path / CASES_FILE).touch()
         _fsync_dir(path)
         return cls(path, plain, digest)
+
+    # ------------------------------------------------------------ the writer's lock
+
+    @contextmanager
+    def locked(self, *, discard_if_empty: bool = False) -> Iterator[RunStore]:
+        """Hold the run's writer lock for the block; a second writer gets ``RunLockedError``.
+
+        ``discard_if_empty``: a new run that failed before recording any case leaves no folder.
+        """
+        self.lock()
+        try:
+            yield self
+        except BaseException:
+            if discard_if_empty and not self.records() and not self.summary_path.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        finally:
+            self.unlock()
+
+    def lock(self) -> None:
+        if fcntl is None or self._lock_fd is not None:
+            return
+        _writable_dir(self.path)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise RunLockedError(
+                f"run {self.path} is being written by another mmke process (pid {holder}); "
+                "wait for it to finish or stop it, then resume"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     @classmethod
     def open(cls, path: Path) -> RunStore:
@@ -209,7 +289,7 @@ class RunStore:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` atomically (temp file + rename): readers never see half a summary."""
         text = json.dumps(summary, ensure_ascii=False, sort_keys=True, indent=2) + "\n"
-        _write_atomic(self.summary_path, text)
+        write_atomic(self.summary_path, text)
 
     def write_skipped(self, problems: Sequence[Problem]) -> None:
         """``skipped.jsonl``: each benchmark record left out under ``skip_bad``, with its reason."""
@@ -217,7 +297,7 @@ class RunStore:
             json.dumps({"file": p.file, "line": p.line, "case_id": p.case_id, "problem": p.message})
             for p in problems
         ]
-        _write_atomic(self.path / SKIPPED_FILE, "".join(line + "\n" for line in lines))
+        write_atomic(self.path / SKIPPED_FILE, "".join(line + "\n" for line in lines))
 
     def read_skipped(self) -> list[dict[str, Any]]:
         path = self.path / SKIPPED_FILE

@@ -194,24 +194,30 @@ def _make_plots(summary: Mapping[str, Any], out_dir: Path) -> tuple[list[Path], 
     """Plots, or none and the reason when matplotlib (the ``report`` extra) is missing."""
     try:
         from mmke.report.plots import make_plots
+
+        return make_plots(summary, out_dir), ""  # matplotlib is imported here, at first use
     except ModuleNotFoundError as e:
-        return [], f"no plots: {e.name} is not installed (pip install 'mmke[report]')"
-    return make_plots(summary, out_dir), ""
+        if not (e.name or "").startswith("matplotlib"):
+            raise
+        return [], "no plots: matplotlib is not installed (pip install 'mmke[report]')"
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write ``report.html`` (self-contained), ``tables/`` and ``plots/`` into ``run_dir``."""
+def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """Write ``report.html`` (self-contained), ``tables/`` and ``plots/`` into ``out_dir`` (default:
+    ``run_dir``, which is only read: a read-only finished run can be reported elsewhere)."""
     run_dir = Path(run_dir)
+    out_dir = run_dir if out_dir is None else Path(out_dir)
     summary = load_summary(run_dir)
     scan = scan_cases(run_dir / "cases.jsonl")
     tables = build_tables(summary)
     generation = generation_table(scan)
     if generation is not None:
         tables.append(generation)
-    write_tables(tables, run_dir / "tables")
-    plots, plot_problem = _make_plots(summary, run_dir / "plots")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tables(tables, out_dir / "tables")
+    plots, plot_problem = _make_plots(summary, out_dir / "plots")
     page = _page(run_dir, summary, scan, tables, plots, plot_problem)
-    out = run_dir / "report.html"
+    out = out_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     log.info("wrote %s (%d tables, %d plots)", out, len(tables), len(plots))
     return out
