@@ -7,13 +7,17 @@ import http.client
 import json
 import logging
 import re
-from collections.abc import Iterator
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from mmke import cli
 from mmke.data.build import review
 from mmke.data.build.review import (
     CHROMIUM_ARGS,
@@ -299,6 +303,165 @@ def test_get_serves_only_the_items_images(review_dir: Path) -> None:
 def test_serve_is_loopback_only(review_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"only 127\.0\.0\.1"):
         serve(review_dir, host="0.0.0.0")
+
+
+# ------------------------------------------------------------------------------- server failures
+
+LOGGER = "mmke.data.build.review"
+
+
+def _problems(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("port", [70000, -1])
+def test_port_out_of_range_is_config_error(review_dir: Path, port: int) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"port {port} is out of range (0-65535); pass --port P")):
+        serve(review_dir, port=port)
+
+
+def test_port_in_use_is_config_error(review_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as err:
+            serve(review_dir, port=port)
+    assert str(err.value) == (
+        f"port {port} is in use on 127.0.0.1; pass --port P with another port, or 0 for any free one"
+    )
+
+
+@pytest.mark.parametrize("port", [None, 70000])
+def test_cli_reports_bad_port_in_one_line(
+    review_dir: Path, port: int | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(var, "1")  # what main() would set for good
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = port or taken.getsockname()[1]
+        assert cli.main(["review", str(review_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmke: error: port {port} is ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+#: bodies a client may POST that are no decision, by name: (body, what the 400's message says)
+MALFORMED: dict[str, tuple[object, str]] = {
+    "deep-array": (b"[" * 100_000, "nested too deeply"),
+    "deep-object": (
+        b'{"id": "cf-1", "status": "accepted", "fields": ' + b'{"a": ' * 50_000,
+        "nested too deeply",
+    ),
+    "latin-1": (
+        '{"id": "cf-1", "status": "edited", "fields": {"answer": "café"}}'.encode("latin-1"),
+        "not UTF-8",
+    ),
+    "utf-16": ('{"id": "cf-1", "status": "accepted"}'.encode("utf-16"), "not UTF-8"),
+    "surrogate": (b'{"id": "adv-4", "status": "edited", "fields": {"answer": "\\ud800"}}', "lone surrogate"),
+    "huge-number": (b'{"id": ' + b"1" * 5000 + b"}", "too many digits"),
+    "dict-id": ({"id": {"deep": [[["x"]]]}, "status": "accepted"}, "no item with id a dict"),
+    "list-status": ({"id": "cf-1", "status": ["accepted"]}, "status a list is not one of"),
+    "long-status": ({"id": "cf-1", "status": "x" * 500_000}, "is not one of"),
+    "many-keys": ({f"key{i}": 1 for i in range(20_000)}, "unknown keys ['key0', 'key1'"),
+    "many-fields": (
+        {"id": "adv-4", "status": "edited", "fields": {f"f{i}": "x" for i in range(20_000)}},
+        "unknown field",
+    ),
+    "long-array": ([1] * 100_000, "must be a JSON object {id, status, fields}, not a list"),
+}
+
+
+@pytest.mark.parametrize(("body", "problem"), MALFORMED.values(), ids=list(MALFORMED))
+def test_malformed_post_is_a_one_line_400(
+    review_dir: Path,
+    body: object,
+    problem: str,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER), serve(review_dir) as server:
+        status, answer = _request(server.url, "POST", "/decisions", body)
+        error = json.loads(answer)["error"]
+        assert status == 400 and problem in error
+        assert "\n" not in error and len(error) <= 300
+        assert not (review_dir / DECISIONS_FILE).exists()
+        # the server goes on serving
+        assert _request(server.url, "POST", "/decisions", {"id": "cf-1", "status": "accepted"})[0] == 200
+    assert read_decisions(review_dir) == {"cf-1": DECISIONS["cf-1"]}
+    assert not _problems(caplog) and "Traceback" not in capfd.readouterr().err
+
+
+def _post_header_only(url: str, length: str) -> tuple[int, str]:
+    """A POST that announces `length` bytes and sends none (so the server's refusal is read cleanly)."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")), timeout=5)
+    conn.putrequest("POST", "/decisions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", length)
+    conn.endheaders()
+    response = conn.getresponse()
+    result = response.status, json.loads(response.read())["error"]
+    conn.close()
+    return result
+
+
+@pytest.mark.parametrize(
+    ("length", "status", "problem"),
+    [
+        ("2000000", 413, "body too large: at most 1048576 bytes"),
+        ("9" * 5000, 413, "body too large: at most 1048576 bytes"),
+        ("-5", 400, "bad Content-Length '-5'"),
+        ("twelve", 400, "bad Content-Length 'twelve'"),
+    ],
+)
+def test_bad_content_length_is_refused(review_dir: Path, length: str, status: int, problem: str) -> None:
+    with serve(review_dir) as server:
+        assert _post_header_only(server.url, length) == (status, problem)
+        assert _request(server.url, "GET", "/decisions")[0] == 200
+
+
+def test_client_hanging_up_leaves_no_traceback(
+    review_dir: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger=LOGGER), serve(review_dir) as server:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close: RST
+                client.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+        gone = lambda: sum("went away" in r.getMessage() for r in caplog.records)  # noqa: E731
+        _wait_for(lambda: gone() == 3 or bool(_problems(caplog)))
+        assert _request(server.url, "GET", "/decisions")[0] == 200
+    assert not _problems(caplog) and "Traceback" not in capfd.readouterr().err
+
+
+def test_unexpected_error_is_500_and_one_log_line(
+    review_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    def broken(self: object) -> str:
+        raise RuntimeError("the page broke\non two lines")
+
+    monkeypatch.setattr(review._ReviewState, "page", broken)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), serve(review_dir) as server:
+        status, body = _request(server.url, "GET", "/")
+        assert (status, json.loads(body)) == (500, {"error": "server error (RuntimeError)"})
+        assert _request(server.url, "GET", "/decisions")[0] == 200
+    [record] = _problems(caplog)
+    assert record.levelno == logging.ERROR and record.exc_info is None
+    assert record.getMessage() == (
+        "review server: 'GET / HTTP/1.1' failed: RuntimeError: the page broke on two lines"
+    )
+    assert "Traceback" not in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- browser

@@ -3,11 +3,14 @@ accept, reject or edit each item, and a small loopback server that saves each de
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import html
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
@@ -41,6 +44,10 @@ _IMAGE_TYPES = {
     ".bmp": "image/bmp",
 }
 _MAX_POST_BYTES = 1 << 20
+_MAX_PORT = 65535
+_MAX_ERROR_CHARS = 300  # a 400's message is one short line, however large the body it answers
+#: a client that closed its end mid-request or mid-response, or stalled past the handler's timeout
+_CLIENT_GONE = (ConnectionError, TimeoutError)
 
 #: Debian's Chromium, headless and offline (no background connections on a closed network): how
 #: the page's browser test and ``docs/make_review_screenshot.py`` open it with Playwright.
@@ -85,7 +92,7 @@ class Decision:
 def _decision_problem(status: object, fields: object) -> str | None:
     """Why (status, fields) is not a valid decision, or None."""
     if status not in STATUSES:
-        return f"status {status!r} is not one of {', '.join(STATUSES)}"
+        return f"status {_clip(status)} is not one of {', '.join(STATUSES)}"
     if not _is_str_dict(fields):
         return "'fields' must map field names to strings"
     if status == "edited" and not fields:
@@ -99,6 +106,15 @@ def _is_str_dict(value: object) -> bool:
     return isinstance(value, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     )
+
+
+def _clip(value: object, limit: int = 40) -> str:
+    """`value` for a one-line message: a string or number as its repr cut to `limit` characters, anything
+    else by its type (a POSTed body may hold megabytes or deep nesting)."""
+    if value is None or isinstance(value, (str, int, float)):
+        text = repr(value)
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"a {type(value).__name__}"
 
 
 # ---------------------------------------------------------------------------------------------- items
@@ -433,25 +449,61 @@ class _ReviewState:
             return sum(known in updated for known in self.by_id)
 
 
+def _load_body(body: bytes) -> object:
+    """A POST body (any bytes a client sends) as JSON; BadRecordError says in one line why it is not."""
+    try:
+        text = body.decode("utf-8")  # json.loads(bytes) would also guess UTF-16 and UTF-32
+    except UnicodeDecodeError as e:
+        raise BadRecordError(f"body is not UTF-8 (byte {e.start} cannot be decoded)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecordError(f"body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadRecordError("body is nested too deeply; send a flat {id, status, fields} object") from None
+    except ValueError:  # int() refuses numbers of thousands of digits
+        raise BadRecordError("body holds a number with too many digits") from None
+
+
 def _parse_post(body: bytes, by_id: Mapping[str, ReviewItem]) -> tuple[str, Decision]:
     """A POSTed {"id", "status", "fields"} as (id, Decision); BadRecordError says what is wrong."""
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRecordError(f"body is not valid JSON ({e})") from None
+    obj = _load_body(body)
     if not isinstance(obj, dict):
-        raise BadRecordError("body must be a JSON object {id, status, fields}")
+        raise BadRecordError(f"body must be a JSON object {{id, status, fields}}, not {_clip(obj)}")
     unknown = sorted(set(obj) - _POST_KEYS)
     if unknown:
-        raise BadRecordError(f"unknown keys {unknown}; send {sorted(_POST_KEYS)}")
+        shown = ", ".join(_clip(k) for k in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise BadRecordError(f"unknown keys [{shown}]; send {sorted(_POST_KEYS)}")
     item_id = obj.get("id")
     if not isinstance(item_id, str) or item_id not in by_id:
-        raise BadRecordError(f"no item with id {item_id!r}")
+        raise BadRecordError(f"no item with id {_clip(item_id)}")
     decision = _parse_decision({k: v for k, v in obj.items() if k != "id"})
     problem = _edit_problem(by_id[item_id], decision)
     if problem:
         raise BadRecordError(problem)
+    try:  # JSON may spell a lone surrogate ("\ud800"), which the UTF-8 decisions file cannot hold
+        json.dumps(decision.fields, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecordError(
+            "'fields' hold a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot store"
+        ) from None
     return item_id, decision
+
+
+def _one_line(text: str, limit: int = _MAX_ERROR_CHARS) -> str:
+    """`text` as one line of at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _log_failure(what: str, exc: BaseException | None) -> None:
+    """One log line for an error while serving: debug for a client that went away (its own doing),
+    else an error without traceback (that goes to debug, for -v)."""
+    if isinstance(exc, _CLIENT_GONE):
+        log.debug("review server: %s: the client went away (%s)", what, exc)
+        return
+    log.error("review server: %s failed: %s", what, _one_line(f"{type(exc).__name__}: {exc}"))
+    log.debug("review server: traceback of the failure above", exc_info=exc)
 
 
 class _ReviewHTTPServer(ThreadingHTTPServer):
@@ -462,16 +514,38 @@ class _ReviewHTTPServer(ThreadingHTTPServer):
         self.state = state
 
     def handle_error(self, request: object, client_address: object) -> None:
-        # the default prints a traceback to stderr; the library only logs
-        log.exception("review server: error while handling a request from %s", client_address)
+        # what _Handler.handle_one_request did not catch (setting up or closing a connection); the
+        # default prints a traceback to stderr, the library only logs
+        _log_failure(f"a connection from {client_address}", sys.exc_info()[1])
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _ReviewHTTPServer
     server_version = "mmke-review"
+    timeout = 60  # seconds a socket read or write may stall before the connection is dropped
+    _answered = False  # whether this request's response has begun (too late for a 500 then)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("review server: " + format, *args)
+
+    def handle_one_request(self) -> None:
+        """The base class's, with failures logged as one line and answered with a 500 where still possible."""
+        self._answered = False
+        try:
+            super().handle_one_request()
+        except Exception as e:
+            self.close_connection = True
+            request = getattr(self, "requestline", "")  # unset when reading the request line failed
+            _log_failure(_one_line(repr(request), 120) if request else "reading a request", e)
+            if not isinstance(e, _CLIENT_GONE):
+                self._answer_500(e)
+
+    def _answer_500(self, exc: Exception) -> None:
+        if self._answered:
+            return
+        error = f"server error ({type(exc).__name__})"
+        with contextlib.suppress(OSError):  # the connection is unusable too: the log line is all there is
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": error})
 
     def do_GET(self) -> None:
         if not self._host_ok():
@@ -498,7 +572,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             item_id, decision = _parse_post(body, state.by_id)
         except BadRecordError as e:
-            self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": _one_line(str(e))})
             return
         try:
             decided = state.decide(item_id, decision)
@@ -524,15 +598,19 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send Content-Type application/json"}
             )
             return None
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
             self._send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
             return None
-        if not 0 <= length <= _MAX_POST_BYTES:
-            self._send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+        if not re.fullmatch(r"[0-9]+", raw.strip()):
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"bad Content-Length {_clip(raw)}"})
             return None
-        return self.rfile.read(length)
+        digits = raw.strip().lstrip("0") or "0"  # no int() of a thousand-digit header
+        if len(digits) > len(str(_MAX_POST_BYTES)) or int(digits) > _MAX_POST_BYTES:
+            error = f"body too large: at most {_MAX_POST_BYTES} bytes"
+            self._send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": error})
+            return None
+        return self.rfile.read(int(digits))
 
     def _send_image(self, relative: str) -> None:
         state = self.server.state
@@ -551,6 +629,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode("utf-8"), "application/json")
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self._answered = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -612,8 +691,29 @@ def serve(directory: Path, host: str = "127.0.0.1", port: int = 0) -> ReviewServ
     is saved to DIR/review_decisions.json as it is made. Only loopback: the server has no login."""
     if host not in _LOOPBACK_HOSTS:
         raise ConfigError(f"review server host {host!r}: only 127.0.0.1 (it has no authentication)")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= _MAX_PORT:
+        raise ConfigError(
+            f"port {port!r} is out of range (0-{_MAX_PORT}); pass --port P with a port in that range, "
+            "or 0 for any free one"
+        )
     state = _ReviewState(Path(directory))
-    return ReviewServer(_ReviewHTTPServer(("127.0.0.1", port), state))
+    return ReviewServer(_listen(state, port))
+
+
+def _listen(state: _ReviewState, port: int) -> _ReviewHTTPServer:
+    """A server listening on 127.0.0.1:`port`; a ConfigError says why it cannot and what to do instead."""
+    try:
+        return _ReviewHTTPServer(("127.0.0.1", port), state)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            problem = "is in use on 127.0.0.1"
+        elif e.errno == errno.EACCES:
+            problem = "on 127.0.0.1 needs administrator rights (ports below 1024 do)"
+        else:
+            problem = f"cannot be opened on 127.0.0.1 ({e.strerror or e})"
+        raise ConfigError(
+            f"port {port} {problem}; pass --port P with another port, or 0 for any free one"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ page template
