@@ -69,16 +69,20 @@ class LVLM:
         *,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
+        allow_pickle: bool = False,
     ) -> LVLM:
         """Load a saved HF model directory offline; the family is inferred from its config when not given.
 
-        ``path`` may also name a bundled model (``"world"``), which loads from package data.
+        ``path`` may also name a bundled model (``"world"``), which loads from package data. Weights
+        must be safetensors unless ``allow_pickle`` (pickle files can run code when loaded); the
+        device and the weight files are checked before the model is built.
         """
         path = _loading.bundled_or_path(path)
         config = _loading.read_config(path)
+        target = _loading.check_device(device, path)
         fam = _loading.resolve_family(family, config, path)
         processor = _loading.load_processor(fam, path)
-        model = _loading.load_model(fam, config, path, dtype, str(device))
+        model = _loading.load_model(fam, config, path, dtype, target, allow_pickle)
         loaded = cls(model, processor, fam)
         loaded.source = path
         return loaded
