@@ -299,10 +299,11 @@ def test_run_on_a_vlkeb_file_end_to_end(capsys: pytest.CaptureFixture[str], tmp_
     args += ["methods=[grace,ike]", f"out={tmp_path / 'runs'}"]
     assert main([*args, "--run-id", "stopped"]) == 2  # a bad record stops the run before any editing
     assert "(eval-00002): field 'alt' missing" in capsys.readouterr().err
-    assert (tmp_path / "runs" / "stopped" / "cases.jsonl").read_text() == ""
-    assert main([*args, "--skip-bad", "--run-id", "r"]) == 0
+    assert not (tmp_path / "runs" / "stopped").exists()  # checked before any run folder is made
+    assert main([*args, "--skip-bad", "--run-id", "r"]) == 1  # finished, but IKE could not run
     out = capsys.readouterr().out
-    assert "ike not run: ike: no train cases" in out and "1 bad benchmark record(s) skipped" in out
+    assert "incomplete: ike not run (ike: no train cases" in out
+    assert "1 bad benchmark record(s) skipped" in out
     run = tmp_path / "runs" / "r"
     skipped = [json.loads(x) for x in (run / "skipped.jsonl").read_text().splitlines()]
     assert [s["case_id"] for s in skipped] == ["eval-00002"]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -94,7 +94,7 @@ def cmd_build_step(args: argparse.Namespace, console: Console) -> int:
 
 def _nested(pairs: Sequence[str]) -> dict:
     """``a.b=1 c=x`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
-    import yaml
+    from mmke.config import parse_value
 
     out: dict = {}
     for pair in pairs:
@@ -105,7 +105,7 @@ def _nested(pairs: Sequence[str]) -> dict:
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_value(raw, pair)
     return out
 
 
@@ -154,8 +154,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def _options(pairs: Sequence[str]) -> dict[str, object]:
     """Reader options given as key=value (values parsed as YAML, like run overrides)."""
-    import yaml
-
+    from mmke.config import parse_value
     from mmke.errors import ConfigError
 
     out: dict[str, object] = {}
@@ -163,7 +162,7 @@ def _options(pairs: Sequence[str]) -> dict[str, object]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"option {pair!r}: expected key=value, e.g. hop=2")
-        out[key.strip()] = yaml.safe_load(raw)
+        out[key.strip()] = parse_value(raw, pair)
     return out
 
 
@@ -302,12 +301,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             held.enter_context(store.locked(discard_if_empty=True))
         console.print(f"run {store.path}: {', '.join(cfg.methods)} on {cfg.benchmark} with model {cfg.model}")
         summary = _run_with_progress(console, cfg, store, executor, bench)
-    _print_summary(console, summary)
+    _print_summary(console, summary)  # with a line for each reason the run is not complete
     reported = _write_report(console, store.path)
-    failures = run_failures(summary)
-    for line in failures:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    return 1 if failures or not reported else 0
+    return 1 if run_failures(summary) or not reported else 0
 
 
 def _run_with_progress(
@@ -456,9 +452,9 @@ def _print_summary(console: Console, summary: dict) -> None:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for table in build_tables(summary)[:2]:
         console.print(rich_table(table))
+    for line in run_failures(summary):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     run = summary.get("run") or {}
-    for method, why in (run.get("not_run") or {}).items():
-        console.print(f"{method} not run: {why}", markup=False, highlight=False, soft_wrap=True)
     if run.get("skipped_records"):
         console.print(f"{run['skipped_records']} bad benchmark record(s) skipped (see skipped.jsonl)")
 
@@ -657,6 +653,10 @@ class _Parser(argparse.ArgumentParser):
     """
 
     _intermixing = False
+
+    def error(self, message: str) -> NoReturn:
+        """A usage error as the one line every mmke error is (argparse prints the usage first)."""
+        self.exit(2, f"mmke: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
         has_sub = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions)

@@ -243,12 +243,7 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {override!r}: expected key=value, e.g. limit=50")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(
-            f"override {override!r}: value is not valid YAML ({e.__class__.__name__})"
-        ) from None
+    value = parse_value(raw, override)
     head, *path = key.split(".")
     if head not in {f.name for f in fields(RunConfig)}:
         raise _unknown_key(head, "in overrides")
@@ -270,17 +265,35 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     node[path[-1]] = value
 
 
-def _read_yaml(path: Path) -> Mapping[str, Any]:
+def parse_value(raw: str, setting: str) -> Any:
+    """A ``key=value`` setting's value parsed as YAML (safe: plain data only)."""
+    shown = setting if len(setting) <= 80 else setting[:79] + "…"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"setting {shown!r}: value is not valid YAML ({type(e).__name__})") from None
+    except RecursionError:
+        raise ConfigError(f"setting {shown!r}: value is nested too deeply") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's plain data; any way it can be unreadable is a one-line ``ConfigError``."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML") from None
+        raise ConfigError(f"{path}{where}: not valid YAML (plain data only)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, Mapping):

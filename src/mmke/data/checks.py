@@ -77,11 +77,30 @@ def check_depth(value: Any) -> None:
             stack += [(v, depth + 1) for v in node]
 
 
-def check_length(value: str, key: str) -> str:
-    """``value`` when it fits ``MAX_FIELD_CHARS``; a ``FieldError`` naming the field otherwise."""
+def check_text(value: str, key: str) -> str:
+    """``value`` when it fits ``MAX_FIELD_CHARS`` and is real text; a ``FieldError`` naming the field.
+
+    JSON can spell a lone surrogate (``"\\ud800"``), which no tokenizer or UTF-8 file accepts.
+    """
     if len(value) > MAX_FIELD_CHARS:
         raise FieldError(f"field {key!r} is {len(value):,} characters long (limit {MAX_FIELD_CHARS:,})")
+    if not _encodable(value):
+        raise FieldError(f"field {key!r} holds a lone surrogate (\\ud800-\\udfff), which is not text")
     return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def clip(value: str, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a message about a huge value stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def json_type(value: Any) -> str:
@@ -160,19 +179,24 @@ class ImagePathChecks:
     def _check(self, path: str) -> str | None:
         if not path:
             return "image path is empty"
+        shown = clip(path)
+        if not _encodable(path):
+            return f"image path {shown} holds a lone surrogate, which no file name can"
         if "\\" in path or "\x00" in path or (len(path) > 1 and path[1] == ":"):
-            return f"image path {path!r} is not a relative POSIX path"
+            return f"image path {shown} is not a relative POSIX path"
         pure = PurePosixPath(path)
         if pure.is_absolute():
-            return f"image path {path!r} is absolute; paths must be relative to the data root"
+            return f"image path {shown} is absolute; paths must be relative to the data root"
         if ".." in pure.parts:
-            return f"image path {path!r} escapes the data root"
-        if self._root_real is not None:
+            return f"image path {shown} escapes the data root"
+        if self._root_real is None:
+            return None
+        try:  # a name too long for the file system is this record's problem, not the whole file's
             real = Path(os.path.realpath(self._root_real / pure))
             if not real.is_relative_to(self._root_real):
-                return f"image path {path!r} resolves outside the data root (symlink?)"
+                return f"image path {shown} resolves outside the data root (symlink?)"
             if not real.is_file():
-                return f"image {path!r} not found under {self.root}"
-            if self.decode:
-                return image_problem(real)
-        return None
+                return f"image {shown} not found under {self.root}"
+        except OSError as e:
+            return f"image path {shown} cannot be opened ({e.strerror})"
+        return image_problem(real) if self.decode else None

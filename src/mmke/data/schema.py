@@ -15,7 +15,7 @@ from mmke.data.checks import (
     MAX_LIST_ITEMS,
     FieldError,
     ImagePathChecks,
-    check_length,
+    check_text,
     loads_record,
     utf8_lines,
 )
@@ -133,7 +133,7 @@ def _str(rec: dict[str, Any], key: str, *, required: bool = True, nonempty: bool
         raise FieldError(f"field {key!r} must be a string, got {type(val).__name__}")
     if nonempty and not val.strip():
         raise FieldError(f"field {key!r} is empty")
-    return check_length(val, key)
+    return check_text(val, key)
 
 
 def _image(rec: dict[str, Any], checks: ImagePathChecks) -> ImageRef | None:
@@ -152,7 +152,7 @@ def _options(rec: dict[str, Any]) -> tuple[str, ...]:
         raise FieldError("field 'options' must be a list of non-empty strings")
     if len(opts) > MAX_LIST_ITEMS:
         raise FieldError(f"field 'options' has {len(opts)} items (limit {MAX_LIST_ITEMS})")
-    return tuple(check_length(o, "options") for o in opts)
+    return tuple(check_text(o, "options") for o in opts)
 
 
 def _fact(rec: Any, checks: ImagePathChecks, where: str) -> EditFact:
@@ -223,7 +223,7 @@ def case_from_json(rec: Any, root: Path | ImagePathChecks | None = None) -> Edit
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise FieldError("field 'meta' must be an object of strings")
     for key, value in meta.items():
-        check_length(value, f"meta.{key}")
+        check_text(value, f"meta.{key}")
     return EditCase(
         case_id=case_id,
         edit_type=_enum(EditType, _str(rec, "edit_type"), "edit type"),
@@ -296,8 +296,9 @@ def _decode_line(
     except FieldError as e:
         return Problem(name, lineno, None, str(e))
     cid = rec.get("id") if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
-    if cid is not None and len(cid) > 80:  # the one-line error must stay one readable line
-        cid = cid[:80] + "…"
+    if cid is not None:  # the one-line error must stay one printable, readable line
+        cid = cid.encode("utf-8", "backslashreplace").decode("utf-8")
+        cid = cid if len(cid) <= 80 else cid[:80] + "…"
     try:
         case = case_from_json(rec, checks)
     except FieldError as e:

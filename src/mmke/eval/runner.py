@@ -454,7 +454,9 @@ def preflight(cfg: RunConfig) -> Benchmark:
 
     benchmarks.get(cfg.benchmark.partition(":")[0])
     source = model_dir(cfg.model)
-    for method in cfg.methods:
+    for method in dict.fromkeys(
+        [*cfg.methods, *cfg.method_options]
+    ):  # a typo in method_options.<name> is caught too
         editor = methods.get(method)
         make_config(editor.defaults, method_options(source, cfg, method), method)
     path = bundled_or_path(cfg.model)

@@ -209,15 +209,17 @@ class RunStore:
     @classmethod
     def open(cls, path: Path) -> RunStore:
         """Reopen a run for ``--resume``; the saved config is the one that counts."""
+        from mmke.config import read_yaml
+
         cfg_file = path / CONFIG_FILE
         if not cfg_file.is_file():
             raise ConfigError(f"{path} is not an mmke run (no {CONFIG_FILE}); pass a directory under runs/")
-        config = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+        config = read_yaml(cfg_file)
         if not isinstance(config, dict):
             raise ConfigError(f"{cfg_file}: expected a mapping of settings")
         digest = config_hash(config)
         hash_file = path / HASH_FILE
-        saved = hash_file.read_text(encoding="utf-8").strip() if hash_file.is_file() else digest
+        saved = hash_file.read_bytes().decode("ascii", "replace").strip() if hash_file.is_file() else digest
         if saved != digest:
             raise ConfigError(
                 f"{cfg_file} was edited after the run started (hash {digest} != {saved}); "

@@ -25,7 +25,7 @@ from mmke.data.checks import (
     FieldError,
     check_depth,
     check_image_path,
-    check_length,
+    check_text,
     image_problem,
     json_type,
 )
@@ -177,7 +177,7 @@ def checked_text(value: Any, key: str) -> str:
         raise FieldError(f"field {key!r} must be a string, got {json_type(value)}")
     if not value.strip():
         raise FieldError(f"field {key!r} is empty")
-    return check_length(value, key)
+    return check_text(value, key)
 
 
 # ---------------------------------------------------------------- images
