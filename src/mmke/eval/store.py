@@ -95,7 +95,7 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _writable_dir(path: Path) -> None:
+def _writable_dir(path: Path, fix: str) -> None:
     """A one-line error now, before any model is loaded, if nothing can be written in ``path``."""
     probe = path / f".write-test-{os.getpid()}"
     try:
@@ -103,7 +103,7 @@ def _writable_dir(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         why = "read-only" if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else e.strerror
-        raise ConfigError(f"cannot write in {path} ({why}); choose another out= folder") from None
+        raise ConfigError(f"cannot write in {path} ({why}); {fix}") from None
 
 
 def _new_run_dir(root: Path, digest: str) -> Path:
@@ -148,7 +148,7 @@ class RunStore:
         if root.exists() and not root.is_dir():
             raise ConfigError(f"out={str(root)!r} is a file; out names the folder that holds run folders")
         root.mkdir(parents=True, exist_ok=True)
-        _writable_dir(root)
+        _writable_dir(root, "choose another out= folder")
         if run_id is None:
             path = _new_run_dir(root, digest)
         else:
@@ -186,7 +186,7 @@ class RunStore:
     def lock(self) -> None:
         if fcntl is None or self._lock_fd is not None:
             return
-        _writable_dir(self.path)
+        _writable_dir(self.path, "make the run folder writable to resume it")
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
