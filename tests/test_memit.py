@@ -116,6 +116,28 @@ def test_memit_shares_rome_statistics_and_caches_them_on_disk(
     assert len(calls) == 1 and {p: p.stat().st_mtime_ns for p in stats_cache.glob("*.pt")} == stamps
 
 
+def test_memit_recomputes_only_the_unreadable_one_of_its_cached_statistics(
+    store: ImageStore, stats_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_model("llava")
+    sites = Memit().sites(model)
+    good = _keyvalue.KeyStatistics("memit", None, 16).train(model, sites, train_cases(model), store)
+    paths = sorted(stats_cache.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(good) == len(paths) == 2
+    paths[0].write_bytes(b"\x80\x02}q\x00.")  # an empty dict, pickled without torch's zip archive
+    computed: list[int] = []
+    real = _keyvalue.second_moment
+
+    def counted(model: LVLM, modules: list[nn.Module], batches: object) -> list[torch.Tensor]:
+        computed.append(len(modules))
+        return real(model, modules, batches)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_keyvalue, "second_moment", counted)
+    again = _keyvalue.KeyStatistics("memit", None, 16).train(model, sites, train_cases(model), store)
+    assert computed == [1] and "recomputing" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(again, good, strict=True))
+
+
 def test_memit_stats_from_a_text_file_need_no_train_cases(tmp_path: Path) -> None:
     texts = tmp_path / "texts.txt"
     texts.write_text("the capital of france is paris\nlondon is a city in england\n\nberlin is in germany\n")

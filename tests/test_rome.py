@@ -15,7 +15,7 @@ from mmke.methods import EditorNotReadyError, ParamEdited, _keyvalue
 from mmke.methods import rome as rome_module
 from mmke.methods.rome import Rome, key_position
 from mmke.models import LVLM
-from mmke.models.tiny import tiny_model
+from mmke.models.tiny import save_tiny, tiny_model
 from mmke.registry import methods
 from mmke.types import EditCase, EditFact, EditType, Probe, ProbeKind
 from test_methods import assert_state, make_case, state
@@ -98,6 +98,63 @@ def test_rome_statistics_are_cached_on_disk(
     assert len(calls) == 1 and path.stat().st_mtime_ns == stamp
     Rome({"layer": 0}).train(model, train_cases(model), store)  # another layer: other statistics
     assert len(calls) == 2 and len(list(stats_cache.glob("*.pt"))) == 2
+
+
+class _RunsCode:
+    """A pickle that creates ``marker`` when unpickled without ``weights_only``: cache files must
+    be refused as data, never run as code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+def test_rome_refuses_a_cache_file_that_is_not_a_tensor_and_recomputes(
+    store: ImageStore, stats_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_model("llava")
+    site = model.layout.mlp_out(-1)
+    (good,) = _keyvalue.KeyStatistics("rome", None, 16).train(model, [site], train_cases(model), store)
+    (path,) = stats_cache.glob("*.pt")
+    marker = tmp_path / "pickle-ran"
+    bad_files = [
+        lambda: torch.save(_RunsCode(marker), path),  # code: refused by weights_only=True, never run
+        lambda: torch.save({"cov": good}, path),  # data, but not a matrix
+        lambda: torch.save(good.float(), path),  # a matrix of the wrong dtype
+        lambda: path.write_bytes(path.read_bytes()[:100]),  # truncated
+        lambda: path.write_bytes(b""),
+        lambda: path.write_bytes(b"not a torch file"),
+    ]
+    for write_bad in bad_files:
+        torch.save(good, path)
+        write_bad()
+        caplog.clear()
+        stats = _keyvalue.KeyStatistics("rome", None, 16)  # a new editor's: only the disk cache can help
+        (cov,) = stats.train(model, [site], train_cases(model), store)
+        assert not marker.exists()
+        assert torch.equal(cov, good) and torch.equal(torch.load(path, weights_only=True), good)
+        assert "recomputing" in caplog.text
+
+
+def test_rome_statistics_follow_the_weights_not_the_model_folder(
+    store: ImageStore, stats_cache: Path, tmp_path: Path
+) -> None:
+    """A model rebuilt in place keeps its folder; it must not be served its old weights' statistics."""
+    folder = tmp_path / "model"
+    site = tiny_model("llava").layout.mlp_out(-1)
+    covs = []
+    for seed in (0, 1):  # the same folder, rebuilt with other weights
+        save_tiny(tiny_model("llava", seed=seed), folder)
+        model = LVLM.load(folder)
+        stats = _keyvalue.KeyStatistics("rome", None, 16)
+        covs.append(stats.train(model, [site], train_cases(model), store)[0])
+        modules = [model.layout.module(site)]
+        batches = _keyvalue.sample_batches(model, _keyvalue.case_samples(train_cases(model)), store, 16)
+        (fresh,) = _keyvalue.second_moment(model, modules, batches)
+        assert torch.equal(covs[-1], fresh)
+    assert not torch.equal(covs[0], covs[1]) and len(list(stats_cache.glob("*.pt"))) == 2
 
 
 def test_rome_stats_from_a_text_file_need_no_train_cases(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ positions and the optimised output delta.
 
 Both methods treat an MLP output projection ``W`` as a linear key-value memory: its input at a
 token is a key ``k``, its output the value ``W k``. They need the same three things, which live
-here once: the second moment ``C = E[k kᵀ]`` of a layer's keys over a corpus (cached on disk),
+here once: the second moment ``C = E[k kᵀ]`` of a layer's keys over a corpus (cached on disk
+under a hash of the model's weights, the layer and the texts),
 the token whose key stands for the edit (``key_position``), and a vector added to a layer's
 output at that token, optimised on the edit's target NLL (``optimise_delta``).
 """
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods.base import EditCollapsed, Editor, EditorNotReadyError, layer_io, trainable_only
+from mmke.methods.trainable import model_fingerprint
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.types import EditCase, Sample
@@ -81,7 +84,9 @@ class KeyValueConfig:
 KEYS = ("prompt_end", "question_end", "subject")
 
 #: Bumped when what the cached statistics mean changes, so old cache files are never read.
-STATS_VERSION = 1
+#: 2: the key hashes the model's weights, not its folder's path (a model rebuilt in place was
+#: served the statistics of its old weights).
+STATS_VERSION = 2
 
 #: Cache folder of the statistics. ROME and MEMIT need the very same ``E[k kᵀ]`` of an MLP output
 #: projection, so they share one cache; it keeps ROME's folder name so existing caches stay valid.
@@ -150,7 +155,8 @@ class KeyStatistics:
                 f"{self.method} needs texts for its key statistics: no train cases and no stats_texts"
             )
         paths = {site: cache_dir() / STATS_DIR / f"{stats_key(model, site, texts)}.pt" for site in sites}
-        todo = [site for site in sites if not paths[site].is_file()]
+        covs = {site: load_stats(paths[site], model.device) for site in sites}
+        todo = [site for site in sites if covs[site] is None]
         if todo:
             if lines is not None:
                 batches = text_batches(model, lines, self.batch_size)
@@ -159,8 +165,9 @@ class KeyStatistics:
             modules = [model.layout.module(site) for site in todo]
             for site, cov in zip(todo, second_moment(model, modules, batches), strict=True):
                 save_atomic(cov.cpu(), paths[site])
+                covs[site] = cov
         log.info("%s: key statistics from %s", self.method, ", ".join(str(paths[s]) for s in sites))
-        return [torch.load(paths[site], map_location=model.device) for site in sites]
+        return [covs[site] for site in sites]
 
 
 def second_moment(
@@ -329,19 +336,47 @@ def sample_batches(
 
 
 def stats_key(model: LVLM, site: str, texts: list[str]) -> str:
-    """Hash of where the model came from (its weights when built in memory), the site and the texts."""
-    digest = hashlib.sha256()
-    if model.source is not None:
-        origin: str = str(Path(model.source).resolve())
-    else:  # in-memory model (tests): id(model) could be reused by another process, so hash the weights
-        for name, p in sorted(model.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        origin = "memory"
-    head = {"v": STATS_VERSION, "origin": origin, "site": site, "dtype": str(model.dtype)}
-    digest.update(json.dumps(head, sort_keys=True).encode())
+    """Hash of the model's weights, the site and the texts: what the statistics are a function of.
+
+    The weights, never the folder they came from: a model rebuilt in place (the bundled world model
+    is, by ``mmke build model``) keeps its path, and a path key served it the statistics of its old
+    weights, so ROME and MEMIT silently edited with another model's ``C``.
+    """
+    head = {"v": STATS_VERSION, "weights": model_fingerprint(model), "site": site, "dtype": str(model.dtype)}
+    digest = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     digest.update("\n".join(texts).encode())
     return digest.hexdigest()[:32]
+
+
+def load_stats(path: Path, device: torch.device | str) -> torch.Tensor | None:
+    """The cached ``C`` at ``path``, or None when there is none or it is unusable (then recomputed).
+
+    A cache file is data, never code: ``weights_only=True`` refuses a pickle of anything but
+    tensors (torch < 2.6 would run it). A refused, truncated or unreadable file, or one that is
+    not a finite square float64 matrix, is logged and recomputed over, never a raw traceback.
+    """
+    if not path.is_file():
+        return None
+    try:
+        cov = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'}"
+    else:
+        if _is_second_moment(cov):
+            return cov
+        why = "not a finite square float64 matrix"
+    log.warning("ignoring the key statistics cache file %s (%s): recomputing it", path, why)
+    return None
+
+
+def _is_second_moment(cov: object) -> bool:
+    return (
+        isinstance(cov, torch.Tensor)
+        and cov.dtype == torch.float64
+        and cov.dim() == 2
+        and cov.shape[0] == cov.shape[1]
+        and bool(torch.isfinite(cov).all())
+    )
 
 
 def save_atomic(tensor: torch.Tensor, path: Path) -> None:

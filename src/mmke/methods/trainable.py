@@ -258,7 +258,10 @@ def model_fingerprint(model: LVLM) -> str:
     with torch.no_grad():
         for name, p in model.model.state_dict().items():
             flat = p.detach().reshape(-1)
-            picks = torch.linspace(0, max(0, flat.numel() - 1), min(256, flat.numel())).long()
+            # float32 positions (the fingerprints of shipped editors depend on them), clamped: above
+            # 2^24 elements the last one rounds up past the end (SmolLM2's embedding, 28.3M)
+            last = max(0, flat.numel() - 1)
+            picks = torch.linspace(0, last, min(256, flat.numel())).long().clamp_(max=last)
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
             h.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
     return h.hexdigest()
