@@ -13,6 +13,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -112,9 +113,13 @@ def json_type(value: Any) -> str:
 
 
 def image_problem(file: Path) -> str | None:
-    """Why ``file`` is not a usable image (None when it decodes completely within the pixel budget)."""
+    """Why ``file`` is not a usable image (None when it decodes completely within the pixel budget).
+
+    A reader only needs the verdict: the decoded pixels are dropped, never converted.
+    """
     try:
-        decode_image(file).close()
+        with _decoded(file):
+            pass
     except FieldError as e:
         return str(e)
     return None
@@ -122,6 +127,13 @@ def image_problem(file: Path) -> str | None:
 
 def decode_image(file: Path) -> Image.Image:
     """``file`` fully decoded as RGB; a ``FieldError`` if it is empty, corrupt, truncated or too large."""
+    with _decoded(file) as im:
+        return im.convert("RGB")
+
+
+@contextmanager
+def _decoded(file: Path) -> Iterator[Image.Image]:
+    """``file`` opened and fully decoded within the pixel budget; every way it can fail is a FieldError."""
     try:
         if file.stat().st_size == 0:
             raise FieldError(f"image {file.name!r} is empty (0 bytes)")
@@ -133,7 +145,7 @@ def decode_image(file: Path) -> Image.Image:
                 if width * height > MAX_IMAGE_PIXELS:
                     raise FieldError(_too_large(file, width, height))
                 im.load()  # a full decode: truncated files fail here, before any editing starts
-                return im.convert("RGB")
+                yield im
     except Image.DecompressionBombError:
         why = "is too large to decode safely (a decompression bomb?)"
         raise FieldError(f"image {file.name!r} {why}") from None
