@@ -26,6 +26,7 @@ import yaml
 
 from mmke.data.schema import Problem, dumps_line
 from mmke.errors import BadRecordError, ConfigError, MmkeError
+from mmke.io import fsync_dir, write_atomic
 
 try:  # POSIX; elsewhere a run folder has no writer lock
     import fcntl
@@ -59,40 +60,8 @@ def record_key(record: Mapping[str, Any]) -> ResumeKey:
     return (run.get("method"), run.get("protocol"), run.get("gap"), run.get("checkpoint"), record["case_id"])
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes a newly created or renamed entry durable; not supported everywhere (e.g. Windows).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class RunLockedError(MmkeError):
     """Another process is writing this run folder."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new file, never half of one.
-
-    The temporary file is fsync'd before the rename and removed if anything fails (a full disk).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _writable_dir(path: Path, fix: str) -> None:
@@ -162,7 +131,7 @@ class RunStore:
         write_atomic(path / CONFIG_FILE, yaml.safe_dump(plain, sort_keys=True, allow_unicode=True))
         write_atomic(path / HASH_FILE, digest + "\n")
         (path / CASES_FILE).touch()
-        _fsync_dir(path)
+        fsync_dir(path)
         return cls(path, plain, digest)
 
     # ------------------------------------------------------------ the writer's lock

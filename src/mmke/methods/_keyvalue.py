@@ -15,9 +15,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pickle
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
+from mmke.io import atomic_path
 from mmke.methods.base import EditCollapsed, Editor, EditorNotReadyError, layer_io, trainable_only
 from mmke.methods.trainable import model_fingerprint
 from mmke.models.base import LVLM
@@ -164,7 +163,8 @@ class KeyStatistics:
                 batches = sample_batches(model, samples, images, self.batch_size)
             modules = [model.layout.module(site) for site in todo]
             for site, cov in zip(todo, second_moment(model, modules, batches), strict=True):
-                save_atomic(cov.cpu(), paths[site])
+                with atomic_path(paths[site]) as tmp:
+                    torch.save(cov.cpu(), tmp)
                 covs[site] = cov
         log.info("%s: key statistics from %s", self.method, ", ".join(str(paths[s]) for s in sites))
         return [covs[site] for site in sites]
@@ -377,18 +377,6 @@ def _is_second_moment(cov: object) -> bool:
         and cov.shape[0] == cov.shape[1]
         and bool(torch.isfinite(cov).all())
     )
-
-
-def save_atomic(tensor: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(tensor, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 KV = TypeVar("KV", bound=KeyValueConfig)

@@ -10,8 +10,6 @@ model's own image slot. The model's weights are never touched.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
 from mmke.embeddings import MiniLM, TextEmbedder, embedder_name, unit_rows
 from mmke.errors import ConfigError
+from mmke.io import atomic_path
 from mmke.methods.base import Editor, EditorNotReadyError, PromptEdited
 from mmke.models.base import LVLM
 from mmke.registry import register_method
@@ -138,16 +137,8 @@ def _load(path: Path, rows: int) -> np.ndarray | None:
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 # --- the editor ---------------------------------------------------------------------------

@@ -19,9 +19,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +34,7 @@ from torch import nn
 from mmke.cache import cache_dir
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError, MmkeError
+from mmke.io import atomic_path, write_atomic
 from mmke.methods.base import Editor, EditorNotReadyError
 from mmke.models.base import LVLM
 from mmke.types import EditCase
@@ -373,15 +372,9 @@ class _Loop:
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write atomically, so an interrupted run never leaves a half-written checkpoint."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    """Atomically, so an interrupted run never leaves a half-written checkpoint."""
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -392,10 +385,7 @@ def _load_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _write_json(data: Mapping[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import yaml
 
 from mmke.errors import BadRecordError, ConfigError
+from mmke.io import write_atomic
 from mmke.registry import build_steps, register_step
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,7 @@ def _cached(ctx: Context, name: str, key: str | None) -> list[Item] | None:
 
 def _store(path: Path, obj: Any) -> None:
     """Write JSON atomically (a cut run never leaves a half file that a later run would trust)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
 
 
 def save_draft(ctx: Context) -> None:

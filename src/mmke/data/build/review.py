@@ -8,10 +8,8 @@ import errno
 import html
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -22,6 +20,7 @@ from types import TracebackType
 from urllib.parse import quote, unquote
 
 from mmke.errors import BadRecordError, ConfigError
+from mmke.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,7 @@ def write_items(directory: Path, items: Iterable[ReviewItem]) -> Path:
         seen.add(item.id)
         lines.append(json.dumps(record, ensure_ascii=False))
     path = directory / ITEMS_FILE
-    _write_atomic(path, "".join(line + "\n" for line in lines))
+    write_atomic(path, "".join(line + "\n" for line in lines))
     return path
 
 
@@ -274,30 +273,8 @@ def save_decisions(directory: Path, decisions: Mapping[str, Decision]) -> Path:
     """Write DIR/review_decisions.json atomically (a reader never sees half a file)."""
     path = Path(directory) / DECISIONS_FILE
     text = json.dumps(_decisions_json(decisions), sort_keys=True, indent=1, ensure_ascii=False)
-    _write_atomic(path, text + "\n")
+    write_atomic(path, text + "\n")
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and os.replace it over `path`."""
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as tmp:
-        tmp_path = Path(tmp.name)
-        try:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            tmp.close()
-            tmp_path.unlink(missing_ok=True)
-            raise
-    try:
-        tmp_path.chmod(0o644)  # NamedTemporaryFile creates 0600; these files are meant to be shared
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 def _edit_problem(item: ReviewItem, decision: Decision) -> str | None:
@@ -412,7 +389,7 @@ def write_static(directory: Path) -> Path:
     directory = Path(directory)
     page = render_page(directory, read_items(directory), read_decisions(directory), static=True)
     path = directory / PAGE_FILE
-    _write_atomic(path, page)
+    write_atomic(path, page)
     return path
 
 
