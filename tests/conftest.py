@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmke.bundled import WorldModelSpec, build_tokenizer, build_untrained, world_texts
 from mmke.data.images import ImageStore
 from mmke.data.world import WorldConfig, build_world
 from mmke.models import LVLM
-from mmke.models.bundled import WorldModelSpec, build_tokenizer, build_untrained, world_texts
 from mmke.models.tiny import TINY_KINDS, tiny_model
 
 

@@ -14,10 +14,10 @@ import pytest
 from mmke.cli import main
 from mmke.data.build import Pipeline, Step, open_draft, run_pipeline, run_step
 from mmke.data.build import steps as build_steps
-from mmke.data.build.adversarial import AttackParts, attacks
-from mmke.data.build.counterfactual import embed_texts, match_entities
-from mmke.data.build.multihop import TripleGraph, hop_questions, portability_paths
 from mmke.data.build.review import Decision, read_items, save_decisions
+from mmke.data.kg.adversarial import AttackParts, attacks
+from mmke.data.kg.counterfactual import embed_texts, match_entities
+from mmke.data.kg.multihop import TripleGraph, hop_questions, portability_paths
 from mmke.data.schema import read_cases
 from mmke.data.seeding import rng_for
 from mmke.data.world import WorldConfig, build_world

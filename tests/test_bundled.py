@@ -12,32 +12,36 @@ import numpy as np
 import pytest
 import torch
 
-from mmke.data.images import ImageStore
-from mmke.data.schema import read_samples
-from mmke.data.world import WorldConfig, build_world, visual_entities
-from mmke.errors import ConfigError
-from mmke.models import LVLM
-from mmke.models.bundled import (
-    DRAWINGS,
+from mmke.bundled import (
     METHOD_PRESETS,
     TARGETS,
+    BundledModel,
     WorldModelSpec,
-    _frozen_tower,
-    _kept_pixels,
-    _round_arrays,
-    _train_view_arrays,
-    _vision_rounds,
     build_tokenizer,
     build_untrained,
     bundled_dir,
     evaluate_checks,
-    jitter_views,
     keep_freed_memory,
     pretrain_vision,
     train,
     train_world_model,
     world_texts,
 )
+from mmke.bundled.training import (
+    DRAWINGS,
+    FreshViewImages,
+    _frozen_tower,
+    _kept_pixels,
+    _round_arrays,
+    _train_view_arrays,
+    _vision_rounds,
+    jitter_views,
+)
+from mmke.data.images import ImageStore
+from mmke.data.schema import read_samples
+from mmke.data.world import WorldConfig, build_world, visual_entities
+from mmke.errors import ConfigError
+from mmke.models import LVLM
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +222,8 @@ def test_stage_2_with_kept_tower_outputs_trains_the_same_weights(small_world: Pa
 
 def test_unbuilt_bundled_name_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from mmke.errors import ModelLoadError
-    from mmke.models import bundled
 
-    monkeypatch.setattr(bundled, "bundled_dir", lambda name="world": tmp_path / "absent")
+    monkeypatch.setattr(BundledModel, "path", lambda self: tmp_path / "absent")
     with pytest.raises(ModelLoadError, match="mmke build model"):
         LVLM.load("world")
 
@@ -230,7 +233,7 @@ SHIPPED = (bundled_dir() / "config.json").is_file()
 
 @pytest.fixture(scope="module")
 def shipped_checks() -> dict:
-    from mmke.data.formats.world import world_dir
+    from mmke.data.world import world_dir
 
     return evaluate_checks(LVLM.load("world"), world_dir(0))
 
@@ -276,7 +279,6 @@ def test_the_main_job_finds_the_shipped_editors(method: str) -> None:
 def test_fresh_views_replace_only_training_views_at_the_given_share(small_world: Path) -> None:
     from mmke.data.images import ImageStore
     from mmke.data.world import entity_image, visual_entities
-    from mmke.models.bundled import FreshViewImages
 
     views = json.loads((small_world / "world.json").read_text())["views"]
     eid = visual_entities(small_world)[0]

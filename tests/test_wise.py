@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmke.bundled import bundled_dir
 from mmke.data.benchmark import load_benchmark
 from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods import EditCollapsed, EditorNotReadyError
 from mmke.methods.wise import Tokens, Wise, WiseAdaptor, running_mean
 from mmke.models import LVLM
-from mmke.models.bundled import bundled_dir
 from mmke.models.tiny import tiny_model
 from mmke.registry import methods
 from mmke.types import EditCase, EditFact, EditType, ImageRef, Probe, ProbeKind, Sample

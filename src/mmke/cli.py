@@ -193,10 +193,11 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
 
 
 def _bundled_rows() -> list[tuple[str, str]]:
-    from mmke.models.bundled import BUNDLED, bundled_dir
+    from mmke.bundled import bundled_dir
+    from mmke.registry import bundled_models
 
     rows = []
-    for name in BUNDLED:
+    for name in bundled_models.names():
         built = (bundled_dir(name) / "config.json").is_file()
         state = "ready" if built else "not built: run `mmke build model`"
         rows.append((name, f"bundled model (LLaVA trained on the world, {state})"))
@@ -231,8 +232,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 def cmd_build_model(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mmke.data.formats.world import world_dir
-    from mmke.models.bundled import WorldModelSpec, bundled_dir, keep_freed_memory, train_world_model
+    from mmke.bundled import WorldModelSpec, bundled_dir, keep_freed_memory, train_world_model
+    from mmke.data.world import world_dir
 
     keep_freed_memory()
     spec = WorldModelSpec.smoke() if args.smoke else WorldModelSpec()
@@ -270,9 +271,9 @@ def _print_checks(console: Console, checks: dict) -> None:
 
 
 def cmd_eval_base(args: argparse.Namespace, console: Console) -> int:
-    from mmke.data.formats.world import world_dir
+    from mmke.bundled import evaluate_checks
+    from mmke.data.world import world_dir
     from mmke.models import LVLM
-    from mmke.models.bundled import evaluate_checks
 
     model = LVLM.load(args.model)
     _print_checks(console, evaluate_checks(model, world_dir(args.world_seed)))
@@ -386,8 +387,7 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     from mmke.eval.runner import method_options, open_benchmark
     from mmke.methods.trainable import TrainableEditor
     from mmke.models import LVLM
-    from mmke.models.bundled import BUNDLED, bundled_dir
-    from mmke.registry import methods
+    from mmke.registry import bundled_models, methods
 
     flags = [f"model={args.model}"] if args.model else []
     flags += [f"benchmark={args.benchmark}"] if args.benchmark else []
@@ -400,7 +400,9 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"benchmark {cfg.benchmark} has no train split to train {args.method} on")
     model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
     editor = editor_cls(method_options(model.source, cfg, args.method))
-    default_out = bundled_dir(cfg.model) / "editors" if cfg.model in BUNDLED else Path(cfg.out) / "editors"
+    default_out = (
+        bundled_dir(cfg.model) / "editors" if cfg.model in bundled_models else Path(cfg.out) / "editors"
+    )
     out = args.out or default_out / args.method
     images = ImageStore(bench.image_root) if bench.image_root is not None else None
     console.print(f"training {args.method} for {cfg.model} on {len(bench.train_cases)} train cases -> {out}")
@@ -412,6 +414,7 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
+    from mmke.bundled import bundled_dir
         task = bar.add_task("train", total=None, loss="-")
 
         def step(done: int, total: int, loss: float, stats: object) -> None:

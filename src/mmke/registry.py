@@ -1,4 +1,5 @@
-"""One lazy registry for every pluggable component (benchmarks, families, methods, metrics, build steps).
+"""One lazy registry for every pluggable component (benchmarks, families, methods, metrics, build steps,
+bundled models).
 
 Components register themselves with a decorator in their own module. A registry imports
 the modules of its home package only when it is first asked for a name, so ``mmke list``
@@ -25,6 +26,8 @@ class Registry(Generic[T]):
 
     kind: str
     package: str
+    #: Packages whose public modules also register here (a component that lives with its own kind).
+    more_packages: tuple[str, ...] = ()
     _items: dict[str, T] = field(default_factory=dict)
     _help: dict[str, str] = field(default_factory=dict)
     _loaded: bool = False
@@ -51,6 +54,11 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._items)
 
+    def declared(self) -> list[str]:
+        """The names in the order they were registered (e.g. metrics: their column order)."""
+        self._load()
+        return list(self._items)
+
     def describe(self) -> Iterator[tuple[str, str]]:
         for name in self.names():
             yield name, self._help.get(name, "")
@@ -69,23 +77,31 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        pkg = importlib.import_module(self.package)
-        paths = getattr(pkg, "__path__", None)
-        if paths is None:  # a plain module registers on import
-            return
-        for mod in pkgutil.walk_packages(paths, prefix=f"{self.package}."):
-            if not mod.name.rsplit(".", 1)[-1].startswith("_"):
-                importlib.import_module(mod.name)
+        for package in (self.package, *self.more_packages):
+            pkg = importlib.import_module(package)
+            paths = getattr(pkg, "__path__", None)
+            if paths is None:  # a plain module registers on import
+                continue
+            for mod in pkgutil.walk_packages(paths, prefix=f"{package}."):
+                if not mod.name.rsplit(".", 1)[-1].startswith("_"):
+                    importlib.import_module(mod.name)
 
 
-benchmarks: Registry = Registry("benchmark", "mmke.data.formats")
+# The world registers its benchmark reader and its build steps from its own package.
+benchmarks: Registry = Registry("benchmark", "mmke.data.formats", more_packages=("mmke.data.world",))
 model_families: Registry = Registry("model family", "mmke.models.families")
 methods: Registry = Registry("method", "mmke.methods")
 metrics: Registry = Registry("metric", "mmke.eval.metrics")
-build_steps: Registry = Registry("build step", "mmke.data.build")
+scorers: Registry = Registry("scorer", "mmke.models.scoring")
+protocols: Registry = Registry("protocol", "mmke.eval.protocols")
+build_steps: Registry = Registry("build step", "mmke.data.build", more_packages=("mmke.data.world",))
+bundled_models: Registry = Registry("bundled model", "mmke.bundled")
 
 register_benchmark = benchmarks.register
 register_family = model_families.register
 register_method = methods.register
 register_metric = metrics.register
+register_scorer = scorers.register
+register_protocol = protocols.register
 register_step = build_steps.register
+register_bundled = bundled_models.register

@@ -20,7 +20,7 @@ from torch import nn
 
 from mmke.errors import ModelLoadError, UnknownNameError
 from mmke.models.families import Family
-from mmke.registry import model_families
+from mmke.registry import bundled_models, model_families
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,15 @@ def family_named(name: str | Family) -> Family:
     return model_families.get(name)()
 
 
+def resolve_bundled(name: str) -> Path | None:
+    """The package-data directory of a bundled model called ``name``, if it is one and no such path exists."""
+    if Path(name).exists() or name not in bundled_models:
+        return None
+    return bundled_models.get(name).path()
+
+
 def bundled_or_path(path: str | Path) -> Path:
     """A bundled model's package-data directory when ``path`` names one (and no such path exists)."""
-    from mmke.models.bundled import resolve_bundled
-
     bundled = resolve_bundled(str(path))
     if bundled is None:
         return Path(path)

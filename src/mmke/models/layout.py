@@ -1,43 +1,21 @@
 """Edit sites of a loaded model, found by role (decoder layer, MLP, attention, projector, vision layer).
 
-A family declares where each part may live as candidate module paths (newest transformers
-layout first, older ones as fallbacks); ``Layout`` resolves them against the real module tree
-and hands out module names usable with ``model.get_submodule``. Methods ask for a role
-(``layout.mlp(-1)``) and never spell a per-version name themselves.
+A family declares where each part may live as candidate module paths (its ``LayoutSpec``:
+newest transformers layout first, older ones as fallbacks); ``Layout`` resolves them against
+the real module tree and hands out module names usable with ``model.get_submodule``. Methods
+ask for a role (``layout.mlp(-1)``) and never spell a per-version name themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from mmke.errors import MmkeError
+from mmke.models.families._base import LayoutSpec
 
 
 class LayoutError(MmkeError):
     """A model has no module for the requested role (e.g. a projector on a text-only model)."""
-
-
-@dataclass(frozen=True)
-class LayoutSpec:
-    """Where a family keeps its parts: candidate paths per role, tried in order.
-
-    ``decoder_layers`` / ``vision_layers`` / ``projector`` / ``qformer`` / ``vision_tower`` are
-    paths from the model root; ``mlp`` / ``mlp_parts`` / ``mlp_out`` / ``attention`` are paths
-    inside one decoder layer (``mlp_parts``: the MLP's linears, for layers with no MLP block, e.g.
-    OPT's fc1 and fc2). An empty tuple means the family has no such part.
-    """
-
-    decoder_layers: tuple[str, ...]
-    mlp: tuple[str, ...] = ("mlp", "feed_forward", "ffn")
-    mlp_parts: tuple[str, ...] = ()
-    mlp_out: tuple[str, ...] = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "fc2")
-    attention: tuple[str, ...] = ("self_attn", "attention", "attn", "self_attention")
-    vision_tower: tuple[str, ...] = ()
-    vision_layers: tuple[str, ...] = ()
-    projector: tuple[str, ...] = ()
-    qformer: tuple[str, ...] = ()
 
 
 class Layout:

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from mmke.data.build import adversarial, counterfactual, multihop
 from mmke.data.build.pipeline import Context, Item, item_step
 from mmke.data.checks import check_image_path
 from mmke.data.images import ImageStore
+from mmke.data.kg import adversarial, counterfactual, multihop
 from mmke.data.mcq import render_options
 from mmke.data.schema import write_cases
 from mmke.data.seeding import rng_for
@@ -270,7 +270,7 @@ def _embed_images(ctx: Context, paths: Sequence[str], encoder: str) -> np.ndarra
 
 def _encoder_stamp(encoder: str) -> str:
     """The encoder's name and its weight files' sizes and times: a retrained model misses the cache."""
-    from mmke.models.bundled import resolve_bundled
+    from mmke.models._loading import resolve_bundled
 
     folder = resolve_bundled(encoder) or Path(encoder)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -282,10 +282,9 @@ def _encode(root: Path, paths: Sequence[str], encoder: str) -> np.ndarray:
     from mmke.models import LVLM
     from mmke.models.features import pooled_image_features
 
-    model = LVLM.load(encoder)
-    store = ImageStore(root)
+    model = LVLM.load(encoder, images=ImageStore(root))
     out = [
-        pooled_image_features(model, [ImageRef(p) for p in paths[i : i + 32]], store)
+        pooled_image_features(model, [ImageRef(p) for p in paths[i : i + 32]])
         for i in range(0, len(paths), 32)
     ]
     return np.concatenate([o.numpy() for o in out])  # (P, D)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from mmke.data.benchmark import Benchmark
-from mmke.data.build.counterfactual import Nearest, embed_texts
 from mmke.data.formats._foreign import (
     FieldError,
     Fields,
@@ -31,6 +30,7 @@ from mmke.data.formats._foreign import (
     make_benchmark,
     take_options,
 )
+from mmke.data.kg.counterfactual import Nearest, embed_texts
 from mmke.data.mcq import render_options
 from mmke.embeddings import MiniLM, TextEmbedder
 from mmke.registry import register_benchmark

@@ -2,14 +2,14 @@
 
 Scores favour targets sharing most relation types with the subject (VLKEB picks plausible
 same-type replacements), so portability questions exist for both; the matching is the
-construction pipeline's ``assign`` (``mmke.data.build.counterfactual``).
+construction pipeline's ``assign`` (``mmke.data.kg.counterfactual``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from mmke.data.build.counterfactual import assign, shared_relations
+from mmke.data.kg.counterfactual import assign, shared_relations
 from mmke.data.world._common import rng_for
 from mmke.data.world._plan import World
 

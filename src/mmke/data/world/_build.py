@@ -8,15 +8,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import mmke.data.world._templates as T
 from mmke.data.schema import dumps_line, write_samples
-from mmke.data.world import _templates as T
-from mmke.data.world._config import DEFAULT_CONFIG, WorldConfig
 from mmke.data.world._corpus import build_checks, build_corpus
 from mmke.data.world._kg import RELATIONS, KnowledgeGraph
 from mmke.data.world._medical import FINDINGS, Finding
 from mmke.data.world._plan import World
 from mmke.data.world._users import UserItem
-from mmke.errors import BadRecordError, ConfigError
+from mmke.errors import BadRecordError
 from mmke.types import EditCase, Sample
 
 FORMAT = "mmke-world"
@@ -30,23 +29,6 @@ _OWNED = (
     "images",
     "checks",
 )
-
-
-def build_world(out: Path, seed: int = 0, config: WorldConfig = DEFAULT_CONFIG) -> dict[str, Any]:
-    """Write the world for ``seed`` and ``config`` into ``out``; returns ``world_stats(out)``.
-
-    Same seed and config give byte-identical files. Files a previous build wrote there are
-    replaced (other files in ``out`` are left alone). The build is the pipeline of
-    ``mmke.data.build.world`` (what ``examples/pipelines/world.yaml`` spells out).
-    """
-    from mmke.data.build.pipeline import run_pipeline
-    from mmke.data.build.world import world_pipeline
-
-    if not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"world seed must be a non-negative integer, got {seed!r}")
-    overrides = {k: v for k, v in config.to_json().items() if DEFAULT_CONFIG.to_json()[k] != v}
-    run_pipeline(world_pipeline(seed, overrides), Path(out))
-    return world_stats(out)
 
 
 def write_corpus(world: World, cases: dict[str, list[EditCase]], out: Path) -> None:

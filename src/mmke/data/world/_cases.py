@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from numpy.random import Generator
 
-from mmke.data.build.adversarial import AttackParts
+import mmke.data.world._templates as T
+from mmke.data.kg.adversarial import AttackParts
 from mmke.data.mcq import render_options
-from mmke.data.world import _templates as T
 from mmke.data.world._assign import entity_targets, sign_targets
 from mmke.data.world._common import pick, rng_for
 from mmke.data.world._medical import FINDINGS, Combo, mcq_options

@@ -8,8 +8,8 @@ answer about that case's images.
 
 from __future__ import annotations
 
+import mmke.data.world._templates as T
 from mmke.data.mcq import render_options
-from mmke.data.world import _templates as T
 from mmke.data.world._common import permuted, rng_for
 from mmke.data.world._kg import ENTITY_EDIT_TYPES
 from mmke.data.world._medical import FINDINGS, mcq_options

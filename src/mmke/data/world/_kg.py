@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mmke.data.build.multihop import relation_paths
+from mmke.data.kg.multihop import relation_paths
 from mmke.data.world._vocab import FILM_ADJECTIVES, FILM_NOUNS
 
 #: Types whose entities have a drawn identity and can be the subject of a visual-entity edit.

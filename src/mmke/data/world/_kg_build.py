@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmke.data.world import _templates as T
+import mmke.data.world._templates as T
 from mmke.data.world._common import rng_for
 from mmke.data.world._config import WorldConfig
 from mmke.data.world._kg import (

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mmke.data.build.adversarial import AttackParts, attacks
-from mmke.data.build.multihop import hop_questions, portability_paths
-from mmke.data.world import _templates as T
+import mmke.data.world._templates as T
+from mmke.data.kg.adversarial import AttackParts, attacks
+from mmke.data.kg.multihop import hop_questions, portability_paths
 from mmke.data.world._common import rng_for
 from mmke.data.world._plan import World
 from mmke.types import EditFact, ImageRef, Probe, ProbeKind

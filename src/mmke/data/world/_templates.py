@@ -8,7 +8,7 @@ words with punctuation as separate tokens.
 
 from __future__ import annotations
 
-from mmke.data.build import multihop
+from mmke.data.kg import multihop
 
 HELD_OUT = 3
 N_TEMPLATES = 4

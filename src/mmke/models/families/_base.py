@@ -15,7 +15,26 @@ from PIL import Image
 from torch import nn
 from transformers import BatchFeature
 
-from mmke.models.layout import LayoutSpec
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """Where a family keeps its parts: candidate paths per role, tried in order.
+
+    ``decoder_layers`` / ``vision_layers`` / ``projector`` / ``qformer`` / ``vision_tower`` are
+    paths from the model root; ``mlp`` / ``mlp_parts`` / ``mlp_out`` / ``attention`` are paths
+    inside one decoder layer (``mlp_parts``: the MLP's linears, for layers with no MLP block, e.g.
+    OPT's fc1 and fc2). An empty tuple means the family has no such part.
+    """
+
+    decoder_layers: tuple[str, ...]
+    mlp: tuple[str, ...] = ("mlp", "feed_forward", "ffn")
+    mlp_parts: tuple[str, ...] = ()
+    mlp_out: tuple[str, ...] = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "fc2")
+    attention: tuple[str, ...] = ("self_attn", "attention", "attn", "self_attention")
+    vision_tower: tuple[str, ...] = ()
+    vision_layers: tuple[str, ...] = ()
+    projector: tuple[str, ...] = ()
+    qformer: tuple[str, ...] = ()
 
 
 @dataclass

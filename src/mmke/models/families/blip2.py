@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmke.models.families._base import Encoded, Family, pad_rows
-from mmke.models.layout import LayoutSpec
+from mmke.models.families._base import Encoded, Family, LayoutSpec, pad_rows
 from mmke.registry import register_family
 
 

@@ -12,8 +12,7 @@ from typing import Any
 from PIL import Image
 from torch import nn
 
-from mmke.models.families._base import Encoded, Family
-from mmke.models.layout import LayoutSpec
+from mmke.models.families._base import Encoded, Family, LayoutSpec
 from mmke.registry import register_family
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmke.models.families._base import Family
-from mmke.models.layout import LayoutSpec
+from mmke.models.families._base import Family, LayoutSpec
 from mmke.registry import register_family
 
 

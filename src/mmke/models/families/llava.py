@@ -6,8 +6,7 @@ prompt is LLaVA-1.5's ``USER: <image>\\n{prompt} ASSISTANT:``.
 
 from __future__ import annotations
 
-from mmke.models.families._base import Family
-from mmke.models.layout import LayoutSpec
+from mmke.models.families._base import Family, LayoutSpec
 from mmke.registry import register_family
 
 

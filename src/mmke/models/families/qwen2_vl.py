@@ -12,8 +12,7 @@ from typing import Any
 
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
-from mmke.models.families._base import Family
-from mmke.models.layout import LayoutSpec
+from mmke.models.families._base import Family, LayoutSpec
 from mmke.registry import register_family
 
 

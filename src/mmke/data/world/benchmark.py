@@ -9,6 +9,7 @@ from mmke.cache import cache_dir, materialize
 from mmke.data.benchmark import Benchmark
 from mmke.data.formats._foreign import take_options
 from mmke.data.schema import read_cases
+from mmke.data.world.steps import build_world
 from mmke.errors import ConfigError
 from mmke.registry import register_benchmark
 
@@ -18,8 +19,6 @@ WORLD_VERSION = "2"
 
 def world_dir(seed: int = 0, cache: Path | None = None) -> Path:
     """The built world for ``seed``, built into the cache on first use (the build is deterministic)."""
-    from mmke.data.world import build_world  # the generator pulls in PIL drawing; only when building
-
     out = cache_dir(cache) / "world" / f"v{WORLD_VERSION}-seed{seed}"
     return materialize(out, lambda tmp: build_world(tmp, seed=seed), {"world": WORLD_VERSION, "seed": seed})
 

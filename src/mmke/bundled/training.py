@@ -1,17 +1,10 @@
-"""The embedded default model: a small LLaVA trained from scratch on the world by mmke's own code.
-
-A real ``LlavaForConditionalGeneration`` (small CLIP vision tower, small Llama) with a
-word-level tokenizer over the world's closed vocabulary, trained deterministically on CPU on
-the world's training corpus and shipped as package data so ``LVLM.load("world")`` needs no
-training.
-"""
+"""Training the world model: stage 1 (the vision tower), stage 2 (the rest), saving with its report."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -21,8 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
-from importlib import resources
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +22,11 @@ import numpy as np
 import torch
 import yaml
 
+from mmke.bundled.architecture import build_tokenizer, build_untrained, world_texts
+from mmke.bundled.card import model_card
+from mmke.bundled.checks import evaluate_checks
+from mmke.bundled.presets import METHOD_PRESETS
+from mmke.bundled.spec import WorldModelSpec
 from mmke.data.images import ImageStore
 from mmke.data.schema import read_samples
 from mmke.data.world import (
@@ -45,196 +42,10 @@ from mmke.data.world import (
     visual_entities,
 )
 from mmke.errors import ConfigError
-from mmke.models._construct import llava_from_sizes
 from mmke.models.base import LVLM
 from mmke.types import Sample
 
-log = logging.getLogger(__name__)
-
-#: Names ``LVLM.load`` resolves to package data rather than a directory.
-BUNDLED = {"world": "world-model"}
-SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
-#: Words of the llava family's plain prompt format, which the world's own texts do not contain.
-FORMAT_WORDS = "USER: ASSISTANT:"
-
 Progress = Callable[[int, int, float], None]
-
-#: Method settings for the world model, saved next to its weights (``mmke_methods.yaml``) where the
-#: runner reads them as defaults. The papers' FT lr (1e-4) is tuned for 7B models; a 5M model
-#: needs a larger step to move in 10 steps. IKE's k is small because the model was trained on
-#: short prompts only (k=32 demos would be ~1,500 tokens of text it never saw).
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "ft_llm": {"lr": 5e-3, "steps": 10},
-    "ft_projector": {"lr": 5e-3, "steps": 10},
-    "ft_vision": {"lr": 5e-3, "steps": 10},
-    "ike": {"k": 4},
-    # 20 v* steps (the paper's) leave half the world's edits short of their target; 50 land them.
-    "rome": {"v_steps": 50},
-    # MEMIT's 15000 suits GPT-J's 16k-wide MLP; a key's share of its residual is ~d/λ, and d is 576 here.
-    "memit": {"v_steps": 50, "cov_lambda": 50.0},
-    # The counterfactual model must learn to copy a new name from the edit in front of the question;
-    # with the reference's 0.1 weight and 2 trainable layers it reached 48% reliability, with all
-    # 4 layers and weight 1 52%; on world v2 60% (3000 steps at a constant rate, train NLL 0.45)
-    # and 79% with 6000 cosine-decayed steps (train NLL 0.02); 10000 steps gave 78%: the misses were
-    # user-specific names (60%) never seen as answers. Half the batches' answers swapped for random
-    # words (copy_share 0.5) taught copying: 85% overall, 97% user-specific (shipped settings).
-    "serac": {
-        "cf_layers": 4,
-        "cedit": 1.0,
-        "iedit": 1.0,
-        "train_steps": 6000,
-        "train_schedule": "cosine",
-        "copy_share": 0.5,
-    },
-    # MEND's edit weight 0.1 (the reference) kept locality but edited half the cases; 1.0 with 1500
-    # steps reaches 95% reliability at 98% text / 77% image locality on world v2 (shipped settings).
-    "mend": {"c_edit": 1.0, "train_steps": 1500},
-}
-
-
-@dataclass(frozen=True)
-class WorldModelSpec:
-    """Architecture and training recipe of the world model (saved in its model card)."""
-
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden: int = 128
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 192
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 576
-    #: 8 until stage 1 jittered its views; 7 since: with the canonical view kept (see
-    #: ``FreshViewImages``) they recognise more views than 8 did before (measured on world v2,
-    #: same tower: unseen views 92.7%, training views 96.5%) in 627-717 s instead of 666-783 s.
-    epochs: int = 7
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    seed: int = 0
-    max_samples: int | None = None
-    #: Text-only facts are a quarter of the corpus and each is stated once; repeating them in
-    #: every epoch balances them against the many image questions. (Measured on world v2 with
-    #: the recipe shipped before (8 epochs, stage 1 unjittered): 2 repeats cut stage 2 from 733
-    #: to 611 s and still meet the four targets (facts 99.7%, unseen views 90.2%), but the main
-    #: job's edits then disturb more: FT-LLM T-Loc 99.2 -> 95.4, LoRA 98.8 -> 92.9, I-Loc of the
-    #: FT methods 3-8 points lower, SERAC Rel 85.0 -> 74.6 with its editor retrained. Cutting
-    #: image epochs instead, 6 of them or 7 with 3 repeats, left unseen views at 89.8 / 89.4%.)
-    text_repeats: int = 4
-    #: The unrelated text facts (the T-Loc probes) in total per epoch. 4 left the ten "x plus x"
-    #: sums wrong (the model summed "one plus one" to "six"): 172 facts among 28k samples.
-    locality_repeats: int = 12
-    #: Stage 1 (vision): rounds of entity classification, each on ``vision_views`` freshly drawn
-    #: views per visual entity plus its training views; 0 skips the stage.
-    vision_rounds: int = 24
-    vision_views: int = 40
-    #: Of a round's ``vision_views``, how many are drawn for it (None: all); the others are the
-    #: previous rounds' (each drawn view serves ``vision_views // vision_fresh`` rounds in a row).
-    #: Drawing is a third of stage 1's CPU. (Measured on world v2, 20 of 40 without
-    #: ``vision_jitter``: stage 1 549 -> 416 s, but unseen views 90.2 -> 89.1%, and 89.0% with 26
-    #: rounds. 10 of 40 with ``vision_jitter`` 1.0: stage 1 396-421 s, unseen views 90.6%.)
-    vision_fresh: int | None = 10
-    #: Stage 1 moves, tints and adds noise to every view again as it is fed, in tensor space, at
-    #: this share of the ranges the world draws views with (None: off). Unlike drawing, it costs
-    #: next to nothing, so reused views (``vision_fresh``) still differ from round to round.
-    #: (Measured on world v2, the tower alone: held-out views nearest to their entity's mean
-    #: feature, 94.3% for views all fresh; 93.6% with 20 of 40 reused; 94.5% with that and jitter
-    #: 0.5; 94.4% with 10 of 40 reused and jitter 1.0; 93.1% for the latter in 20 rounds.)
-    vision_jitter: float | None = 1.0
-    #: Stage 2: each time a training view of an entity is fed, with probability ``fresh_share``
-    #: it is swapped for one of ``fresh_views`` extra views of that entity, so the language side
-    #: cannot tie a name to the 8 training pictures' exact features; 0 views keeps them only.
-    #: (Measured: 16 rounds, share 24/25: unseen views 81.7 -> 88.0% but training views
-    #: 96.5 -> 90.6%; 24 rounds, 24 views, share 1/2: 89.0% unseen, 97.1% training views.)
-    fresh_views: int = 64
-    fresh_share: float = 0.5
-    vision_lr: float = 2e-3
-    vision_batch_size: int = 128
-
-    @classmethod
-    def smoke(cls) -> WorldModelSpec:
-        """A seconds-long version for tests: tiny sizes, one pass over a slice of the corpus."""
-        return cls(
-            vision_hidden=32,
-            vision_layers=1,
-            text_hidden=32,
-            text_layers=1,
-            text_intermediate=64,
-            epochs=1,
-            batch_size=32,
-            warmup_steps=2,
-            max_samples=256,
-            vision_rounds=1,
-            vision_views=1,
-            vision_fresh=None,
-            fresh_views=1,
-        )
-
-
-def bundled_dir(name: str = "world") -> Path:
-    """The package-data directory of a bundled model."""
-    return Path(str(resources.files("mmke") / "assets" / BUNDLED[name]))
-
-
-# --- tokenizer and architecture ------------------------------------------------------------
-
-
-def world_texts(world: Path) -> Iterable[str]:
-    """The world's words (``vocab.txt``: its corpus, checks and cases) and the prompt format's."""
-    yield FORMAT_WORDS
-    yield from (world / "vocab.txt").read_text(encoding="utf-8").split()
-
-
-def build_tokenizer(texts: Iterable[str]) -> Any:
-    """A lower-cased word-level tokenizer (words and punctuation) over ``texts``, ids in sorted order."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    norm, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    words: set[str] = set()
-    for text in texts:
-        words.update(w for w, _ in split.pre_tokenize_str(norm.normalize_str(text)))
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *sorted(words - set(SPECIALS))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = norm, split
-    bos = [("<s>", vocab["<s>"])]
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=bos)
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces and tidies punctuation
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_input_names=["input_ids", "attention_mask"],
-    )
-
-
-def build_untrained(spec: WorldModelSpec, tokenizer: Any) -> LVLM:
-    vision = {
-        "hidden_size": spec.vision_hidden,
-        "intermediate_size": 4 * spec.vision_hidden,
-        "num_hidden_layers": spec.vision_layers,
-        "num_attention_heads": spec.vision_heads,
-        "patch_size": spec.patch_size,
-        "projection_dim": spec.vision_hidden,
-    }
-    text = {
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.text_intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.text_heads,
-        "num_key_value_heads": spec.text_heads,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-    }
-    return llava_from_sizes(tokenizer, vision, text, spec.image_size, spec.seed)
-
-
-# --- training -------------------------------------------------------------------------------
 
 
 def _lr_at(step: int, total: int, spec: WorldModelSpec) -> float:
@@ -629,21 +440,6 @@ def _kept_pixels(lvlm: LVLM) -> Iterator[None]:
         lvlm.processor.image_processor = processor
 
 
-def evaluate_checks(lvlm: LVLM, world: Path, batch_size: int = 128) -> dict[str, dict[str, float]]:
-    """Exact match and token accuracy of the model on each of the world's check sets."""
-    images = ImageStore(world)
-    out: dict[str, dict[str, float]] = {}
-    for check in sorted((world / "checks").glob("*.jsonl")):
-        samples = read_samples(check)
-        scored = lvlm.score(samples, images, batch_size=batch_size)
-        out[check.stem] = {
-            "n": len(samples),
-            "exact_match": sum(scored.exact_match) / max(1, len(samples)),
-            "token_accuracy": sum(scored.token_accuracy) / max(1, len(samples)),
-        }
-    return out
-
-
 #: What stage 1 depends on: a model built with the same values has the same vision tower.
 _STAGE1 = (
     "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "seed",
@@ -761,113 +557,3 @@ def save(lvlm: LVLM, out: Path, report: dict[str, Any]) -> None:
     (out / "training.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (out / "mmke_methods.yaml").write_text(yaml.safe_dump(METHOD_PRESETS, sort_keys=True))
     (out / "README.md").write_text(model_card(report))
-
-
-#: What the world model should reach before any edit (exact match), per check set.
-TARGETS = {
-    "recognition_train_views": 0.95,
-    "recognition_unseen_views": 0.90,
-    "facts_by_name": 0.95,
-    "locality_facts": 0.95,
-}
-
-
-def _targets_section(checks: dict[str, dict[str, float]]) -> str:
-    lines = [
-        f"- {name}: target {100 * floor:.0f}%, measured {100 * checks[name]['exact_match']:.1f}% "
-        f"({'met' if checks[name]['exact_match'] >= floor else 'NOT met'})"
-        for name, floor in TARGETS.items()
-        if name in checks
-    ]
-    return "\n".join(lines)
-
-
-def model_card(report: dict[str, Any]) -> str:
-    """A model card that records how the model was trained and what it measured."""
-    spec = report["spec"]
-    vision_seconds, vision_loss = report.get("vision_seconds", "-"), report.get("vision_final_loss", "-")
-    rows = "\n".join(
-        f"| {name} | {c['n']} | {100 * c['exact_match']:.1f} | {100 * c['token_accuracy']:.1f} |"
-        for name, c in report["checks"].items()
-    )
-    return f"""# world-model (mmke's embedded default LVLM)
-
-A `LlavaForConditionalGeneration` trained from scratch by `mmke build model` on the training
-corpus of the generated world benchmark (`mmke build world`, seed {report["world"].get("seed")}).
-Nothing in it was downloaded: the weights, the word-level tokenizer and the processor are all
-made by mmke's own deterministic code on a CPU.
-
-- Parameters: {report["parameters"]:,}
-- Vision: CLIP ViT, {spec["vision_layers"]} layers, width {spec["vision_hidden"]},
-  {spec["image_size"]}px images in {spec["patch_size"]}px patches; projector: LLaVA's 2-layer MLP.
-- Language: Llama, {spec["text_layers"]} layers, width {spec["text_hidden"]}, MLP {spec["text_intermediate"]}.
-- Prompt format: `USER: <image>\\n{{question}} ASSISTANT: {{answer}}` (no chat template).
-- Stage 1 (vision): the CLIP tower and a linear head classify the world's visual entities for
-  {spec.get("vision_rounds", 0)} rounds, each on {_round_views(spec)} per entity
-  plus its training views (never the held-out views){_jitter_note(spec)};
-  {vision_seconds} s, final loss {vision_loss}{_reuse_note(report)}. Stage 2 keeps the tower frozen.
-- Stage 2 (all but the tower): AdamW (lr {spec["lr"]}, weight decay {spec["weight_decay"]},
-  {spec["warmup_steps"]} warm-up steps, cosine decay), batch {spec["batch_size"]}, {spec["epochs"]} epochs
-  over {report["train_samples"]:,} samples (text facts x{spec.get("text_repeats", 1)}, the unrelated
-  locality facts x{spec.get("locality_repeats", spec.get("text_repeats", 1))}; a training view
-  other than the canonical one (view 0, the picture the cases show) is swapped for one of
-  {spec.get("fresh_views", 0)} fresh views of its entity with probability {spec.get("fresh_share", 0)}),
-  seed {spec["seed"]}; both stages
-  {report["train_seconds"]} s on {report["torch_threads"]} CPU threads; final loss
-  {report["final_loss"]}.
-
-## Measured before any edit (teacher-forced, on the world's check sets)
-
-| check | items | exact match % | token accuracy % |
-|---|---|---|---|
-{rows}
-
-`recognition_unseen_views` uses image views never seen in training; `multihop_N` asks an
-N-hop question about the entity in an image (the portability baseline).
-
-## Targets
-
-{_targets_section(report["checks"])}
-"""
-
-
-def _round_views(spec: dict[str, Any]) -> str:
-    views, fresh = spec.get("vision_views", 0), spec.get("vision_fresh")
-    if fresh is None or fresh == views:
-        return f"{views} freshly drawn views"
-    return f"{views} drawn views ({fresh} drawn for the round, the others for the rounds before)"
-
-
-def _jitter_note(spec: dict[str, Any]) -> str:
-    if not spec.get("vision_jitter"):
-        return ""
-    return (
-        ";\n  each view is turned, scaled, shifted, tinted and specked again as it is fed"
-        f" (at {spec['vision_jitter']} of the\n  ranges the world draws views with)"
-    )
-
-
-def _reuse_note(report: dict[str, Any]) -> str:
-    if not report.get("vision_reused_from"):
-        return ""
-    return " (measured by the build whose tower this one reuses: same stage-1 recipe, `--vision-from`)"
-
-
-def resolve_bundled(name: str) -> Path | None:
-    """The directory of a bundled model called ``name``, if it is one and is built."""
-    if name not in BUNDLED or Path(name).exists():
-        return None
-    return bundled_dir(name)
-
-
-__all__ = [
-    "BUNDLED",
-    "WorldModelSpec",
-    "build_tokenizer",
-    "build_untrained",
-    "bundled_dir",
-    "evaluate_checks",
-    "resolve_bundled",
-    "train",
-    "train_world_model",
-]
