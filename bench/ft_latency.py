@@ -18,13 +18,12 @@ from mmke.registry import methods
 
 def main(n: int = 20) -> None:
     bench = load_benchmark("world")
-    images = ImageStore(bench.image_root)
-    model = LVLM.load("world")
+    model = LVLM.load("world", images=ImageStore(bench.image_root))
     editor = methods.get("ft_llm")({"steps": 10})
     edits, restores = [], []
     for case in bench.cases[:n]:
         start = time.perf_counter()
-        edited = editor.apply(model, case, images)
+        edited = editor.apply(model, case)
         edits.append(time.perf_counter() - start)
         start = time.perf_counter()
         edited.restore()

@@ -30,11 +30,12 @@ import torch
 
 from mmke.config import RunConfig
 from mmke.data.benchmark import load_benchmark
-from mmke.data.images import ImageStore
 from mmke.eval._efficiency import measure
 from mmke.eval.executors import InProcess, LocalWorkers
+from mmke.eval.job import run
 from mmke.eval.metrics import score_case
-from mmke.eval.runner import Session, editor_for, run, run_method, select_cases
+from mmke.eval.records import CaseRecord
+from mmke.eval.runner import Session, benchmark_images, editor_for, run_method, select_cases
 from mmke.eval.store import RunStore
 from mmke.models import LVLM
 from mmke.models.gguf import smollm2_dir
@@ -52,20 +53,18 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def reference_loop(
-    model: LVLM, editor: Any, cases: tuple[EditCase, ...], images: ImageStore | None, seed: int
-) -> list[dict]:
+def reference_loop(model: LVLM, editor: Any, cases: tuple[EditCase, ...], seed: int) -> list[dict]:
     """The anchors' way: per-probe forwards at batch 1, pre recomputed per case, deep-copy restore."""
     metrics = []
     for index, case in enumerate(cases):
-        pre = [model.score([p], images, batch_size=1)[0] for p in case.probes]
+        pre = [model.score([p], batch_size=1)[0] for p in case.probes]
         backup = copy.deepcopy(model.model.state_dict())
         torch.manual_seed(seed * 1_000_003 + index)  # the runner's per-position edit seed
-        edited = editor.apply(model, case, images)
-        post = [edited.score([p], images, batch_size=1)[0] for p in case.probes]
+        edited = editor.apply(model, case)
+        post = [edited.score([p], batch_size=1)[0] for p in case.probes]
         model.model.load_state_dict(backup)
         edited.restore()  # the method's own bookkeeping (its weights are already back)
-        metrics.append(score_case(case.probes, post, pre, "mmke", None)["metrics"])
+        metrics.append(score_case(case.probes, post, pre).metrics)
     return metrics
 
 
@@ -86,15 +85,18 @@ class _Records(list):
 
 
 def session_for(model: LVLM, method: str, cfg: RunConfig, bench: Any, cases: tuple, out: Path) -> Session:
-    """A runner session on these cases, recording into a fresh run store, with its editor built."""
-    images = ImageStore(bench.image_root) if bench.image_root is not None else None
+    """A runner session on these cases, recording into a fresh run store, with its editor built.
+
+    The model is bound to a fresh image store, as ``open_session`` binds one.
+    """
+    model.bind_images(benchmark_images(bench))
     sink = _Records(RunStore.create(out, None, cfg.to_dict()))
-    s = Session(cfg, model, cfg.model, bench, cases, images, sink, {})
+    s = Session(cfg, model, cfg.model, bench, cases, sink, {})
     editor_for(s, method)  # built (trained editors loaded) before any timing, and shared
     return s
 
 
-def mmke_loop(s: Session, method: str) -> tuple[list[dict], float, float]:
+def mmke_loop(s: Session, method: str) -> tuple[list[CaseRecord], float, float]:
     """mmke's runner on the session's cases: its records, its wall time (pre pass included) and
     the pre pass's share of it."""
     start = time.perf_counter()
@@ -104,56 +106,60 @@ def mmke_loop(s: Session, method: str) -> tuple[list[dict], float, float]:
     return list(cast(_Records, s.store)), time.perf_counter() - start, pre
 
 
-def floor_seconds(model: LVLM, cases: tuple[EditCase, ...], image_root: Path | None) -> float:
+def floor_seconds(model: LVLM, cases: tuple[EditCase, ...], bench: Any) -> float:
     """The floor's forward part: one batched forward of each case's probes (its edit part is each
     edit's own compute, as the runner timed it).
 
     The forwards read the images through a fresh store, as mmke's run does: both decode each
     image once (a store warmed by the loops before would hand the floor its pictures for free).
     """
-    images = ImageStore(image_root) if image_root is not None else None
+    model.bind_images(benchmark_images(bench))
     start = time.perf_counter()
     for case in cases:
-        model.score(case.probes, images, batch_size=len(case.probes))
+        model.score(case.probes, batch_size=len(case.probes))
     return time.perf_counter() - start
 
 
-def warm_up(model: LVLM, cases: tuple[EditCase, ...], images: ImageStore | None, batch_size: int) -> None:
+def warm_up(model: LVLM, cases: tuple[EditCase, ...], batch_size: int) -> None:
     """Untimed: every batch shape the loops will meet (the pre-edit pass's, a case's, a probe's alone)
     runs once, so neither loop pays the first-call costs of the kernels for a new shape (in a run
     they are paid once, by the pre-edit pass, not by every method)."""
     probes = [p for c in cases for p in c.probes]
-    model.score(probes, images, batch_size=batch_size)
+    model.score(probes, batch_size=batch_size)
     for case in cases:
-        model.score(case.probes, images, batch_size=len(case.probes))
-    model.score(probes, images, batch_size=1)
+        model.score(case.probes, batch_size=len(case.probes))
+    model.score(probes, batch_size=1)
 
 
 def compare(
     label: str, model: LVLM, method: str, cfg: RunConfig, bench: Any, cases: tuple, out: Path
 ) -> dict[str, Any]:
-    images = ImageStore(bench.image_root) if bench.image_root is not None else None
     model_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
     session = session_for(model, method, cfg, bench, cases, out)
+    session_images = model.images  # each loop keeps reading its own store, warmed as it goes
     editor = session.editors[method]  # the same editor (and trained weights) for the reference
-    warm_up(model, cases, images, cfg.batch_size)
-    reference_loop(model, editor, cases[:1], images, cfg.seed)
+    reference_images = benchmark_images(bench)
+    model.bind_images(reference_images)
+    warm_up(model, cases, cfg.batch_size)
+    reference_loop(model, editor, cases[:1], cfg.seed)
     mmke_loop(session_for(model, method, cfg, bench, cases[:2], out), method)
+    model.bind_images(session_images)
     rest = _rss_mb()
     with measure(model.device) as m_mmke:
         records, mmke_s, pre_s = mmke_loop(session, method)
     mmke_peak = m_mmke.peak_mb - rest
+    model.bind_images(reference_images)
     rest = _rss_mb()
     with measure(model.device) as m_ref:
         start = time.perf_counter()
-        ref = reference_loop(model, editor, cases, images, cfg.seed)
+        ref = reference_loop(model, editor, cases, cfg.seed)
         ref_s = time.perf_counter() - start
     ref_peak = m_ref.peak_mb - rest
-    edit_s = sum(r["efficiency"]["edit_seconds"] for r in records)
-    forward_s = floor_seconds(model, cases, bench.image_root)
-    ours = [r["metrics"] for r in sorted(records, key=lambda r: r["index"])]
+    edit_s = sum(r.efficiency["edit_seconds"] for r in records)
+    forward_s = floor_seconds(model, cases, bench)
+    ours = [r.metrics for r in sorted(records, key=lambda r: r.index)]
     diffs = [abs(a[k] - b[k]) for a, b in zip(ours, ref, strict=True) for k in a]
-    snapshot = max(r["efficiency"]["edited_params"] for r in records) * 4 / 2**20
+    snapshot = max(r.efficiency["edited_params"] for r in records) * 4 / 2**20
     return {
         "model": label,
         "method": method,
@@ -166,7 +172,7 @@ def compare(
         "mmke_s": mmke_s,
         "pre_s": pre_s,
         "edit_s": edit_s,
-        "post_s": sum(r["efficiency"]["score_seconds"] for r in records),
+        "post_s": sum(r.efficiency["score_seconds"] for r in records),
         "forward_s": forward_s,
         "identical": max(diffs, default=0.0) == 0.0,
         "max_diff": max(diffs, default=0.0),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from mmke.config import load_config
 from mmke.eval.executors import Executor
-from mmke.eval.runner import run
+from mmke.eval.job import run
+from mmke.eval.records import CaseRecord, RunSummary
 from mmke.eval.store import RunStore
 
 
@@ -26,11 +27,12 @@ def small_overrides(setup: tuple[Path, Path], out: Path, *extra: str) -> list[st
 
 def small_run(
     setup: tuple[Path, Path], out: Path, *extra: str, executor: Executor | None = None
-) -> tuple[RunStore, dict]:
+) -> tuple[RunStore, RunSummary]:
     cfg = load_config(None, small_overrides(setup, out, *extra))
     store = RunStore.create(out, None, cfg.to_dict())
     return store, run(cfg, store, executor=executor)
 
 
-def without_timings(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "efficiency"} for r in records]
+def without_timings(records: list[CaseRecord]) -> list[dict]:
+    """The records as JSON data without their timings (which differ between any two runs)."""
+    return [{k: v for k, v in r.to_dict().items() if k != "efficiency"} for r in records]

@@ -26,9 +26,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
 
 
 @pytest.fixture(scope="module", params=TINY_KINDS)
-def model(request: pytest.FixtureRequest) -> LVLM:
-    """One tiny randomly initialised model per family (llava, blip2, qwen2_vl, idefics3, causal_lm…)."""
-    return tiny_model(request.param, seed=0)
+def model(request: pytest.FixtureRequest, store: ImageStore) -> LVLM:
+    """One tiny randomly initialised model per family (llava, blip2, qwen2_vl, idefics3, causal_lm…),
+    bound to the module's ``store``."""
+    return tiny_model(request.param, seed=0).bind_images(store)
 
 
 @pytest.fixture(scope="session")

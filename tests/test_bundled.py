@@ -176,13 +176,14 @@ def test_jitter_views_moves_tints_and_specks_each_view_reproducibly() -> None:
 
 def test_stage_2_processes_each_picture_once_into_the_same_batches(small_world: Path) -> None:
     samples = [x for x in read_samples(small_world / "corpus_train.jsonl") if x.image is not None][:24]
-    lvlm = build_untrained(WorldModelSpec.smoke(), build_tokenizer(world_texts(small_world)))
     images = ImageStore(small_world)
+    lvlm = build_untrained(WorldModelSpec.smoke(), build_tokenizer(world_texts(small_world)))
+    lvlm.bind_images(images)
     distinct = {images.open(x.image).tobytes() for x in samples}
-    plain = [lvlm.encode(samples[i : i + 8], images) for i in (0, 8, 16, 0)]
+    plain = [lvlm.encode(samples[i : i + 8]) for i in (0, 8, 16, 0)]
     with _kept_pixels(lvlm):
         memo = lvlm.processor.image_processor
-        kept = [lvlm.encode(samples[i : i + 8], images) for i in (0, 8, 16, 0)]
+        kept = [lvlm.encode(samples[i : i + 8]) for i in (0, 8, 16, 0)]
         assert len(memo.kept) == len(distinct) > 8
     assert lvlm.processor.image_processor is memo.processor
     for a, b in zip(plain, kept, strict=True):
@@ -208,10 +209,10 @@ def test_stage_2_with_kept_tower_outputs_trains_the_same_weights(small_world: Pa
     runs = []
     for keep in (False, True):
         torch.manual_seed(spec.seed)
-        lvlm = build_untrained(spec, tokenizer)
+        lvlm = build_untrained(spec, tokenizer).bind_images(ImageStore(small_world))
         lvlm.layout.module(lvlm.layout.vision_tower()).requires_grad_(False)
         with _frozen_tower(lvlm) if keep else contextlib.nullcontext():
-            losses = train(lvlm, samples, ImageStore(small_world), spec)
+            losses = train(lvlm, samples, spec)
         runs.append((losses, {k: v.clone() for k, v in lvlm.model.state_dict().items()}))
     assert type(lvlm.layout.module(lvlm.layout.vision_tower())).__name__ != "_KeptTowerOutputs"
     (loss_a, a), (loss_b, b) = runs

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mmke import registry
 from mmke.cli import main
+from mmke.eval.metrics import metric_specs
 
 
 def test_unknown_benchmark_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -57,3 +59,28 @@ def test_train_editor_trains_saves_and_refuses_untrainable_methods(
     meta = json.loads((out / "editor.json").read_text())
     assert meta["method"] == "mend" and meta["steps"] == 3
     assert not (out / "checkpoint.json").exists()  # a finished run keeps only the editor
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The body rows of a printed rich table, as stripped cells."""
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_list_metrics_shows_every_metric_with_its_paper_name_and_aggregation(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough that no cell wraps
+    assert main(["list", "metrics"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows == [[s.key, f"{s.label} ({s.paper})", s.aggregate, s.help] for s in metric_specs()]
+    assert ["text_generality", "T-Gen (VLKEB)"] in [r[:2] for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["scorers", "protocols"])
+def test_list_scorers_and_protocols(
+    kind: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["list", kind]) == 0
+    names = [r[0] for r in _table_rows(capsys.readouterr().out)]
+    assert names == getattr(registry, kind).names()

@@ -11,8 +11,10 @@ from _runs import small_overrides, small_run, without_timings
 from mmke.cli import main
 from mmke.config import RunConfig, load_config
 from mmke.errors import ConfigError
-from mmke.eval.executors import LocalWorkers, RayWorkers, executor_for, plan_units
-from mmke.eval.runner import run
+from mmke.eval.executors import LocalWorkers, RayWorkers, executor_for
+from mmke.eval.job import run
+from mmke.eval.protocols import protocol_named
+from mmke.eval.records import CaseRecord, RunSummary
 from mmke.eval.store import RunStore
 
 Setup = tuple[Path, Path]
@@ -27,7 +29,7 @@ def _same(a: object, b: object, where: str = "") -> None:
         assert a.keys() == b.keys(), where
         for k in a:
             _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
+    elif isinstance(a, list | tuple) and isinstance(b, list | tuple):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _same(x, y, f"{where}[{i}]")
@@ -35,29 +37,34 @@ def _same(a: object, b: object, where: str = "") -> None:
         assert a == b, where
 
 
-def _metrics(summary: dict) -> list[dict]:
-    return [{k: v for k, v in g.items() if k != "efficiency"} for g in summary["groups"]]
+def _metrics(summary: RunSummary) -> list[dict]:
+    return [{k: v for k, v in g.to_dict().items() if k != "efficiency"} for g in summary.groups]
 
 
-def _by_key(records: list[dict]) -> list[dict]:
+def _by_key(records: list[CaseRecord]) -> list[dict]:
     """Records in a fixed order, without timings or the config hash (the runs' ``out`` differs)."""
-    out = [r | {"run": {k: v for k, v in r["run"].items() if k != "config_hash"}} for r in records]
-    return sorted(without_timings(out), key=lambda r: (repr(sorted(r["run"].items())), r["case_id"]))
+    out = [
+        r | {"run": {k: v for k, v in r["run"].items() if k != "config_hash"}}
+        for r in without_timings(records)
+    ]
+    return sorted(out, key=lambda r: (repr(sorted(r["run"].items())), r["case_id"]))
 
 
 @pytest.mark.parametrize("protocol", ["single", "sequential", "lifelong", "edit_onehop"])
 def test_units_cover_every_case_of_every_method_once(protocol: str) -> None:
     cfg = RunConfig(methods=("ft_llm", "ike", "noop"), protocol=protocol, gaps=(2, 5, 50))
-    units = plan_units(cfg, n_cases=11, workers=2)
+    proto = protocol_named(protocol)
+    units = proto.units(cfg, 11, workers=2)
+    episodes = proto.episodes(cfg, 11)
     for method in cfg.methods:
         mine = [u for u in units if u.method == method]
+        assert sorted(e for u in mine for e in u.episodes or ()) == list(range(len(episodes)))
         if protocol in ("single", "edit_onehop"):
-            covered = sorted(i for u in mine for i in u.indices or ())
-            assert covered == list(range(11)) and len(mine) > 1
+            assert len(episodes) == 11 and len(mine) > 1
         elif protocol == "sequential":
-            assert [u.gaps for u in mine] == [(2,), (5,)]  # gap 50 >= 11 cases: no stream
+            assert [{s.gap for s in episodes[e].steps} for u in mine for e in u.episodes] == [{2}, {5}]
         else:
-            assert len(mine) == 1 and mine[0].indices is None
+            assert len(mine) == 1
 
 
 @pytest.mark.parametrize("protocol", ["single", "sequential"])
@@ -88,7 +95,7 @@ def test_workers_resume_a_cut_run_without_repeating_cases(setup: Setup, tmp_path
     store = RunStore.open(cut)
     cfg = load_config(None, small_overrides(setup, tmp_path, *extra))
     summary = run(cfg, store, executor=LocalWorkers(2))
-    keys = [(r["run"]["method"], r["case_id"]) for r in store.records()]
+    keys = [(r.run.method, r.case_id) for r in store.records()]
     assert len(keys) == len(set(keys)) == 12
     _same(_metrics(full_summary), _metrics(summary))
 

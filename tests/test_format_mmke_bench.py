@@ -10,6 +10,7 @@ import pytest
 
 from mmke.data.benchmark import Benchmark, load_benchmark
 from mmke.errors import BadRecordError, ConfigError
+from mmke.eval.records import GroupSummary, RunInfo, RunSummary
 from mmke.report.tables import mmke_bench_table, render_markdown, select_table
 from mmke.types import EditCase, EditType, ImageRef, ProbeKind
 
@@ -197,20 +198,11 @@ def test_true_is_not_a_knowledge_type_code(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the paper's table
 
 
-def _group(method: str, edit_type: str, metrics: dict[str, float]) -> dict[str, Any]:
-    return {
-        "model": "blip2",
-        "method": method,
-        "protocol": "single",
-        "gap": None,
-        "checkpoint": None,
-        "edit_type": edit_type,
-        "n_cases": 2,
-        "metrics": metrics,
-    }
+def _group(method: str, edit_type: str, metrics: dict[str, float]) -> GroupSummary:
+    return GroupSummary("blip2", method, "single", None, None, edit_type, 2, 0, 0, metrics=metrics)
 
 
-def _summary() -> dict[str, Any]:
+def _summary() -> RunSummary:
     full = {
         "reliability": 0.99,
         "text_locality": 0.91,
@@ -225,9 +217,11 @@ def _summary() -> dict[str, Any]:
         scaled = {k: v - 0.1 * i for k, v in full.items()}
         groups.append(_group(method, "all", scaled))
         for edit_type in ("user_specific", "visual_entity", "visual_semantic"):
-            groups.append(_group(method, edit_type, dict(scaled)))
-    groups[-1]["metrics"].pop("portability")  # ike on visual semantic without portability
-    return {"schema": "mmke-summary/1", "run": {}, "groups": groups}
+            metrics = dict(scaled)
+            if (method, edit_type) == ("ike", "visual_semantic"):
+                del metrics["portability"]  # ike on visual semantic without portability
+            groups.append(_group(method, edit_type, metrics))
+    return RunSummary(RunInfo(), tuple(groups))
 
 
 def test_mmke_bench_table_has_the_six_paper_columns_per_edit_type() -> None:
@@ -272,5 +266,5 @@ def test_mmke_bench_table_is_in_the_report_and_selectable_by_name() -> None:
     )
     with pytest.raises(ConfigError, match="did you mean 'mmke_bench'"):
         select_table(_summary(), "mmke-bench")
-    no_types = {"groups": [g for g in _summary()["groups"] if g["edit_type"] == "all"]}
+    no_types = RunSummary(RunInfo(), tuple(g for g in _summary().groups if g.edit_type == "all"))
     assert mmke_bench_table(no_types) is None

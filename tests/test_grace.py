@@ -54,12 +54,12 @@ def all_logits(model: LVLM, items: list[Sample]) -> torch.Tensor:
 def test_grace_edit_holds_far_prompts_are_untouched_and_restore_is_exact(
     kind: str, store: ImageStore
 ) -> None:
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0).bind_images(store)
     case, before, far = make_case(model), state(model), all_logits(model, UNRELATED)
     site = model.layout.mlp_out(-1)
     original = model.layout.module(site)
-    with Grace().applied(model, case, store) as edited:
-        assert edited.score([case.edit], store)[0].exact_match
+    with Grace().applied(model, case) as edited:
+        assert edited.score([case.edit])[0].exact_match
         assert torch.equal(all_logits(model, UNRELATED), far)  # bit-identical: no key within eps
         adaptor = model.layout.module(site)
         assert isinstance(adaptor, GraceAdaptor) and adaptor.layer is original
@@ -99,22 +99,22 @@ def test_codebook_adds_expands_and_splits_as_grace_does() -> None:
 
 
 def test_sequential_edits_share_one_adaptor_and_restore_in_reverse_order(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before, site = state(model), model.layout.mlp_out(-1)
     original, editor = model.layout.module(site), Grace()
     rome, london = make_case(model, "rome"), make_case(model, "paris", "london is a city in")
-    first = editor.apply(model, rome, store)
+    first = editor.apply(model, rome)
     adaptor = model.layout.module(site)
-    second = editor.apply(model, london, store)
+    second = editor.apply(model, london)
     assert model.layout.module(site) is adaptor and adaptor.layer is original  # no stacked wrapper
     n_first = first.details["entries"]
     assert second.details["entries"] > n_first and second.edited_params > first.edited_params
-    assert all(s.exact_match for s in second.score([rome.edit, london.edit], store))
+    assert all(s.exact_match for s in second.score([rome.edit, london.edit]))
     with pytest.raises(RuntimeError, match="reverse order"):
         first.restore()
     second.restore()
     assert len(adaptor.codebook) == n_first and model.layout.module(site) is adaptor
-    assert first.score([rome.edit], store)[0].exact_match
+    assert first.score([rome.edit])[0].exact_match
     first.restore()
     assert model.layout.module(site) is original
     assert_state(model, before)
@@ -133,10 +133,10 @@ def test_grace_config_is_validated() -> None:
 def test_grace_collapse_raises_with_step_and_leaves_the_model_as_it_was(
     prior_edit: bool, store: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before, site = state(model), model.layout.mlp_out(-1)
     original = model.layout.module(site)
-    first = Grace().apply(model, make_case(model, "paris"), store) if prior_edit else None
+    first = Grace().apply(model, make_case(model, "paris")) if prior_edit else None
     wrapped = model.layout.module(site)
     real_loss, calls = model.loss, []
 
@@ -147,7 +147,7 @@ def test_grace_collapse_raises_with_step_and_leaves_the_model_as_it_was(
 
     monkeypatch.setattr(model, "loss", loss_turning_nan)
     with pytest.raises(EditCollapsed, match="step 2") as err:
-        Grace().apply(model, make_case(model, "rome", "london is a city in"), store)
+        Grace().apply(model, make_case(model, "rome", "london is a city in"))
     assert err.value.step == 2
     if first is not None:  # the earlier edit keeps its adaptor and its entries
         assert model.layout.module(site) is wrapped and len(wrapped.codebook) == first.details["entries"]
@@ -157,20 +157,20 @@ def test_grace_collapse_raises_with_step_and_leaves_the_model_as_it_was(
 
 
 def test_generation_of_far_prompts_is_unchanged(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     pre = model.generate(UNRELATED, max_new_tokens=6)
-    with Grace().applied(model, make_case(model), store) as edited:
+    with Grace().applied(model, make_case(model)) as edited:
         assert edited.generate(UNRELATED, max_new_tokens=6) == pre
 
 
 @pytest.mark.skipif(not (bundled_dir() / "config.json").is_file(), reason="bundled world model not built")
 def test_grace_flips_the_world_model_and_keeps_its_text_locality() -> None:
-    model, bench = LVLM.load("world"), load_benchmark("world")
-    images, case = ImageStore(bench.image_root), bench.cases[0]
+    bench = load_benchmark("world")
+    model, case = LVLM.load("world", images=ImageStore(bench.image_root)), bench.cases[0]
     reliability, locality = case.probes_of(ProbeKind.RELIABILITY), case.probes_of(ProbeKind.TEXT_LOCALITY)
-    pre_rel, pre_loc = model.score(reliability, images), model.score(locality, images)
-    with Grace().applied(model, case, images) as edited:
-        post_rel, post_loc = edited.score(reliability, images), edited.score(locality, images)
+    pre_rel, pre_loc = model.score(reliability), model.score(locality)
+    with Grace().applied(model, case) as edited:
+        post_rel, post_loc = edited.score(reliability), edited.score(locality)
     assert not pre_rel[0].exact_match and post_rel[0].exact_match
     for a, b in zip(pre_loc, post_loc, strict=True):  # T-Loc: same predictions, same NLL
         assert torch.equal(a.argmax_ids, b.argmax_ids) and a.nll == b.nll
@@ -178,8 +178,8 @@ def test_grace_flips_the_world_model_and_keeps_its_text_locality() -> None:
 
 @pytest.mark.parametrize("kind", ["llava", "causal_lm"])
 def test_a_multi_token_target_gets_one_key_per_answer_position(kind: str, store: ImageStore) -> None:
-    model = tiny_model(kind)
+    model = tiny_model(kind).bind_images(store)
     case = make_case(model, "the sky is blue in england")
-    with Grace().applied(model, case, store) as edited:
-        (score,) = edited.score([case.edit], store)
+    with Grace().applied(model, case) as edited:
+        (score,) = edited.score([case.edit])
         assert score.exact_match and edited.details["entries"] == score.n_tokens > 1

@@ -45,13 +45,19 @@ from hostile_inputs import (
     run_cli,
     table,
 )
-from mmke.eval.store import RunStore, record_key
+from mmke.eval.records import CaseRecord
+from mmke.eval.store import RunStore
 
 #: Settings a run needs besides the ones a test spoils: one case, one method, one step.
 QUICK = ("methods=[ft_llm]", "limit=1", "method_options.ft_llm.steps=1")
 #: The process-fault runs: four cases, so a kill lands between records.
 PLANNED = 4
 FAULT_RUN = ("methods=[ft_llm]", f"limit={PLANNED}", "method_options.ft_llm.steps=2")
+
+
+def _keyed(records: list[CaseRecord]) -> dict:
+    """Records without timings, by resume key."""
+    return dict(zip((r.key for r in records), without_timings(records), strict=True))
 
 
 class Suite:
@@ -180,7 +186,7 @@ class Suite:
             self.add("process", "reference", "reference_run", broken(ref) or "wrong", res_line(ref))
             killed.result(), stopped.result()
             return
-        reference = {record_key(r): r for r in without_timings(RunStore.open(out / "reference").records())}
+        reference = _keyed(RunStore.open(out / "reference").records())
         assert len(reference) == PLANNED, f"the reference run recorded {len(reference)} cases, not {PLANNED}"
         check = lambda run: self._records(run, reference)  # noqa: E731
         resumed = self._kill_and_concurrent_resume(tmp, killed)
@@ -192,8 +198,8 @@ class Suite:
 
     def _records(self, run: Path, reference: dict) -> tuple[int, str]:
         """(records lost or duplicated, how the records differ from the reference run's, if they do)."""
-        records = without_timings(RunStore.open(run).records())
-        keys = [record_key(r) for r in records]
+        found = RunStore.open(run).records()
+        keys, records = [r.key for r in found], without_timings(found)
         lost = len(set(reference) - set(keys)) + (len(keys) - len(set(keys)))
         differ = [k[-1] for k, r in zip(keys, records, strict=True) if k in reference and reference[k] != r]
         return lost, f"records differ from the uninterrupted run's: {differ}" if differ else ""

@@ -44,14 +44,14 @@ def assert_original(model: LVLM, before: dict[str, torch.Tensor], ids: dict[str,
 @pytest.mark.parametrize("site", ["llm", "attention"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_lora_edits_and_unwraps_exactly(kind: str, site: str, store: ImageStore) -> None:
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0).bind_images(store)
     case = make_case(image="red.png" if model.family.multimodal else None)
     before, ids, types, grad_flags = state(model), modules(model), tree(model), flags(model)
-    pre = edit_nll(model, case, store)
+    pre = edit_nll(model, case)
     editor = LoRA({"site": site, **FAST})
     wrapped = editor.site_linears(model.layout)
-    with editor.applied(model, case, store) as edited:
-        (score,) = edited.score([case.edit], store)
+    with editor.applied(model, case) as edited:
+        (score,) = edited.score([case.edit])
         assert score.nll < 0.3 * pre, f"{kind}/{site}: nll {pre:.3f} -> {score.nll:.3f}"
         assert all(isinstance(model.layout.module(n), LoraLayer) for n in wrapped)
         rank, n_params = editor.config.rank, edited.edited_params
@@ -73,22 +73,22 @@ def _bases(model: LVLM, names: list[str]) -> list[torch.nn.Linear]:
 
 
 def test_a_fresh_edit_starts_from_the_unedited_model(store: ImageStore) -> None:
-    model, case = tiny_model("llava"), make_case()
-    base = model.score(case.probes, store).nll
-    with LoRA({"steps": 1, "lr": 1e-9}).applied(model, case, store) as edited:
-        assert edited.score(case.probes, store).nll == pytest.approx(base, abs=1e-5)  # B = 0 at start
+    model, case = tiny_model("llava").bind_images(store), make_case()
+    base = model.score(case.probes).nll
+    with LoRA({"steps": 1, "lr": 1e-9}).applied(model, case) as edited:
+        assert edited.score(case.probes).nll == pytest.approx(base, abs=1e-5)  # B = 0 at start
 
 
 def test_stacked_edits_restore_in_reverse_order(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     original, ids = state(model), modules(model)
     editor = LoRA(FAST)
-    first = editor.apply(model, make_case("rome"), store)
+    first = editor.apply(model, make_case("rome"))
     after_first, ids_first = state(model), modules(model)
-    second = editor.apply(model, make_case("london", image="blue.png"), store)
+    second = editor.apply(model, make_case("london", image="blue.png"))
     assert second.edited_params == first.edited_params  # wrapped the wrappers, not their adapters
     assert [p.site for p in second.parts] == [p.site for p in first.parts]
-    assert edit_nll(model, make_case("london", image="blue.png"), store) < 0.5
+    assert edit_nll(model, make_case("london", image="blue.png")) < 0.5
     second.restore()
     assert_state(model, after_first)
     assert modules(model) == ids_first
@@ -97,7 +97,7 @@ def test_stacked_edits_restore_in_reverse_order(store: ImageStore) -> None:
 
 
 def test_collapse_raises_and_unwraps(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before, ids = state(model), modules(model)
     real_loss, calls = model.loss, []
 
@@ -108,7 +108,7 @@ def test_collapse_raises_and_unwraps(store: ImageStore, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(model, "loss", loss_turning_nan)
     with pytest.raises(EditCollapsed, match="step 2") as err:
-        LoRA(FAST).apply(model, make_case(), store)
+        LoRA(FAST).apply(model, make_case())
     assert err.value.step == 2
     assert_original(model, before, ids)
 
@@ -152,9 +152,9 @@ def test_missing_peft_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) ->
 def test_world_model_reliability_flips() -> None:
     from mmke.data.benchmark import load_benchmark
 
-    model, bench = LVLM.load("world"), load_benchmark("world")
-    images, case = ImageStore(bench.image_root), bench.cases[0]
+    bench = load_benchmark("world")
+    model, case = LVLM.load("world", images=ImageStore(bench.image_root)), bench.cases[0]
     reliability = [p for p in case.probes if p.kind == ProbeKind.RELIABILITY]
-    assert not any(model.score(reliability, images).exact_match)
-    with LoRA().applied(model, case, images) as edited:
-        assert all(edited.score(reliability, images).exact_match)
+    assert not any(model.score(reliability).exact_match)
+    with LoRA().applied(model, case) as edited:
+        assert all(edited.score(reliability).exact_match)

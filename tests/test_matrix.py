@@ -69,10 +69,10 @@ def _train_cases(model: LVLM) -> list[EditCase]:
     return [*facts, make_case(image="red.png" if model.family.multimodal else None)]
 
 
-def _editor(method: str, model: LVLM, images: ImageStore) -> Editor[Any]:
+def _editor(method: str, model: LVLM) -> Editor[Any]:
     editor: Editor[Any] = methods.get(method)(SETTINGS.get(method))
     if editor.needs_train_cases:
-        editor.train(model, _train_cases(model), images)
+        editor.train(model, _train_cases(model))
     return editor
 
 
@@ -83,17 +83,17 @@ def test_every_method_is_in_the_matrix() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_method_edits_and_restores_on_family(method: str, family: str, store: ImageStore) -> None:
-    model = tiny_model(family)
+    model = tiny_model(family).bind_images(store)
     case = make_case(image="red.png" if model.family.multimodal else None)
     if (method, family) in NO_SITE:
         with pytest.raises(LayoutError, match=r"has no (projector|vision)"):
-            _editor(method, model, store).apply(model, case, store)
+            _editor(method, model).apply(model, case)
         return
-    editor = _editor(method, model, store)
+    editor = _editor(method, model)
     before = state(model)
-    (pre,) = model.score([case.edit], store)
-    with editor.applied(model, case, store) as edited:
-        (post,) = edited.score([case.edit], store)
+    (pre,) = model.score([case.edit])
+    with editor.applied(model, case) as edited:
+        (post,) = edited.score([case.edit])
         _check_changed(method, pre.nll, post.nll)
     assert_state(model, before)
 
@@ -113,7 +113,7 @@ def test_replaying_the_frozen_prefix_gives_the_same_edit_with_fewer_passes(
     """The stages before the edit site run once per edit, and the edited weights come out the same."""
     if (method, family) in NO_SITE:
         pytest.skip("no such site on a text-only model")
-    model = tiny_model(family, seed=0)
+    model = tiny_model(family, seed=0).bind_images(store)
     case = make_case(image=None if family == "causal_lm" else "red.png")
     first = model.layout.module(model.layout.decoder_layers()[0])
     calls = []
@@ -123,7 +123,7 @@ def test_replaying_the_frozen_prefix_gives_the_same_edit_with_fewer_passes(
         calls.clear()
         torch.manual_seed(0)
         edited = methods.get(method)({**SETTINGS[method], "steps": 5})
-        handle = edited.apply(model, case, store)
+        handle = edited.apply(model, case)
         after = state(model)
         handle.restore()
         return after, len(calls)

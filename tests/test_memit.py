@@ -47,15 +47,15 @@ def mlp_weights(model: LVLM, layers: list[int]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["llava", "causal_lm", "blip2", "qwen2_vl", "idefics3"])
 def test_memit_writes_the_edit_into_the_configured_layers_and_restores(kind: str, store: ImageStore) -> None:
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0).bind_images(store)
     case = make_case(image="red.png" if model.family.multimodal else None)
     editor = Memit(FAST)  # default layers (-3, -2, -1): both layers of a 2-layer model
-    editor.train(model, train_cases(model), store)
-    assert not model.score([case.edit], store)[0].exact_match
+    editor.train(model, train_cases(model))
+    assert not model.score([case.edit])[0].exact_match
     before, old = state(model), mlp_weights(model, [0, 1])
-    with editor.applied(model, case, store) as edited:
+    with editor.applied(model, case) as edited:
         assert isinstance(edited, ParamEdited) and set(edited.snapshot) == set(old)
-        (score,) = edited.score([case.edit], store)
+        (score,) = edited.score([case.edit])
         assert score.exact_match, f"{kind}: nll {score.nll:.3f}"
         now = model.model.state_dict()
         assert {k for k in before if not torch.equal(now[k], before[k])} == set(old)
@@ -67,14 +67,14 @@ def test_memit_writes_the_edit_into_the_configured_layers_and_restores(kind: str
 
 
 def test_memit_edits_only_the_layers_it_is_given(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     case = make_case(image=None)
     editor = Memit({**FAST, "layers": [-1]})
-    editor.train(model, train_cases(model), store)
+    editor.train(model, train_cases(model))
     before = state(model)
-    with editor.applied(model, case, store) as edited:
+    with editor.applied(model, case) as edited:
         assert set(edited.snapshot) == {f"{model.layout.mlp_out(1)}.weight"}
-        assert edited.score([case.edit], store)[0].exact_match
+        assert edited.score([case.edit])[0].exact_match
     assert_state(model, before)
 
 
@@ -85,21 +85,21 @@ def test_edited_layers_are_clipped_sorted_and_deduplicated() -> None:
 
 
 def test_memit_writes_many_cases_in_one_update(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     cases = [make_case("rome", image=None), make_case("paris", image=None, prompt="the capital of italy is")]
     editor = Memit(FAST)
-    editor.train(model, train_cases(model), store)
+    editor.train(model, train_cases(model))
     before = state(model)
-    with editor.apply_many(model, cases, store) as edited:
+    with editor.apply_many(model, cases) as edited:
         assert edited.details["cases"] == 2
-        assert all(s.exact_match for s in edited.score([c.edit for c in cases], store))
+        assert all(s.exact_match for s in edited.score([c.edit for c in cases]))
     assert_state(model, before)
 
 
 def test_memit_shares_rome_statistics_and_caches_them_on_disk(
     store: ImageStore, stats_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     calls: list[int] = []
     real = _keyvalue.second_moment
 
@@ -108,20 +108,20 @@ def test_memit_shares_rome_statistics_and_caches_them_on_disk(
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_keyvalue, "second_moment", counted)
-    Memit().train(model, train_cases(model), store)  # two layers: two statistics from one pass
+    Memit().train(model, train_cases(model))  # two layers: two statistics from one pass
     assert len(calls) == 1 and len(list(stats_cache.glob("*.pt"))) == 2
     stamps = {p: p.stat().st_mtime_ns for p in stats_cache.glob("*.pt")}
-    Memit().train(model, train_cases(model), store)  # a new editor: only the disk cache can help
-    Rome({"layer": 0}).train(model, train_cases(model), store)  # ROME reads the same statistics
+    Memit().train(model, train_cases(model))  # a new editor: only the disk cache can help
+    Rome({"layer": 0}).train(model, train_cases(model))  # ROME reads the same statistics
     assert len(calls) == 1 and {p: p.stat().st_mtime_ns for p in stats_cache.glob("*.pt")} == stamps
 
 
 def test_memit_recomputes_only_the_unreadable_one_of_its_cached_statistics(
     store: ImageStore, stats_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     sites = Memit().sites(model)
-    good = _keyvalue.KeyStatistics("memit", None, 16).train(model, sites, train_cases(model), store)
+    good = _keyvalue.KeyStatistics("memit", None, 16).train(model, sites, train_cases(model))
     paths = sorted(stats_cache.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
     assert len(good) == len(paths) == 2
     paths[0].write_bytes(b"\x80\x02}q\x00.")  # an empty dict, pickled without torch's zip archive
@@ -133,7 +133,7 @@ def test_memit_recomputes_only_the_unreadable_one_of_its_cached_statistics(
         return real(model, modules, batches)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_keyvalue, "second_moment", counted)
-    again = _keyvalue.KeyStatistics("memit", None, 16).train(model, sites, train_cases(model), store)
+    again = _keyvalue.KeyStatistics("memit", None, 16).train(model, sites, train_cases(model))
     assert computed == [1] and "recomputing" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(again, good, strict=True))
 
@@ -183,15 +183,15 @@ def test_memit_config_and_readiness_errors() -> None:
 
 
 def test_memit_restores_when_the_edit_collapses(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     editor = Memit(FAST)
-    editor.train(model, train_cases(model), store)
+    editor.train(model, train_cases(model))
     before = state(model)
     monkeypatch.setattr(
         memit_module, "memit_update", lambda module, *a: module.weight.data.fill_(float("nan"))
     )
     with pytest.raises(EditCollapsed):
-        editor.apply(model, make_case(image=None), store)
+        editor.apply(model, make_case(image=None))
     assert_state(model, before)
 
 

@@ -42,9 +42,9 @@ def cases_for(model: LVLM) -> list[EditCase]:
     ]
 
 
-def trained(cls: type[HyperEditor], model: LVLM, store: ImageStore, out: Path, **over: object) -> HyperEditor:
+def trained(cls: type[HyperEditor], model: LVLM, out: Path, **over: object) -> HyperEditor:
     editor = cls({**FAST, **over})
-    editor.fit(model, cases_for(model), store, out)
+    editor.fit(model, cases_for(model), out)
     return editor
 
 
@@ -53,16 +53,16 @@ def trained(cls: type[HyperEditor], model: LVLM, store: ImageStore, out: Path, *
 def test_edit_changes_only_its_weights_lowers_the_nll_and_restores(
     kind: str, cls: type[HyperEditor], store: ImageStore, tmp_path: Path
 ) -> None:
-    model = tiny_model(kind)
-    editor = trained(cls, model, store, tmp_path / "ed")
+    model = tiny_model(kind).bind_images(store)
+    editor = trained(cls, model, tmp_path / "ed")
     case = cases_for(model)[0]
-    before, nll = state(model), model.score([case.edit], store)[0].nll
+    before, nll = state(model), model.score([case.edit])[0].nll
     expected = set(site_weights(model, edit_sites(model, editor.config.layers)))
-    with editor.applied(model, case, store) as edited:
+    with editor.applied(model, case) as edited:
         assert isinstance(edited, ParamEdited) and set(edited.snapshot) == expected
         now = model.model.state_dict()
         assert {k for k in before if not torch.equal(now[k], before[k])} == expected
-        assert edited.score([case.edit], store)[0].nll < nll
+        assert edited.score([case.edit])[0].nll < nll
     assert_state(model, before)
 
 
@@ -77,22 +77,22 @@ def test_default_layers_are_deduplicated_on_a_two_layer_model() -> None:
 
 @pytest.mark.parametrize("cls", EDITORS)
 def test_apply_before_training_says_how_to_train(cls: type[HyperEditor], store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     with pytest.raises(EditorNotReadyError, match="train-editor"):
-        cls().apply(model, make_case(image=None), store)
+        cls().apply(model, make_case(image=None))
 
 
 @pytest.mark.parametrize("cls", EDITORS)
 def test_sequential_edits_stack_and_restore_in_reverse(
     cls: type[HyperEditor], store: ImageStore, tmp_path: Path
 ) -> None:
-    model = tiny_model("causal_lm")
-    editor = trained(cls, model, store, tmp_path / "ed")
+    model = tiny_model("causal_lm").bind_images(store)
+    editor = trained(cls, model, tmp_path / "ed")
     first_case, second_case = cases_for(model)[:2]
     before = state(model)
-    first = editor.apply(model, first_case, store)
+    first = editor.apply(model, first_case)
     after_first = state(model)
-    second = editor.apply(model, second_case, store)  # computed on the already-edited model
+    second = editor.apply(model, second_case)  # computed on the already-edited model
     assert set(second.snapshot) == set(first.snapshot)
     assert any(not torch.equal(after_first[k], v) for k, v in model.model.state_dict().items())
     second.restore()
@@ -105,12 +105,10 @@ def test_sequential_edits_stack_and_restore_in_reverse(
 def test_meta_training_lowers_the_meta_loss(
     cls: type[HyperEditor], store: ImageStore, tmp_path: Path
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     losses: list[float] = []
     editor = cls({"train_steps": 30, "train_batch": 1, "checkpoint_every": 100})
-    editor.fit(
-        model, cases_for(model)[:1], store, tmp_path, progress=lambda s, t, loss, st: losses.append(loss)
-    )
+    editor.fit(model, cases_for(model)[:1], tmp_path, progress=lambda s, t, loss, st: losses.append(loss))
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
@@ -119,34 +117,34 @@ def test_meta_training_lowers_the_meta_loss(
 def test_a_saved_editor_reloads_and_gives_the_same_update(
     cls: type[HyperEditor], store: ImageStore, tmp_path: Path
 ) -> None:
-    model = tiny_model("qwen2_vl")
-    editor = trained(cls, model, store, tmp_path / "ed")
+    model = tiny_model("qwen2_vl").bind_images(store)
+    editor = trained(cls, model, tmp_path / "ed")
     case = cases_for(model)[1]
-    with editor.applied(model, case, store) as edited:
+    with editor.applied(model, case) as edited:
         want = state(model)
         assert edited.details["delta_norm"]
     again = cls({**FAST, "editor_path": str(tmp_path / "ed")})
-    with again.applied(model, case, store):
+    with again.applied(model, case):
         now = model.model.state_dict()
         assert all(torch.equal(now[k], v) for k, v in want.items())
 
 
 def test_a_diverging_update_is_restored_and_reported(store: ImageStore, tmp_path: Path) -> None:
-    model = tiny_model("causal_lm")
-    editor = trained(MEND, model, store, tmp_path / "ed")
+    model = tiny_model("causal_lm").bind_images(store)
+    editor = trained(MEND, model, tmp_path / "ed")
     with torch.no_grad():
         editor.networks(model).log_lrs.fill_(float("inf"))  # type: ignore[union-attr]
     before = state(model)
     with pytest.raises(EditCollapsed, match="non-finite"):
-        editor.apply(model, make_case(image=None), store)
+        editor.apply(model, make_case(image=None))
     assert_state(model, before)
 
 
 def test_gradient_factors_give_the_weight_gradient(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     case = make_case()
     sites = edit_sites(model, (-1,))
-    batch = model.encode([case.edit], store)
+    batch = model.encode([case.edit])
     factors = gradient_factors(model, sites, batch)
     weights = site_weights(model, sites)
     grads = torch.autograd.grad(model.loss(batch), list(weights.values()))
@@ -155,10 +153,10 @@ def test_gradient_factors_give_the_weight_gradient(store: ImageStore) -> None:
 
 
 def test_substituted_weights_are_used_and_put_back_in_order(store: ImageStore) -> None:
-    model = tiny_model("blip2")  # OPT fc2 has a bias: parameter order must survive
+    model = tiny_model("blip2").bind_images(store)  # OPT fc2 has a bias: parameter order must survive
     name = next(iter(site_weights(model, edit_sites(model, (-1,)))))
     keys, fingerprint = list(model.model.state_dict()), model_fingerprint(model)
-    batch = model.encode([make_case().edit], store)
+    batch = model.encode([make_case().edit])
     base = model.loss(batch)
     delta = torch.zeros_like(model.model.get_parameter(name), requires_grad=True)
     with substituted(model.model, {name: model.model.get_parameter(name).detach() + delta}):

@@ -69,8 +69,8 @@ def flags(model: LVLM) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.model.named_parameters()}
 
 
-def edit_nll(model: LVLM, case: EditCase, store: ImageStore) -> float:
-    return model.score([case.edit], store)[0].nll
+def edit_nll(model: LVLM, case: EditCase) -> float:
+    return model.score([case.edit])[0].nll
 
 
 # --- FT -----------------------------------------------------------------------------------
@@ -91,13 +91,13 @@ FT_RUNS = [
 def test_ft_edits_its_site_and_restores_bit_identically(
     kind: str, site: str, ratio: float, store: ImageStore
 ) -> None:
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0).bind_images(store)
     case = make_case(image="red.png" if model.family.multimodal else None)
-    before, grad_flags, pre = state(model), flags(model), edit_nll(model, case, store)
+    before, grad_flags, pre = state(model), flags(model), edit_nll(model, case)
     editor = FineTune({"site": site, **FAST})
     site_names = set(editor.site_params(model))
-    with editor.applied(model, case, store) as edited:
-        (score,) = edited.score([case.edit], store)
+    with editor.applied(model, case) as edited:
+        (score,) = edited.score([case.edit])
         assert score.nll < ratio * pre, f"{kind}/{site}: nll {pre:.3f} -> {score.nll:.3f}"
         assert score.exact_match or site != "llm"  # the language MLP alone learns the target
         assert len(edited.details["losses"]) == FAST["steps"]
@@ -112,34 +112,34 @@ def test_ft_edits_its_site_and_restores_bit_identically(
 
 
 def test_ft_keeps_flags_and_mode_as_they_were(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     model.model.get_parameter(f"{model.layout.embeddings()}.weight").requires_grad_(False)
     model.model.train()
     grad_flags = flags(model)
-    FineTune({"steps": 2}).apply(model, make_case(), store).restore()
+    FineTune({"steps": 2}).apply(model, make_case()).restore()
     assert flags(model) == grad_flags
     assert model.model.training
 
 
 def test_100_consecutive_edits_restore_to_the_original(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before = state(model)
     editor = FineTune({"lr": 1e-2, "steps": 2})
     targets = ["rome", "paris", "london", "italy", "england"]
     for i in range(100):
         case = make_case(targets[i % 5], image=("red.png", "blue.png", None)[i % 3])
-        with editor.applied(model, case, store) as edited:
+        with editor.applied(model, case) as edited:
             assert edited.edited_params > 0
     assert_state(model, before)
 
 
 def test_stacked_edits_restore_in_reverse_order(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     original = state(model)
     editor = FineTune({"lr": 1e-2, "steps": 5})
-    first = editor.apply(model, make_case("rome"), store)
+    first = editor.apply(model, make_case("rome"))
     after_first = state(model)
-    second = editor.apply(model, make_case("london", image="blue.png"), store)
+    second = editor.apply(model, make_case("london", image="blue.png"))
     assert second.snapshot.keys() == first.snapshot.keys()
     second.restore()
     assert_state(model, after_first)  # the second snapshot covered the first edit's weights
@@ -150,7 +150,7 @@ def test_stacked_edits_restore_in_reverse_order(store: ImageStore) -> None:
 def test_ft_collapse_raises_with_step_and_restores(
     store: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before = state(model)
     real_loss, calls = model.loss, []
 
@@ -161,7 +161,7 @@ def test_ft_collapse_raises_with_step_and_restores(
 
     monkeypatch.setattr(model, "loss", loss_turning_nan)
     with pytest.raises(EditCollapsed, match="step 2") as err:
-        FineTune(FAST).apply(model, make_case(), store)
+        FineTune(FAST).apply(model, make_case())
     assert err.value.step == 2 and isinstance(err.value, MmkeError)
     assert_state(model, before)
     assert all(p.grad is None for p in model.model.parameters())
@@ -175,21 +175,21 @@ def test_check_finite_catches_non_finite_weights() -> None:
 
 
 def test_applied_restores_when_scoring_raises(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before = state(model)
-    with pytest.raises(RuntimeError, match="boom"), FineTune(FAST).applied(model, make_case(), store):
+    with pytest.raises(RuntimeError, match="boom"), FineTune(FAST).applied(model, make_case()):
         raise RuntimeError("boom")
     assert_state(model, before)
 
 
 def test_restore_is_idempotent_and_a_restored_handle_refuses_to_score(store: ImageStore) -> None:
-    model, case = tiny_model("llava"), make_case()
-    edited = FineTune({"steps": 2}).apply(model, case, store)
+    model, case = tiny_model("llava").bind_images(store), make_case()
+    edited = FineTune({"steps": 2}).apply(model, case)
     edited.restore()
     edited.restore()
     assert edited.restored
     with pytest.raises(RuntimeError, match="already restored"):
-        edited.score([case.edit], store)
+        edited.score([case.edit])
 
 
 def test_ft_site_missing_from_the_model_is_a_layout_error() -> None:
@@ -204,8 +204,8 @@ def test_ft_aliases_share_the_class_with_their_site() -> None:
 
 
 def test_stop_at_loss_stops_early(store: ImageStore) -> None:
-    model = tiny_model("llava")
-    with FineTune({**FAST, "stop_at_loss": 1e9}).applied(model, make_case(), store) as edited:
+    model = tiny_model("llava").bind_images(store)
+    with FineTune({**FAST, "stop_at_loss": 1e9}).applied(model, make_case()) as edited:
         assert edited.details["steps"] == 1
 
 
@@ -213,11 +213,11 @@ def test_stop_at_loss_stops_early(store: ImageStore) -> None:
 
 
 def test_noop_changes_nothing(store: ImageStore) -> None:
-    model, case = tiny_model("llava"), make_case()
-    base = model.score(case.probes, store)
-    with NoOp().applied(model, case, store) as edited:
+    model, case = tiny_model("llava").bind_images(store), make_case()
+    base = model.score(case.probes)
+    with NoOp().applied(model, case) as edited:
         assert isinstance(edited, ParamEdited) and edited.edited_params == 0
-        post = edited.score(case.probes, store)
+        post = edited.score(case.probes)
     assert post.nll == base.nll and post.token_accuracy == base.token_accuracy
 
 
@@ -234,16 +234,16 @@ class _Damped(nn.Module):
 
 
 def test_module_edited_swaps_a_wrapper_in_and_out(store: ImageStore) -> None:
-    model, case = tiny_model("llava"), make_case()
+    model, case = tiny_model("llava").bind_images(store), make_case()
     site = model.layout.mlp(-1)
     original, before = model.layout.module(site), state(model)
-    base = model.score(case.probes, store).nll
+    base = model.score(case.probes).nll
     with ModuleEdited(model, site, _Damped(original, 64)) as edited:
         assert model.layout.module(site) is edited.replacement
         assert edited.edited_params == 64  # the wrapped original is not counted
-        assert edited.score(case.probes, store).nll != base
+        assert edited.score(case.probes).nll != base
     assert model.layout.module(site) is original
-    assert model.score(case.probes, store).nll == base
+    assert model.score(case.probes).nll == base
     assert_state(model, before)
 
 
@@ -292,7 +292,7 @@ def test_ike_retrieves_nearest_demos_and_rewrites_every_probe(tmp_path: Path, st
     editor = IKE({"k": 3, "cache_dir": str(tmp_path)}, embedder=KeywordEmbedder())
     editor.prepare(TRAIN)
     case = fruit_case("apple", "blue")
-    edited = editor.apply(tiny_model("llava"), case, store)
+    edited = editor.apply(tiny_model("llava").bind_images(store), case)
     fact = "the apple is blue"
     expected = "".join(demo_lines(TRAIN[0])) + demo(fact, fact) + f"New Fact: {fact}\nPrompt: "
     view = edited.view(case.probes)
@@ -300,8 +300,8 @@ def test_ike_retrieves_nearest_demos_and_rewrites_every_probe(tmp_path: Path, st
     assert [v.image for v in view] == [p.image for p in case.probes]  # the image keeps its slot
     assert [v.target for v in view] == [p.target for p in case.probes]
     assert edited.edited_params == 0
-    assert len(edited.score(case.probes, store)) == len(case.probes)
-    assert len(edited.generate(case.probes[:2], store, max_new_tokens=2)) == 2
+    assert len(edited.score(case.probes)) == len(case.probes)
+    assert len(edited.generate(case.probes[:2], max_new_tokens=2)) == 2
 
 
 @pytest.mark.parametrize("k", [0, 1, 4, 100])

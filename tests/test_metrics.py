@@ -8,20 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mmke.data.schema import dumps_line
-from mmke.eval import (
-    METRICS,
-    ProbeResult,
-    agreement,
-    case_metrics,
-    metric_key,
-    probe_result,
-    score_case,
-    string_match,
-    summarize,
-    topk_rankwise,
-)
-from mmke.models.scoring import ItemScore
+from mmke.errors import UnknownNameError
+from mmke.eval import CaseRecord, ProbeResult, metric_specs, probe_result, score_case, string_match, summarize
+from mmke.eval.metrics import CaseScores, case_values
+from mmke.models.scoring import ItemScore, agreement, scorer_named, topk_rankwise
 from mmke.registry import metrics as metric_registry
 from mmke.types import AttackType, Probe, ProbeKind
 
@@ -75,27 +65,30 @@ def test_vlkeb_scoring_uses_top1_for_text_and_top10_rankwise_for_image() -> None
     pre = score([0, 0], [1, 4], topk=[[1, 2, 3], [4, 5, 6]])
     post = score([0, 0], [1, 4], topk=[[1, 3, 2], [4, 5, 6]])
     pre, post = replace(pre, context_topk=pre.topk_ids), replace(post, context_topk=post.topk_ids)
-    text = probe_result(probe(ProbeKind.TEXT_LOCALITY), post, pre, scoring="vlkeb")
-    image = probe_result(probe(ProbeKind.IMAGE_LOCALITY), post, pre, scoring="vlkeb")
-    mmke = probe_result(probe(ProbeKind.IMAGE_LOCALITY), post, pre, scoring="mmke")
+    vlkeb = scorer_named("vlkeb")
+    text = probe_result(probe(ProbeKind.TEXT_LOCALITY), post, pre, vlkeb)
+    image = probe_result(probe(ProbeKind.IMAGE_LOCALITY), post, pre, vlkeb)
+    mmke = probe_result(probe(ProbeKind.IMAGE_LOCALITY), post, pre, scorer_named("mmke"))
     assert text.token_accuracy == 1.0
     assert image.token_accuracy == pytest.approx(4 / 6) and image.exact_match == 0.0
     assert mmke.token_accuracy == 1.0
-    with pytest.raises(ValueError, match="unknown scoring"):
-        probe_result(probe(ProbeKind.TEXT_LOCALITY), post, pre, scoring="easyedit")
+    with pytest.raises(UnknownNameError, match="unknown scorer 'easyedit'"):
+        scorer_named("easyedit")
 
 
-def test_metric_key_adds_hop_and_attack_keys() -> None:
-    assert metric_key(probe(ProbeKind.PORTABILITY, hop=2)) == ["portability", "portability_hop2"]
-    assert metric_key(probe(ProbeKind.ROBUSTNESS, attack=AttackType.PSEUDO_AUTHORITY)) == [
-        "robustness",
-        "robustness_pseudo_authority",
+def test_hop_and_attack_metrics_break_their_headline_down() -> None:
+    results = [
+        probe_result(probe(ProbeKind.PORTABILITY, hop=2), score([1], [1])),
+        probe_result(probe(ProbeKind.ROBUSTNESS, attack=AttackType.PSEUDO_AUTHORITY), score([1], [0])),
+        probe_result(probe(ProbeKind.IMAGE_GENERALITY), score([1], [1])),
     ]
-    assert metric_key(probe(ProbeKind.IMAGE_GENERALITY)) == ["image_generality"]
-    assert metric_key(ProbeResult("portability", 3, None, 1.0, 1.0, 0.0)) == [
-        "portability",
-        "portability_hop3",
-    ]
+    assert case_values(results) == {
+        "image_generality": 1.0,
+        "portability": 1.0,
+        "portability_hop2": 1.0,
+        "robustness": 0.0,
+        "robustness_pseudo_authority": 0.0,
+    }
 
 
 def test_string_match_normalises_and_accepts_a_word_prefix() -> None:
@@ -109,10 +102,15 @@ def test_every_contract_key_is_described_and_registered() -> None:
     keys = {"reliability", "text_reliability", "image_reliability", "text_generality", "image_generality"}
     keys |= {"text_locality", "image_locality", "portability", "robustness"}
     keys |= {f"portability_hop{h}" for h in range(1, 5)} | {f"robustness_{a.value}" for a in AttackType}
-    assert set(METRICS) == keys
-    assert set(metric_registry.names()) == keys
-    assert METRICS["text_locality"].startswith("T-Loc")
-    assert metric_registry.get("portability_hop2").key == "portability_hop2"
+    specs = {s.key: s for s in metric_specs()}
+    assert set(specs) == keys == set(metric_registry.names())
+    assert specs["text_locality"].label == "T-Loc" and specs["text_locality"].reads == (
+        ProbeKind.TEXT_LOCALITY,
+    )
+    assert specs["portability_hop2"].parent == "portability" and specs["portability_hop2"].label == "Port-2"
+    assert all(s.help and s.name and s.paper and s.aggregate for s in specs.values())
+    # declared in VLKEB's column order: the headline metrics first
+    assert [s.key for s in metric_specs()][:3] == ["reliability", "text_reliability", "image_reliability"]
 
 
 # ---------------------------------------------------------------- golden case and summary
@@ -136,14 +134,14 @@ CASE_A = [
 ]
 
 
-def _case_a() -> dict:
+def _case_a() -> CaseScores:
     probes, post, pre = zip(*CASE_A, strict=True)
     return score_case(probes, post, pre)
 
 
 def test_golden_case_metrics() -> None:
     part = _case_a()
-    assert part["metrics"] == pytest.approx(
+    assert part.metrics == pytest.approx(
         {
             "reliability": 1.0,
             "text_generality": 0.5,
@@ -158,13 +156,13 @@ def test_golden_case_metrics() -> None:
             "robustness_vague_wording": 0.0,
         }
     )
-    assert part["exact_match"]["image_generality"] == 0.5
-    assert part["exact_match"]["text_locality"] == 0.0
-    assert part["exact_match"]["portability"] == 0.0
-    assert part["base"]["reliability"] == 0.0
-    assert part["base"]["portability_hop1"] == 0.5
-    assert part["base"]["text_locality"] == 1.0  # the unedited model agrees with itself
-    assert len(part["probes"]) == len(CASE_A) and part["probes"][4]["agreement"] == 0.75
+    assert part.exact_match["image_generality"] == 0.5
+    assert part.exact_match["text_locality"] == 0.0
+    assert part.exact_match["portability"] == 0.0
+    assert part.base["reliability"] == 0.0
+    assert part.base["portability_hop1"] == 0.5
+    assert part.base["text_locality"] == 1.0  # the unedited model agrees with itself
+    assert len(part.probes) == len(CASE_A) and part.probes[4].agreement == 0.75
 
 
 def test_case_metrics_is_a_mean_over_the_probes_of_each_key() -> None:
@@ -172,23 +170,30 @@ def test_case_metrics_is_a_mean_over_the_probes_of_each_key() -> None:
         ProbeResult("portability", 1, None, 1.0, 1.0, 0.0),
         ProbeResult("portability", 2, None, 0.0, 0.0, 0),
     ]
-    acc, exact = case_metrics(results)
+    acc = case_values(results)
     assert acc == {"portability": 0.5, "portability_hop1": 1.0, "portability_hop2": 0.0}
-    assert exact == acc
+    assert case_values(results, "exact_match") == acc
 
 
 def _record(case_id: str, edit_type: str, part: dict, eff: dict, status: str = "ok") -> dict:
     run = {"model": "world", "method": "ft_llm", "protocol": "single", "gap": None, "checkpoint": None}
-    run |= {"benchmark": "world", "seed": 0, "config_hash": "abc", "scoring": "mmke"}
-    return {"schema": "mmke-case/1", "run": run, "case_id": case_id, "edit_type": edit_type, "index": 0}, {
+    run |= {
+        "benchmark": "world",
+        "benchmark_version": "1",
+        "seed": 0,
+        "config_hash": "abc",
+        "scoring": "mmke",
+    }
+    head = {"schema": "mmke-case/1", "run": run, "case_id": case_id, "edit_type": edit_type, "index": 0}
+    return head | {"edit": {"prompt": "q", "target": "a", "ground_truth": None}}, {
         "status": status,
         **{k: part[k] for k in ("metrics", "exact_match", "base")},
         "efficiency": eff,
     }
 
 
-def _golden_records() -> list[dict]:
-    a = _case_a()
+def _golden_records() -> list[CaseRecord]:
+    a = vars(_case_a())
     b = {
         "metrics": {"reliability": 0.5, "portability": 1.0, "portability_hop1": 1.0},
         "exact_match": {"reliability": 0.0, "portability": 1.0, "portability_hop1": 1.0},
@@ -205,36 +210,43 @@ def _golden_records() -> list[dict]:
         _record("B", "user_specific", b, effs[1]),
         _record("C", "visual_entity", c, effs[2], status="collapsed"),
     ]
-    return [head | body for head, body in parts]
+    return [CaseRecord.from_dict(head | body) for head, body in parts]
 
 
 def test_golden_summary() -> None:
     summary = summarize(_golden_records())
-    assert summary["schema"] == "mmke-summary/1"
-    assert summary["run"] == {"benchmark": "world", "config_hash": "abc", "scoring": "mmke", "seed": 0}
-    groups = {g["edit_type"]: g for g in summary["groups"]}
-    assert [g["edit_type"] for g in summary["groups"]] == ["all", "user_specific", "visual_entity"]
+    assert summary.schema == "mmke-summary/1"
+    common = {
+        "benchmark": "world",
+        "benchmark_version": "1",
+        "config_hash": "abc",
+        "scoring": "mmke",
+        "seed": 0,
+    }
+    assert summary.run.to_dict() == common
+    groups = {g.edit_type: g for g in summary.groups}
+    assert [g.edit_type for g in summary.groups] == ["all", "user_specific", "visual_entity"]
     every = groups["all"]
-    assert (every["n_cases"], every["n_collapsed"]) == (3, 1)
-    assert every["metrics"]["reliability"] == 0.75  # (A 1.0 + B 0.5) / 2; collapsed C excluded
-    assert every["metrics"]["text_generality"] == 0.5  # only A has it
-    assert every["metrics"]["portability_hop1"] == 0.75  # (0.5 + 1.0) / 2
-    assert every["metrics"]["portability"] == round(((0.5 + 1 / 3) / 2 + 1.0) / 2, 6)
-    assert every["exact_match"]["portability_hop1"] == 0.5
-    assert every["base"]["portability_hop1"] == 0.25
-    assert every["portability_relative_change"] == {"portability_hop1": 2.0, "portability_hop2": None}
-    assert every["efficiency"] == {
+    assert (every.n_cases, every.n_collapsed) == (3, 1)
+    assert every.metrics["reliability"] == 0.75  # (A 1.0 + B 0.5) / 2; collapsed C excluded
+    assert every.metrics["text_generality"] == 0.5  # only A has it
+    assert every.metrics["portability_hop1"] == 0.75  # (0.5 + 1.0) / 2
+    assert every.metrics["portability"] == round(((0.5 + 1 / 3) / 2 + 1.0) / 2, 6)
+    assert every.exact_match["portability_hop1"] == 0.5
+    assert every.base["portability_hop1"] == 0.25
+    assert every.portability_relative_change == {"portability_hop1": 2.0, "portability_hop2": None}
+    assert every.efficiency == {
         "edit_seconds": 2.0,
         "edited_params": 20.0,
         "peak_memory_mb": 200.0,
         "score_seconds": 1.0,
     }
     visual = groups["visual_entity"]
-    assert (visual["n_cases"], visual["n_collapsed"]) == (2, 1)
-    assert visual["metrics"]["reliability"] == 1.0
-    assert visual["metrics"]["portability_hop2"] == 0.333333
-    assert visual["portability_relative_change"]["portability_hop1"] == 0.0
-    assert groups["user_specific"]["portability_relative_change"] == {"portability_hop1": None}
+    assert (visual.n_cases, visual.n_collapsed) == (2, 1)
+    assert visual.metrics["reliability"] == 1.0
+    assert visual.metrics["portability_hop2"] == 0.333333
+    assert visual.portability_relative_change["portability_hop1"] == 0.0
+    assert groups["user_specific"].portability_relative_change == {"portability_hop1": None}
 
 
 def test_summary_is_order_independent() -> None:
@@ -242,9 +254,10 @@ def test_summary_is_order_independent() -> None:
     for i in range(20):  # extra cases with awkward floats, so summation order would show
         extra = {"metrics": {"reliability": 0.1 * (i % 7) + 1e-9 * i}, "exact_match": {}, "base": {}}
         head, body = _record(f"x{i}", "visual_semantic", extra, {"edit_seconds": 0.3 + i / 3})
-        records.append(head | body | {"run": {**head["run"], "method": ["ike", "ft_llm"][i % 2]}})
-    expected = dumps_line(summarize(records))
+        record = head | body | {"run": {**head["run"], "method": ["ike", "ft_llm"][i % 2]}}
+        records.append(CaseRecord.from_dict(record))
+    expected = summarize(records).to_json()
     rng = random.Random(0)
     for _ in range(10):
         rng.shuffle(records)
-        assert dumps_line(summarize(records)) == expected
+        assert summarize(records).to_json() == expected

@@ -37,9 +37,9 @@ def items_for(model: LVLM) -> list[Sample]:
 # --- scoring --------------------------------------------------------------------------------
 
 
-def test_score_mixed_text_and_image_items(model: LVLM, store: ImageStore) -> None:
+def test_score_mixed_text_and_image_items(model: LVLM) -> None:
     items = items_for(model)
-    scores = model.score(items, store, topk=5)
+    scores = model.score(items, topk=5)
     assert len(scores) == len(items)
     for item, s in zip(items, scores, strict=True):
         n = s.n_tokens
@@ -51,11 +51,11 @@ def test_score_mixed_text_and_image_items(model: LVLM, store: ImageStore) -> Non
         assert model.tokenizer.decode(s.target_ids).strip() == item.target
 
 
-def test_batched_scores_equal_one_at_a_time(model: LVLM, store: ImageStore) -> None:
+def test_batched_scores_equal_one_at_a_time(model: LVLM) -> None:
     items = items_for(model)
-    batched = model.score(items, store, batch_size=len(items))
+    batched = model.score(items, batch_size=len(items))
     for item, b in zip(items, batched, strict=True):
-        (one,) = model.score([item], store, batch_size=1)
+        (one,) = model.score([item], batch_size=1)
         assert b.nll == pytest.approx(one.nll, abs=1e-5)
         assert b.token_accuracy == one.token_accuracy
         assert torch.equal(b.target_ids, one.target_ids)
@@ -63,8 +63,8 @@ def test_batched_scores_equal_one_at_a_time(model: LVLM, store: ImageStore) -> N
         assert torch.equal(b.topk_ids, one.topk_ids)
 
 
-def test_answer_logits_are_the_full_logits_at_the_answer_span(model: LVLM, store: ImageStore) -> None:
-    batch = model.encode(items_for(model), store)
+def test_answer_logits_are_the_full_logits_at_the_answer_span(model: LVLM) -> None:
+    batch = model.encode(items_for(model))
     with torch.no_grad():
         span = model.logits(batch)  # (N, V)
         full = model.logits(batch, answer_only=False)  # (B, T, V)
@@ -73,22 +73,22 @@ def test_answer_logits_are_the_full_logits_at_the_answer_span(model: LVLM, store
     torch.testing.assert_close(span, full[rows, cols - 1], atol=1e-5, rtol=1e-5)
 
 
-def test_loss_is_differentiable_and_matches_score(model: LVLM, store: ImageStore) -> None:
+def test_loss_is_differentiable_and_matches_score(model: LVLM) -> None:
     items = items_for(model)[:3]
-    batch = model.encode(items, store)
+    batch = model.encode(items)
     loss = model.loss(batch)
     site = model.layout.mlp(-1)
     loss.backward()
     grads = [p.grad for p in model.layout.params(site).values()]
     model.model.zero_grad(set_to_none=True)
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
-    expected = sum(model.score(items, store).nll) / len(items)
+    expected = sum(model.score(items).nll) / len(items)
     assert loss.item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_token_positions_map_text_spans_to_tokens(model: LVLM, store: ImageStore) -> None:
+def test_token_positions_map_text_spans_to_tokens(model: LVLM) -> None:
     items = items_for(model)
-    batch = model.encode(items, store)
+    batch = model.encode(items)
     for b, (item, text) in enumerate(zip(items, batch.texts, strict=True)):
         word = item.prompt.split()[1]  # after the image placeholder, inside the question
         start = text.rindex(item.prompt) + item.prompt.index(f" {word} ") + 1
@@ -136,12 +136,12 @@ def test_chat_template_answer_follows_the_assistant_turn_without_space() -> None
 # --- generation -----------------------------------------------------------------------------
 
 
-def test_generate_is_batched_greedy_new_text(model: LVLM, store: ImageStore) -> None:
+def test_generate_is_batched_greedy_new_text(model: LVLM) -> None:
     items = items_for(model)
-    texts = model.generate(items, store, max_new_tokens=4)
+    texts = model.generate(items, max_new_tokens=4)
     assert len(texts) == len(items) and all(isinstance(t, str) for t in texts)
     assert any(texts)
-    assert texts == [model.generate([it], store, max_new_tokens=4)[0] for it in items]
+    assert texts == [model.generate([it], max_new_tokens=4)[0] for it in items]
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -205,11 +205,11 @@ def test_layout_index_out_of_range(model: LVLM) -> None:
 
 def test_text_only_family_rejects_image_items(store: ImageStore) -> None:
     with pytest.raises(ModalityError, match="text-only"):
-        tiny_model("causal_lm").score(MIXED[:1], store)
+        tiny_model("causal_lm").bind_images(store).score(MIXED[:1])
 
 
 def test_image_item_without_a_store_is_an_error() -> None:
-    with pytest.raises(ModalityError, match="no ImageStore"):
+    with pytest.raises(ModalityError, match="no image store is bound to the model"):
         tiny_model("llava").score(MIXED[:1])
 
 
@@ -218,12 +218,12 @@ def test_image_item_without_a_store_is_an_error() -> None:
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_load_saved_dir_through_from_pretrained(kind: str, tmp_path: Path, store: ImageStore) -> None:
-    original = tiny_model(kind, seed=1)
-    loaded = LVLM.load(save_tiny(original, tmp_path / kind))
+    original = tiny_model(kind, seed=1).bind_images(store)
+    loaded = LVLM.load(save_tiny(original, tmp_path / kind), images=store)
     assert loaded.family.name == original.family.name
     assert type(loaded.model) is type(original.model)
     items = items_for(original)
-    a, b = original.score(items, store), loaded.score(items, store)
+    a, b = original.score(items), loaded.score(items)
     assert a.nll == pytest.approx(b.nll, abs=1e-5)
     assert [s.target_ids.tolist() for s in a] == [s.target_ids.tolist() for s in b]
 

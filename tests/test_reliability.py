@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 
 from _runs import small_overrides
 from mmke.cli import _parser, main, run_failures
+from mmke.eval.records import GroupSummary, RunInfo, RunSummary
 from mmke.eval.store import RunStore
 
 
@@ -103,7 +105,7 @@ def test_skip_bad_lists_a_case_with_a_corrupt_image(
     run = _run_dir(out)
     (skipped,) = RunStore.open(run).read_skipped()
     assert skipped["case_id"] == bad["id"] and "corrupt" in skipped["problem"]
-    assert {r["case_id"] for r in RunStore.open(run).records()} == {
+    assert {r.case_id for r in RunStore.open(run).records()} == {
         json.loads(line)["id"] for line in lines[2:4]
     }
 
@@ -192,21 +194,21 @@ def test_a_run_whose_every_edit_collapsed_exits_non_zero(
 
 
 def test_run_failures_name_what_is_incomplete() -> None:
-    group = {"edit_type": "all", "method": "ft_llm", "protocol": "single", "n_cases": 4}
-    summary = {
-        "run": {"not_run": {"ike": "no train split"}},
-        "groups": [
-            {**group, "n_error": 0, "n_collapsed": 1},
-            {**group, "method": "rome", "n_error": 2, "n_collapsed": 2},
-            {**group, "method": "lora", "protocol": "lifelong", "n_error": 0, "n_collapsed": 4},
-        ],
-    }
+    group = GroupSummary("m", "ft_llm", "single", None, None, "all", n_cases=4, n_collapsed=1, n_error=0)
+    summary = RunSummary(
+        RunInfo(config={}, not_run={"ike": "no train split"}),
+        (
+            group,
+            replace(group, method="rome", n_error=2, n_collapsed=2),
+            replace(group, method="lora", protocol="lifelong", n_collapsed=4),
+        ),
+    )
     assert run_failures(summary) == [
         "incomplete: ike not run (no train split)",
         "incomplete: rome: 2 case(s) failed with an error (see cases.jsonl)",
         "failed: lora (lifelong): every edit collapsed (non-finite weights or scores)",
     ]
-    assert run_failures({"run": {}, "groups": [{**group, "n_error": 0, "n_collapsed": 0}]}) == []
+    assert run_failures(RunSummary(RunInfo(), (replace(group, n_collapsed=0),))) == []
 
 
 # --- 8. resume with other settings --------------------------------------------------------

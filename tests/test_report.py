@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
-import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
+import torch
 from rich.console import Console
 
+from mmke.cli import main
 from mmke.errors import MmkeError
+from mmke.eval import metrics as metric_module
+from mmke.eval.metrics import metric, metric_specs, score_case, summarize
+from mmke.eval.records import (
+    CaseRecord,
+    EditText,
+    GroupSummary,
+    ProbeResult,
+    RunBlock,
+    RunInfo,
+    RunSummary,
+)
+from mmke.models.scoring import ItemScore
+from mmke.registry import metrics as metric_registry
 from mmke.report import (
     compare_runs,
     render_csv,
@@ -23,15 +38,25 @@ from mmke.report import (
 )
 from mmke.report.plots import make_plots
 from mmke.report.tables import (
+    MMKE_BENCH_ORDER,
+    MMKE_ORDER,
+    SEQUENTIAL_ORDER,
+    attack_keys,
+    declared_order,
     edit_type_table,
     efficiency_table,
+    hop_keys,
     latex_escape,
     main_table,
+    metric_label,
     portability_table,
     progression_table,
+    relative_change,
     robustness_table,
 )
+from mmke.types import Probe, ProbeKind
 
+OLD_RUN = Path(__file__).parent / "fixtures" / "old_run"
 MODEL = "llava-world"
 METHODS = ("ft_llm", "ike")
 ATTACKS = (
@@ -73,88 +98,82 @@ def _base() -> dict[str, float]:
     return base
 
 
-def _group(method: int, protocol: str = "single", edit_type: str = "all", gap: int | None = None) -> dict:
+def _group(
+    method: int, protocol: str = "single", edit_type: str = "all", gap: int | None = None
+) -> GroupSummary:
     shift = 0.0 if gap is None else gap / 100
     metrics = _metrics(method, shift)
-    base = _base()
-    return {
-        "model": MODEL,
-        "method": METHODS[method],
-        "protocol": protocol,
-        "gap": gap,
-        "checkpoint": None,
-        "edit_type": edit_type,
-        "n_cases": 40,
-        "n_collapsed": 1 if gap == 20 and method == 0 else 0,
-        "metrics": metrics,
-        "exact_match": {k: round(v / 2, 4) for k, v in metrics.items()},
-        "base": base,
-        "portability_relative_change": {
-            f"portability_hop{h + 1}": (metrics[f"portability_hop{h + 1}"] - b) / b
-            for h, b in enumerate(BASE_HOPS)
-        },
-        "efficiency": {
+    return GroupSummary(
+        model=MODEL,
+        method=METHODS[method],
+        protocol=protocol,
+        gap=gap,
+        checkpoint=None,
+        edit_type=edit_type,
+        n_cases=40,
+        n_collapsed=1 if gap == 20 and method == 0 else 0,
+        n_error=0,
+        metrics=metrics,
+        exact_match={k: round(v / 2, 4) for k, v in metrics.items()},
+        base=_base(),
+        portability_relative_change=metric_module.relative_change(metrics, _base()),
+        efficiency={
             "edit_seconds": (0.41, 0.02)[method],
             "score_seconds": 0.05,
             "peak_memory_mb": (812.5, 640.0)[method],
             "edited_params": (2_097_152, 0)[method],
         },
-    }
+    )
 
 
-def _summary() -> dict[str, Any]:
+def _summary() -> RunSummary:
     groups = []
     for m in range(len(METHODS)):
         groups.append(_group(m))
         groups += [_group(m, edit_type=t) for t in EDIT_TYPES]
         groups += [_group(m, "sequential", gap=g) for g in (10, 20)]
     run = {"model": MODEL, "method": list(METHODS), "benchmark": "world", "protocol": "single", "seed": 0}
-    return {"schema": "mmke-summary/1", "run": run, "groups": groups}
+    return RunSummary(RunInfo(common=run), tuple(groups))
 
 
-def _record(method: int, index: int, protocol: str = "single", status: str = "ok") -> dict:
-    probes = [
-        {"kind": "reliability", "hop": None, "attack": None, "token_accuracy": 1.0, "exact_match": 1.0,
-         "nll": 0.1, "agreement": None, "generated": "paris <b>", "generated_match": 1.0},
-        {"kind": "portability", "hop": 2, "attack": None, "token_accuracy": 0.5, "exact_match": 0.0,
-         "nll": 2.0, "agreement": None, "generated": "berlin", "generated_match": 0.0},
-    ]  # fmt: skip
-    return {
-        "schema": "mmke-case/1",
-        "run": {"model": MODEL, "method": METHODS[method], "protocol": protocol, "gap": None, "seed": 0},
-        "case_id": f"world-{index:04d}",
-        "edit_type": EDIT_TYPES[index % len(EDIT_TYPES)],
-        "index": index,
-        "status": status,
-        "message": None if status == "ok" else f"NaN logits after {index} edits",
-        "collapsed_at": index if status == "collapsed" else None,
-        "edit": {"prompt": f"Where was person {index} born?", "target": "Paris"},
-        "metrics": _metrics(method),
-        "exact_match": _metrics(method),
-        "base": _base(),
-        "probes": probes,
-        "efficiency": {
-            "edit_seconds": 0.4,
-            "score_seconds": 0.05,
-            "peak_memory_mb": 800.0,
-            "edited_params": 10,
-        },
-    }
+def _record(method: int, index: int, protocol: str = "single", status: str = "ok") -> CaseRecord:
+    probes = (
+        ProbeResult("reliability", None, None, 1.0, 1.0, 0.1, None, "paris <b>", 1.0),
+        ProbeResult("portability", 2, None, 0.5, 0.0, 2.0, None, "berlin", 0.0),
+    )
+    return CaseRecord(
+        run=RunBlock(model=MODEL, method=METHODS[method], protocol=protocol, seed=0),
+        case_id=f"world-{index:04d}",
+        edit_type=EDIT_TYPES[index % len(EDIT_TYPES)],
+        index=index,
+        edit=EditText(f"Where was person {index} born?", "Paris"),
+        status=status,
+        message=None if status == "ok" else f"NaN logits after {index} edits",
+        collapsed_at=index if status == "collapsed" else None,
+        efficiency={"edit_seconds": 0.4, "score_seconds": 0.05, "peak_memory_mb": 800.0, "edited_params": 10},
+        metrics=_metrics(method),
+        exact_match=_metrics(method),
+        base=_base(),
+        probes=probes,
+    )
 
 
-def _write_run(root: Path, summary: dict | None = None) -> Path:
+def _write_run(
+    root: Path, summary: RunSummary | None = None, records: Sequence[CaseRecord] | None = None, tail: str = ""
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "summary.json").write_text(json.dumps(summary or _summary()))
-    records = [_record(m, i) for m in range(2) for i in range(6)]
-    records += [_record(0, 30, "sequential", "collapsed"), _record(1, 31, "single", "error")]
-    (root / "cases.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{cut mid-wri")
+    (root / "summary.json").write_text((summary or _summary()).to_json())
+    if records is None:
+        records = [_record(m, i) for m in range(2) for i in range(6)]
+        records += [_record(0, 30, "sequential", "collapsed"), _record(1, 31, "single", "error")]
+    (root / "cases.jsonl").write_text("".join(r.to_json() + "\n" for r in records) + tail)
     (root / "config.yaml").write_text("model: llava-world\nmethods: [ft_llm, ike]\nseed: 0\n")
     return root
 
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    return _write_run(tmp_path / "runs" / "r1")
+    return _write_run(tmp_path / "runs" / "r1", tail="{cut mid-wri")
 
 
 def _md_rows(markdown: str) -> list[list[str]]:
@@ -230,9 +249,10 @@ def test_csv_parses_back() -> None:
 
 def test_latex_is_booktabs_and_escaped() -> None:
     summary = _summary()
-    for g in summary["groups"]:
-        g["method"] = g["method"].replace("ike", "ike_10%")
-    tex = render_latex(main_table(summary))
+    renamed = replace(
+        summary, groups=tuple(replace(g, method=g.method.replace("ike", "ike_10%")) for g in summary.groups)
+    )
+    tex = render_latex(main_table(renamed))
     assert tex.startswith("\\begin{tabular}{ll")
     assert "\\toprule" in tex and "\\bottomrule" in tex and tex.rstrip().endswith("\\end{tabular}")
     assert "ike\\_10\\%" in tex and "ft\\_llm" in tex
@@ -254,7 +274,7 @@ def test_plots_are_png_and_skip_without_data(tmp_path: Path) -> None:
     assert {p.name for p in paths} == {"portability_hops.png", "sequential.png", "efficiency.png"}
     for p in paths:
         assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert make_plots({"groups": []}, tmp_path / "none") == []
+    assert make_plots(RunSummary(RunInfo(), ()), tmp_path / "none") == []
 
 
 def test_report_html_is_self_contained(run_dir: Path) -> None:
@@ -262,6 +282,7 @@ def test_report_html_is_self_contained(run_dir: Path) -> None:
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
     assert page.count("data:image/png;base64,") == 3
     assert "NaN logits after 30 edits" in page and "1 unreadable line" in page
+    assert f"{run_dir / 'cases.jsonl'}:15: not a JSON record" in page  # the cut line, named
     assert "Where was person 0 born?" in page and "paris &lt;b&gt;" in page
     assert "Port-1" in page and "Vague" in page and "Collapsed" in page
     for name in ("main.md", "main.csv", "main.tex", "portability_hops.tex", "generation.md", "tables.json"):
@@ -270,11 +291,13 @@ def test_report_html_is_self_contained(run_dir: Path) -> None:
 
 
 def test_compare_runs_shows_delta(tmp_path: Path) -> None:
-    better = copy.deepcopy(_summary())
-    for g in better["groups"]:
-        g["metrics"]["reliability"] -= 0.05
+    summary = _summary()
+    lower = [
+        replace(g, metrics={**g.metrics, "reliability": g.metrics["reliability"] - 0.05})
+        for g in summary.groups
+    ]
     a = _write_run(tmp_path / "a")
-    b = _write_run(tmp_path / "b", better)
+    b = _write_run(tmp_path / "b", replace(summary, groups=tuple(lower)))
     rows = _md_rows(compare_runs(a, b))
     assert rows[0][2:5] == ["Rel A", "Rel B", "Rel Δ"]
     assert rows[2][1] == "ft\\_llm" and rows[2][2:5] == ["99.1", "94.1", "-5.0"]
@@ -283,3 +306,126 @@ def test_compare_runs_shows_delta(tmp_path: Path) -> None:
 def test_missing_summary_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MmkeError, match=r"no summary\.json"):
         write_report(tmp_path)
+
+
+# ---------------------------------------------------------------- labels and orders are declared once
+
+
+def test_labels_and_orders_are_the_metric_declarations() -> None:
+    specs = metric_specs()
+    assert [metric_label(s.key) for s in specs] == [s.label for s in specs]
+    assert metric_label("a_metric_no_one_declares") == "a_metric_no_one_declares"
+    hops = [s.key for s in specs if s.parent == "portability"]
+    attacks = [s.key for s in specs if s.parent == "robustness"]
+    assert hop_keys([*reversed(hops), "reliability"]) == hops
+    assert attack_keys([*reversed(attacks), "robustness"]) == attacks
+    assert declared_order(["zz_old", hops[1], "reliability"]) == ["reliability", hops[1], "zz_old"]
+    declared = {s.key for s in specs}
+    for layout in (MMKE_ORDER, MMKE_BENCH_ORDER, SEQUENTIAL_ORDER):
+        assert set(layout) <= declared
+
+
+def test_relative_change_is_the_stored_one_else_computed_by_metrics() -> None:
+    group = _group(0)
+    odd = replace(group, portability_relative_change={"portability_hop1": 9.5, "portability_hop2": None})
+    assert relative_change(odd, "portability_hop1") == 9.5  # read, not recomputed
+    assert relative_change(odd, "portability_hop2") is None
+    old = replace(group, portability_relative_change={})  # a summary from before the field
+    assert relative_change(old, "portability_hop1") == pytest.approx(0.5)  # (0.6 - 0.4) / 0.4
+
+
+# ---------------------------------------------------------------- a metric registered in one place
+
+
+@pytest.fixture
+def worst_target(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A toy metric registered only here, with the decorator; the registry is put back after."""
+    metric_specs()  # the declared metrics first, so the toy one is declared last
+    monkeypatch.setattr(metric_registry, "_items", dict(metric_registry._items))
+    monkeypatch.setattr(metric_registry, "_help", dict(metric_registry._help))
+    kinds = (ProbeKind.RELIABILITY, ProbeKind.TEXT_GENERALITY)
+
+    @metric(
+        "worst_target",
+        label="Worst",
+        name="Worst target probe",
+        paper="toy",
+        reads=kinds,
+        help="the lowest score among a case's target probes",
+    )
+    def _worst(results: Sequence[ProbeResult], measure: str) -> float | None:
+        values = [getattr(r, measure) for r in results if r.kind in {k.value for k in kinds}]
+        return min(values) if values else None
+
+    return "worst_target"
+
+
+def _item(argmax: list[int]) -> ItemScore:
+    """A two-token answer [1, 2] scored by hand (as tests/test_metrics.py does)."""
+    target, top1 = torch.tensor([1, 2]), torch.tensor(argmax)
+    accuracy = float((target == top1).float().mean())
+    return ItemScore(target, top1, top1[:, None], accuracy, accuracy == 1.0, 1.0)  # top-k: (2, 1)
+
+
+def _scored_records() -> list[CaseRecord]:
+    """Two cases of reliability + text generality: the worst probe scores 0.5, then 0.0."""
+    probes = [
+        Probe(kind=k, prompt="q", target="a") for k in (ProbeKind.RELIABILITY, ProbeKind.TEXT_GENERALITY)
+    ]
+    unedited = [_item([0, 0]), _item([0, 0])]
+    records = []
+    for index, post in enumerate(([_item([1, 2]), _item([1, 0])], [_item([0, 0]), _item([1, 2])])):
+        scores = score_case(probes, post, unedited)
+        records.append(
+            CaseRecord(
+                run=RunBlock(model="toy", method="ft_llm"),
+                case_id=f"toy-{index}",
+                edit_type="visual_entity",
+                index=index,
+                edit=EditText("q", "a"),
+                metrics=scores.metrics,
+                exact_match=scores.exact_match,
+                base=scores.base,
+                probes=scores.probes,
+            )
+        )
+    return records
+
+
+def test_a_metric_registered_once_reaches_the_main_table_and_the_page(
+    worst_target: str, tmp_path: Path
+) -> None:
+    records = _scored_records()
+    assert [r.metrics[worst_target] for r in records] == [0.5, 0.0]
+    summary = summarize(records)
+    table = main_table(summary)
+    assert table is not None and table.columns == ("Model", "Method", "Rel", "T-Gen", "Worst", "N")
+    assert [row[1:5] for row in table.rows] == [("unedited", 0.0, 0.0, 0.0), ("ft_llm", 50.0, 75.0, 25.0)]
+    run = _write_run(tmp_path / "toy", summary, records)
+    page = write_report(run).read_text()
+    assert '<th class="num">Worst</th>' in page  # the main tables' column
+    assert '<td class="">Worst</td>' in page  # the example case's row
+    assert "| Worst |" in (run / "tables" / "main.md").read_text()
+
+
+# ---------------------------------------------------------------- a run written by an older mmke
+
+
+def test_an_old_run_folder_still_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = Path(shutil.copytree(OLD_RUN, tmp_path / "old_run"))
+    assert main(["report", str(run)]) == 0
+    assert "Single editing (token accuracy, %)" in capsys.readouterr().out
+    assert (run / "report.html").is_file() and (run / "tables" / "main.md").is_file()
+    main_md = (run / "tables" / "main.md").read_text()
+    assert (
+        "| Model | Method | Rel | T-Rel | I-Rel | T-Gen | I-Gen | T-Loc | I-Loc | Port | Rob | N |" in main_md
+    )
+
+
+def test_an_old_run_reads_back_byte_identically() -> None:
+    lines = (OLD_RUN / "cases.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines
+    for n, line in enumerate(lines, 1):
+        assert CaseRecord.from_json(line, f"old_run/cases.jsonl:{n}").to_json() == line
+    text = (OLD_RUN / "summary.json").read_text(encoding="utf-8")
+    assert RunSummary.from_json(text).to_json() == text

@@ -46,16 +46,16 @@ def weight(model: LVLM, layer: int) -> torch.Tensor:
 def test_rome_writes_the_edit_with_a_rank_one_update_and_restores(
     kind: str, layer: int, store: ImageStore
 ) -> None:
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0).bind_images(store)
     case = make_case(image="red.png" if model.family.multimodal else None)
     editor = Rome({"layer": layer, **FAST})
-    editor.train(model, train_cases(model), store)
-    assert not model.score([case.edit], store)[0].exact_match
+    editor.train(model, train_cases(model))
+    assert not model.score([case.edit])[0].exact_match
     before, w_old = state(model), weight(model, layer)
     site = f"{model.layout.mlp_out(layer)}.weight"
-    with editor.applied(model, case, store) as edited:
+    with editor.applied(model, case) as edited:
         assert isinstance(edited, ParamEdited) and set(edited.snapshot) == {site}
-        (score,) = edited.score([case.edit], store)
+        (score,) = edited.score([case.edit])
         assert score.exact_match, f"{kind}/{layer}: nll {score.nll:.3f}"
         now = model.model.state_dict()
         assert {k for k in before if not torch.equal(now[k], before[k])} == {site}
@@ -65,15 +65,13 @@ def test_rome_writes_the_edit_with_a_rank_one_update_and_restores(
 
 
 def test_rome_edits_stack_and_restore_in_reverse(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     editor = Rome(FAST)
-    editor.train(model, train_cases(model), store)
+    editor.train(model, train_cases(model))
     before = state(model)
-    first = editor.apply(model, make_case("paris", image=None), store)
-    second = editor.apply(model, make_case("rome", image=None, prompt="the capital of italy is"), store)
-    assert second.score([make_case("rome", image=None, prompt="the capital of italy is").edit], store)[
-        0
-    ].exact_match
+    first = editor.apply(model, make_case("paris", image=None))
+    second = editor.apply(model, make_case("rome", image=None, prompt="the capital of italy is"))
+    assert second.score([make_case("rome", image=None, prompt="the capital of italy is").edit])[0].exact_match
     second.restore()
     first.restore()
     assert_state(model, before)
@@ -82,7 +80,7 @@ def test_rome_edits_stack_and_restore_in_reverse(store: ImageStore) -> None:
 def test_rome_statistics_are_cached_on_disk(
     store: ImageStore, stats_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     calls: list[int] = []
     real = _keyvalue.second_moment
 
@@ -91,12 +89,12 @@ def test_rome_statistics_are_cached_on_disk(
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_keyvalue, "second_moment", counted)
-    Rome().train(model, train_cases(model), store)
+    Rome().train(model, train_cases(model))
     (path,) = stats_cache.glob("*.pt")
     stamp = path.stat().st_mtime_ns
-    Rome().train(model, train_cases(model), store)  # a new editor: only the disk cache can help
+    Rome().train(model, train_cases(model))  # a new editor: only the disk cache can help
     assert len(calls) == 1 and path.stat().st_mtime_ns == stamp
-    Rome({"layer": 0}).train(model, train_cases(model), store)  # another layer: other statistics
+    Rome({"layer": 0}).train(model, train_cases(model))  # another layer: other statistics
     assert len(calls) == 2 and len(list(stats_cache.glob("*.pt"))) == 2
 
 
@@ -114,9 +112,9 @@ class _RunsCode:
 def test_rome_refuses_a_cache_file_that_is_not_a_tensor_and_recomputes(
     store: ImageStore, stats_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     site = model.layout.mlp_out(-1)
-    (good,) = _keyvalue.KeyStatistics("rome", None, 16).train(model, [site], train_cases(model), store)
+    (good,) = _keyvalue.KeyStatistics("rome", None, 16).train(model, [site], train_cases(model))
     (path,) = stats_cache.glob("*.pt")
     marker = tmp_path / "pickle-ran"
     bad_files = [
@@ -132,7 +130,7 @@ def test_rome_refuses_a_cache_file_that_is_not_a_tensor_and_recomputes(
         write_bad()
         caplog.clear()
         stats = _keyvalue.KeyStatistics("rome", None, 16)  # a new editor's: only the disk cache can help
-        (cov,) = stats.train(model, [site], train_cases(model), store)
+        (cov,) = stats.train(model, [site], train_cases(model))
         assert not marker.exists()
         assert torch.equal(cov, good) and torch.equal(torch.load(path, weights_only=True), good)
         assert "recomputing" in caplog.text
@@ -147,11 +145,11 @@ def test_rome_statistics_follow_the_weights_not_the_model_folder(
     covs = []
     for seed in (0, 1):  # the same folder, rebuilt with other weights
         save_tiny(tiny_model("llava", seed=seed), folder)
-        model = LVLM.load(folder)
+        model = LVLM.load(folder, images=store)
         stats = _keyvalue.KeyStatistics("rome", None, 16)
-        covs.append(stats.train(model, [site], train_cases(model), store)[0])
+        covs.append(stats.train(model, [site], train_cases(model))[0])
         modules = [model.layout.module(site)]
-        batches = _keyvalue.sample_batches(model, _keyvalue.case_samples(train_cases(model)), store, 16)
+        batches = _keyvalue.sample_batches(model, _keyvalue.case_samples(train_cases(model)), 16)
         (fresh,) = _keyvalue.second_moment(model, modules, batches)
         assert torch.equal(covs[-1], fresh)
     assert not torch.equal(covs[0], covs[1]) and len(list(stats_cache.glob("*.pt"))) == 2
@@ -169,9 +167,9 @@ def test_rome_stats_from_a_text_file_need_no_train_cases(tmp_path: Path) -> None
 
 
 def test_rome_key_positions(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     case = make_case(image="red.png")
-    batch = model.encode([case.edit], store)
+    batch = model.encode([case.edit])
     _, cols = batch.answer_positions  # (N,), (N,)
     end = key_position(batch, case.edit.prompt, "prompt_end")
     assert end == int(cols.min()) - 1
@@ -197,15 +195,15 @@ def test_rome_config_and_readiness_errors() -> None:
 
 
 def test_rome_restores_when_the_edit_collapses(store: ImageStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     editor = Rome(FAST)
-    editor.train(model, train_cases(model), store)
+    editor.train(model, train_cases(model))
     before = state(model)
     monkeypatch.setattr(
         rome_module, "rank_one_update", lambda module, *a: module.weight.data.fill_(float("nan"))
     )
     with pytest.raises(rome_module.EditCollapsed):
-        editor.apply(model, make_case(image=None), store)
+        editor.apply(model, make_case(image=None))
     assert_state(model, before)
 
 

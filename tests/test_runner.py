@@ -23,11 +23,11 @@ Setup = tuple[Path, Path]  # (world dir, model dir): the `setup` fixture in conf
 
 def test_noop_keeps_locality_at_one_and_reliability_at_base(setup: Setup, tmp_path: Path) -> None:
     _store, summary = small_run(setup, tmp_path, "methods=[noop]")
-    group = next(g for g in summary["groups"] if g["edit_type"] == "all")
-    assert group["metrics"]["text_locality"] == 1.0
-    assert group["metrics"]["image_locality"] == 1.0
-    assert group["metrics"]["reliability"] == group["base"]["reliability"]
-    assert group["n_cases"] == 6
+    group = next(g for g in summary.groups if g.edit_type == "all")
+    assert group.metrics["text_locality"] == 1.0
+    assert group.metrics["image_locality"] == 1.0
+    assert group.metrics["reliability"] == group.base["reliability"]
+    assert group.n_cases == 6
 
 
 def test_single_ft_records_every_case_and_restores_the_model(
@@ -35,9 +35,9 @@ def test_single_ft_records_every_case_and_restores_the_model(
 ) -> None:
     store, _summary = small_run(setup, tmp_path, "methods=[ft_llm]")
     records = store.records()
-    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
-    assert {r["edit_type"] for r in records} >= {"visual_entity", "medical_mcq"}
-    eff = records[0]["efficiency"]
+    assert len(records) == 6 and all(r.status == "ok" for r in records)
+    assert {r.edit_type for r in records} >= {"visual_entity", "medical_mcq"}
+    eff = records[0].efficiency
     assert eff["edited_params"] > 0 and eff["edit_seconds"] > 0 and eff["peak_memory_mb"] > 0
     assert (store.path / "summary.json").is_file()
 
@@ -57,10 +57,10 @@ def test_sequential_records_n_minus_gap_cases(setup: Setup, tmp_path: Path) -> N
     store, _ = small_run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[2,4]")
     by_gap: dict[int, list[dict]] = {}
     for r in store.records():
-        by_gap.setdefault(r["run"]["gap"], []).append(r)
+        by_gap.setdefault(r.run.gap, []).append(r)
     assert {g: len(rs) for g, rs in by_gap.items()} == {2: 4, 4: 2}
     # case s - gap is scored at stream position s
-    assert [r["index"] for r in by_gap[2]] == [2, 3, 4, 5]
+    assert [r.index for r in by_gap[2]] == [2, 3, 4, 5]
 
 
 def test_nan_logits_are_recorded_as_collapse_and_the_run_goes_on(
@@ -78,11 +78,11 @@ def test_nan_logits_are_recorded_as_collapse_and_the_run_goes_on(
 
     monkeypatch.setattr(LVLM, "logits", poisoned)
     store, summary = small_run(setup, tmp_path, "methods=[noop]", "batch_size=64")
-    statuses = [r["status"] for r in store.records()]
+    statuses = [r.status for r in store.records()]
     assert statuses.count("collapsed") == 1 and len(statuses) == 6
-    collapsed = next(r for r in store.records() if r["status"] == "collapsed")
-    assert collapsed["collapsed_at"] == collapsed["index"] and "NaN" in collapsed["message"]
-    assert next(g for g in summary["groups"] if g["edit_type"] == "all")["n_collapsed"] == 1
+    collapsed = next(r for r in store.records() if r.status == "collapsed")
+    assert collapsed.collapsed_at == collapsed.index and "NaN" in collapsed.message
+    assert next(g for g in summary.groups if g.edit_type == "all").n_collapsed == 1
 
 
 def test_a_model_that_answers_nothing_is_recorded_as_collapsed_in_a_stream(
@@ -106,12 +106,12 @@ def test_a_model_that_answers_nothing_is_recorded_as_collapsed_in_a_stream(
     monkeypatch.setattr(LVLM, "logits", degenerate)
     store, summary = small_run(setup, tmp_path, "methods=[noop]", "protocol=sequential", "gaps=[1]")
     records = store.records()
-    assert [r["status"] for r in records][-1] == "collapsed"
-    assert all(r["status"] == "ok" for r in records[:-1]) and len(records) < 5  # the stream stopped
+    assert [r.status for r in records][-1] == "collapsed"
+    assert all(r.status == "ok" for r in records[:-1]) and len(records) < 5  # the stream stopped
     last = records[-1]
-    assert "behavioural collapse after edit" in last["message"] and last["collapsed_at"] == last["index"]
-    assert all(v == 0.0 for v in last["metrics"].values())  # kept, so the collapse can be inspected
-    assert next(g for g in summary["groups"] if g["edit_type"] == "all")["n_collapsed"] == 1
+    assert "behavioural collapse after edit" in last.message and last.collapsed_at == last.index
+    assert all(v == 0.0 for v in last.metrics.values())  # kept, so the collapse can be inspected
+    assert next(g for g in summary.groups if g.edit_type == "all").n_collapsed == 1
 
 
 def test_behavioural_collapse_needs_locality_and_all_zero() -> None:
@@ -144,11 +144,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(
     assert 3 <= written < 12, "the kill must land mid-run"
     assert main(["run", "--resume", str(tmp_path / "killed" / "r")]) == 0
     records = RunStore.open(tmp_path / "killed" / "r").records()
-    keys = [(r["run"]["method"], r["case_id"]) for r in records]
+    keys = [(r.run.method, r.case_id) for r in records]
     assert len(keys) == len(set(keys)) == 12
     resumed = json.loads((tmp_path / "killed" / "r" / "summary.json").read_text())
     strip = lambda s: [{k: v for k, v in g.items() if k != "efficiency"} for g in s["groups"]]  # noqa: E731
-    assert strip(resumed) == strip(clean)
+    assert strip(resumed) == strip(clean.to_dict())
 
 
 def test_bad_config_and_unknown_method_are_one_line(
@@ -164,9 +164,9 @@ def test_bad_config_and_unknown_method_are_one_line(
 
 def test_generate_keeps_raw_text_and_a_string_match(setup: Setup, tmp_path: Path) -> None:
     store, _ = small_run(setup, tmp_path, "methods=[noop]", "generate=true", "limit=2")
-    probes = [p for r in store.records() for p in r["probes"]]
-    assert probes and all(isinstance(p["generated"], str) for p in probes)
-    assert all(p["generated_match"] in (0.0, 1.0) for p in probes)
+    probes = [p for r in store.records() for p in r.probes]
+    assert probes and all(isinstance(p.generated, str) for p in probes)
+    assert all(p.generated_match in (0.0, 1.0) for p in probes)
 
 
 def test_report_and_compare_commands(
@@ -185,12 +185,12 @@ def test_vlkeb_scoring_runs_end_to_end(setup: Setup, tmp_path: Path) -> None:
     args = ("methods=[noop,ike]", "method_options.ike.k=0", "scoring=vlkeb", "limit=3")
     store, summary = small_run(setup, tmp_path, *args)
     records = store.records()
-    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
-    assert all(r["run"]["scoring"] == "vlkeb" for r in records)
-    assert summary["run"]["config"]["scoring"] == "vlkeb"
-    groups = {g["method"]: g for g in summary["groups"] if g["edit_type"] == "all"}
+    assert len(records) == 6 and all(r.status == "ok" for r in records)
+    assert all(r.run.scoring == "vlkeb" for r in records)
+    assert summary.run.config["scoring"] == "vlkeb"
+    groups = {g.method: g for g in summary.groups if g.edit_type == "all"}
     for group in groups.values():
-        assert group["metrics"] and all(math.isfinite(v) for v in group["metrics"].values())
-    assert groups["noop"]["metrics"]["text_locality"] == 1.0
-    assert groups["noop"]["metrics"]["image_locality"] == 1.0
-    assert groups["ike"]["metrics"]["text_locality"] < 1.0  # the prefix moves the shared tail
+        assert group.metrics and all(math.isfinite(v) for v in group.metrics.values())
+    assert groups["noop"].metrics["text_locality"] == 1.0
+    assert groups["noop"].metrics["image_locality"] == 1.0
+    assert groups["ike"].metrics["text_locality"] < 1.0  # the prefix moves the shared tail

@@ -68,9 +68,9 @@ def cases_for(model: LVLM) -> list[EditCase]:
     return [fact_case(*fact, image=image) for fact in FACTS]
 
 
-def trained(model: LVLM, store: ImageStore, out: Path, **overrides: object) -> Serac:
+def trained(model: LVLM, out: Path, **overrides: object) -> Serac:
     editor = Serac({**FAST, **overrides}, embedder=HashEmbedder())
-    editor.fit(model, cases_for(model), store, out)
+    editor.fit(model, cases_for(model), out)
     return editor
 
 
@@ -85,64 +85,64 @@ def same_scores(a: object, b: object) -> bool:
 def test_serac_routes_edits_to_the_counterfactual_model_and_leaves_the_rest_exact(
     kind: str, store: ImageStore, tmp_path: Path
 ) -> None:
-    model = tiny_model(kind)
+    model = tiny_model(kind).bind_images(store)
     editor = Serac(FAST, embedder=HashEmbedder())
     case = cases_for(model)[0]
     with pytest.raises(EditorNotReadyError):
-        editor.apply(model, case, store)
+        editor.apply(model, case)
     before = state(model)
-    editor.fit(model, cases_for(model), store, tmp_path / "ed")
+    editor.fit(model, cases_for(model), tmp_path / "ed")
     assert_state(model, before)
     edit_probe, unrelated = case.probes[0], UNRELATED
-    pre = model.score([edit_probe, unrelated], store)
-    with editor.apply(model, case, store) as edited:
+    pre = model.score([edit_probe, unrelated])
+    with editor.apply(model, case) as edited:
         assert isinstance(edited, SeracEdited)
-        assert edited.routes([edit_probe, unrelated], store) == [editor.memory(model)[0], None]
-        post = edited.score([edit_probe, unrelated], store)
+        assert edited.routes([edit_probe, unrelated]) == [editor.memory(model)[0], None]
+        post = edited.score([edit_probe, unrelated])
         assert post[0].nll < pre[0].nll
         # base-routed items are scored by the unedited model in a batch of their own: bit-identical
-        alone = model.score([unrelated], store)
+        alone = model.score([unrelated])
         assert same_scores(post[1:], alone)
-        assert same_scores(edited.score([unrelated], store), alone)
-        texts = edited.generate([unrelated], store, max_new_tokens=3)
-        assert texts == model.generate([unrelated], store, max_new_tokens=3)
+        assert same_scores(edited.score([unrelated]), alone)
+        texts = edited.generate([unrelated], max_new_tokens=3)
+        assert texts == model.generate([unrelated], max_new_tokens=3)
     assert editor.memory(model) == []
     assert_state(model, before)
     with pytest.raises(RuntimeError, match="restored"):
-        edited.score([unrelated], store)
+        edited.score([unrelated])
 
 
 def test_stacked_edits_route_to_their_own_edit_and_restore_in_reverse(
     store: ImageStore, tmp_path: Path
 ) -> None:
-    model = tiny_model("llava")
-    editor = trained(model, store, tmp_path / "ed")
+    model = tiny_model("llava").bind_images(store)
+    editor = trained(model, tmp_path / "ed")
     before = state(model)
     first, second = cases_for(model)[:2]
-    one = editor.apply(model, first, store)
-    two = editor.apply(model, second, store)
+    one = editor.apply(model, first)
+    two = editor.apply(model, second)
     probes = [first.probes[0], second.probes[0], UNRELATED]
     entries = editor.memory(model)
     assert [e.edit for e in entries] == [first.edit, second.edit]
-    assert two.routes(probes, store) == [entries[0], entries[1], None]
-    asked = two.view(probes, store)
+    assert two.routes(probes) == [entries[0], entries[1], None]
+    asked = two.view(probes)
     assert asked[0].prompt.startswith(f"{first.edit.prompt} {first.edit.target} . ")
     assert asked[2] is UNRELATED
     two.restore()
-    assert one.routes(probes, store) == [entries[0], None, None]
+    assert one.routes(probes) == [entries[0], None, None]
     one.restore()
     assert editor.memory(model) == []
     assert_state(model, before)
 
 
 def test_the_classifier_sees_the_image(store: ImageStore, tmp_path: Path) -> None:
-    model = tiny_model("llava")
-    editor = trained(model, store, tmp_path / "ed")
+    model = tiny_model("llava").bind_images(store)
+    editor = trained(model, tmp_path / "ed")
     nets = editor.networks(model)
     assert isinstance(nets, SeracNets)
     prompt = FACTS[0][1]
     red, blue = (Probe(ProbeKind.RELIABILITY, prompt, "rome", ImageRef(p)) for p in ("red.png", "blue.png"))
-    text, image, has = editor.features(model).of([red, blue, UNRELATED], store)
+    text, image, has = editor.features(model).of([red, blue, UNRELATED])
     assert has.tolist() == [True, True, False]
     assert not torch.equal(image[0], image[1]) and torch.equal(text[0], text[1])
     emb = nets.classifier.embed(text, image, has)  # (3, Dt + d)
@@ -152,16 +152,16 @@ def test_the_classifier_sees_the_image(store: ImageStore, tmp_path: Path) -> Non
 
 
 def test_saved_editor_round_trip_holds_only_the_trained_parts(store: ImageStore, tmp_path: Path) -> None:
-    model = tiny_model("llava")
-    editor = trained(model, store, tmp_path / "ed")
+    model = tiny_model("llava").bind_images(store)
+    editor = trained(model, tmp_path / "ed")
     tensors = load_file(str(tmp_path / "ed" / WEIGHTS))
     assert {k.split(".")[0] for k in tensors} == {"classifier", "cf_layers"}
     assert sum(t.numel() for t in tensors.values()) < sum(p.numel() for p in model.model.parameters())
     again = Serac({**FAST, "editor_path": str(tmp_path / "ed")}, embedder=HashEmbedder())
     case = cases_for(model)[0]
     items = [case.probes[0], case.probes[1], UNRELATED]
-    with editor.apply(model, case, store) as a, again.apply(model, case, store) as b:
-        assert same_scores(a.score(items, store), b.score(items, store))
+    with editor.apply(model, case) as a, again.apply(model, case) as b:
+        assert same_scores(a.score(items), b.score(items))
 
 
 def test_config_is_validated_and_registered() -> None:

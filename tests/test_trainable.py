@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods import EditorNotReadyError, PromptEdited
 from mmke.methods.trainable import (
@@ -42,14 +41,14 @@ class Toy(TrainableEditor[ToyConfig]):
         return nn.Linear(self.config.width, 1)
 
     def meta_loss(
-        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase], images: ImageStore | None
+        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         target = torch.tensor([float(len(c.edit.target)) for c in cases])  # (B,)
         x = torch.ones(len(cases), self.config.width)  # (B, W)
         loss = ((nets(x).squeeze(-1) - target) ** 2).mean()
         return loss, {"mean_target": float(target.mean())}
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> PromptEdited:
+    def apply(self, model: LVLM, case: EditCase) -> PromptEdited:
         nets = self.networks(model)
         return PromptEdited(model, lambda p: p, {"bias": float(nets.bias.detach())})
 
@@ -70,14 +69,14 @@ def weights(editor: Toy, model: LVLM) -> dict[str, torch.Tensor]:
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     model = tiny_model("causal_lm")
     whole = Toy()
-    whole.fit(model, CASES, None, tmp_path / "whole")
+    whole.fit(model, CASES, tmp_path / "whole")
     # stop after the first checkpoint (step 3), then resume with a fresh editor
     half = Toy({"train_steps": 6})
     first = Toy({"train_steps": 6})
     loop_out = tmp_path / "half"
     _interrupt_after(first, model, loop_out, steps=4)
     assert (loop_out / CHECKPOINT_META).is_file()
-    summary = half.fit(model, CASES, None, loop_out)
+    summary = half.fit(model, CASES, loop_out)
     assert summary["resumed_at"] == 3
     for k, v in weights(whole, model).items():
         assert torch.equal(v, weights(half, model)[k])
@@ -89,7 +88,7 @@ def _interrupt_after(editor: Toy, model: LVLM, out: Path, steps: int) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        editor.fit(model, CASES, None, out, progress=stop)
+        editor.fit(model, CASES, out, progress=stop)
 
 
 def test_train_caches_the_editor_and_a_new_editor_finds_it() -> None:
@@ -109,7 +108,7 @@ def test_train_caches_the_editor_and_a_new_editor_finds_it() -> None:
 def test_an_editor_for_another_model_or_a_corrupt_file_is_refused(tmp_path: Path) -> None:
     model, other = tiny_model("causal_lm", seed=0), tiny_model("causal_lm", seed=1)
     assert model_fingerprint(model) != model_fingerprint(other)
-    Toy().fit(model, CASES, None, tmp_path / "ed")
+    Toy().fit(model, CASES, tmp_path / "ed")
     with pytest.raises(EditorFileError, match="different model"):
         Toy({"editor_path": str(tmp_path / "ed")}).networks(other)
     (tmp_path / "ed" / WEIGHTS).write_bytes(b"not safetensors")
@@ -121,7 +120,7 @@ def test_an_editor_for_another_model_or_a_corrupt_file_is_refused(tmp_path: Path
 
 def test_training_without_cases_says_so(tmp_path: Path) -> None:
     with pytest.raises(EditorNotReadyError, match="train cases"):
-        Toy().fit(tiny_model("causal_lm"), [], None, tmp_path)
+        Toy().fit(tiny_model("causal_lm"), [], tmp_path)
 
 
 def test_cosine_schedule_decays_the_rate_and_keys_the_editor_and_resumes_exactly(tmp_path: Path) -> None:
@@ -129,12 +128,12 @@ def test_cosine_schedule_decays_the_rate_and_keys_the_editor_and_resumes_exactly
     assert "train_schedule" not in Toy().identity()  # editors saved before the option match
     assert Toy({"train_schedule": "cosine"}).identity()["train_schedule"] == "cosine"
     constant, cosine = Toy(), Toy({"train_schedule": "cosine"})
-    constant.fit(model, CASES, None, tmp_path / "constant")
-    cosine.fit(model, CASES, None, tmp_path / "cosine")
+    constant.fit(model, CASES, tmp_path / "constant")
+    cosine.fit(model, CASES, tmp_path / "cosine")
     assert not torch.equal(weights(constant, model)["bias"], weights(cosine, model)["bias"])
     resumed = Toy({"train_schedule": "cosine"})
     _interrupt_after(Toy({"train_schedule": "cosine"}), model, tmp_path / "cut", steps=4)
-    resumed.fit(model, CASES, None, tmp_path / "cut")
+    resumed.fit(model, CASES, tmp_path / "cut")
     for k, v in weights(cosine, model).items():
         assert torch.equal(v, weights(resumed, model)[k])
     with pytest.raises(ConfigError, match="train_schedule"):

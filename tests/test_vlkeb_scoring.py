@@ -9,10 +9,9 @@ from mmke.config import load_config
 from mmke.data.images import ImageStore
 from mmke.errors import BadRecordError, ConfigError
 from mmke.eval import probe_result
-from mmke.eval.metrics import trailing
 from mmke.models import LVLM
 from mmke.models.batch import IGNORE, tail_labels
-from mmke.models.scoring import ItemScore
+from mmke.models.scoring import ItemScore, scorer_named, trailing
 from mmke.models.tiny import tiny_model
 from mmke.types import ImageRef, Probe, ProbeKind, Sample
 
@@ -24,14 +23,16 @@ MIXED = [
     Sample("rome is the capital of", "italy and paris", ImageRef("red.png")),
 ]
 
+VLKEB = scorer_named("vlkeb")
+
 
 def items_for(model: LVLM) -> list[Sample]:
     return MIXED if model.family.multimodal else [Sample(s.prompt, s.target) for s in MIXED]
 
 
-def n_tokens(model: LVLM, item: Sample, store: ImageStore) -> int:
+def n_tokens(model: LVLM, item: Sample) -> int:
     """The item's non-pad token count when encoded alone (image tokens included)."""
-    return int(model.encode([item], store).inputs["attention_mask"].sum())
+    return int(model.encode([item]).inputs["attention_mask"].sum())
 
 
 # ---------------------------------------------------------------- labels
@@ -51,23 +52,23 @@ def test_tail_labels_reject_targets_that_do_not_fit() -> None:
         tail_labels([4], 4, [[]], [""])
 
 
-def test_vlkeb_labels_are_the_target_tokenised_alone_at_the_end(model: LVLM, store: ImageStore) -> None:
+def test_vlkeb_labels_are_the_target_tokenised_alone_at_the_end(model: LVLM) -> None:
     items = items_for(model)
-    for item, s in zip(items, model.score(items, store, topk=5, scoring="vlkeb"), strict=True):
+    for item, s in zip(items, model.score(items, topk=5, scorer=VLKEB), strict=True):
         alone = model.tokenizer(item.target, add_special_tokens=False).input_ids
         assert s.target_ids.tolist() == alone
-        n, length = len(alone), n_tokens(model, item, store)
+        n, length = len(alone), n_tokens(model, item)
         assert s.context_topk is not None and s.context_topk.shape == (length - 1, 5)
         # the labels' logits are the last n of all positions
         assert torch.equal(s.topk_ids, s.context_topk[-n:])
         assert s.exact_match == bool((s.argmax_ids == s.target_ids).all())
 
 
-def test_vlkeb_batched_scores_equal_one_at_a_time(model: LVLM, store: ImageStore) -> None:
+def test_vlkeb_batched_scores_equal_one_at_a_time(model: LVLM) -> None:
     items = items_for(model)
-    batched = model.score(items, store, batch_size=len(items), scoring="vlkeb")
+    batched = model.score(items, batch_size=len(items), scorer=VLKEB)
     for item, b in zip(items, batched, strict=True):
-        (one,) = model.score([item], store, batch_size=1, scoring="vlkeb")
+        (one,) = model.score([item], batch_size=1, scorer=VLKEB)
         assert b.nll == pytest.approx(one.nll, abs=1e-5)
         assert b.token_accuracy == one.token_accuracy
         assert torch.equal(b.target_ids, one.target_ids)
@@ -75,9 +76,7 @@ def test_vlkeb_batched_scores_equal_one_at_a_time(model: LVLM, store: ImageStore
         assert torch.equal(b.context_topk, one.context_topk)
 
 
-def test_mmke_scoring_keeps_answer_span_logits_only(
-    model: LVLM, store: ImageStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mmke_scoring_keeps_answer_span_logits_only(model: LVLM, monkeypatch: pytest.MonkeyPatch) -> None:
     real, seen = LVLM.logits, []
 
     def spy(self: LVLM, batch, answer_only: bool = True):  # type: ignore[no-untyped-def]
@@ -85,11 +84,9 @@ def test_mmke_scoring_keeps_answer_span_logits_only(
         return real(self, batch, answer_only)
 
     monkeypatch.setattr(LVLM, "logits", spy)
-    scores = model.score(items_for(model), store, batch_size=2)
+    scores = model.score(items_for(model), batch_size=2)
     assert seen and all(seen)  # never the full (B, T, V)
     assert all(s.context_topk is None for s in scores)
-    with pytest.raises(ValueError, match="unknown scoring"):
-        model.score(items_for(model), store, scoring="easyedit")
 
 
 @pytest.mark.parametrize("kind", ["llava", "blip2", "causal_lm"])
@@ -97,7 +94,7 @@ def test_byte_level_bpe_shows_the_papers_leading_space_mismatch(kind: str) -> No
     lvlm = tiny_model(kind)
     item = Sample("the capital of france is", "paris")
     (ours,) = lvlm.score([item])
-    (papers,) = lvlm.score([item], scoring="vlkeb")
+    (papers,) = lvlm.score([item], scorer=VLKEB)
     spaced = lvlm.tokenizer.encode(" paris", add_special_tokens=False)
     bare = lvlm.tokenizer.encode("paris", add_special_tokens=False)
     assert ours.target_ids.tolist() == spaced and papers.target_ids.tolist() == bare != spaced
@@ -105,9 +102,10 @@ def test_byte_level_bpe_shows_the_papers_leading_space_mismatch(kind: str) -> No
 
 
 def test_without_a_space_before_the_target_both_variants_agree(store: ImageStore) -> None:
-    lvlm = tiny_model("qwen2_vl")  # chat template: the answer follows "assistant\n" directly
+    # chat template: the answer follows "assistant\n" directly
+    lvlm = tiny_model("qwen2_vl").bind_images(store)
     items = [Sample("the capital of france is", "paris"), MIXED[0]]
-    for ours, papers in zip(lvlm.score(items, store), lvlm.score(items, store, scoring="vlkeb"), strict=True):
+    for ours, papers in zip(lvlm.score(items), lvlm.score(items, scorer=VLKEB), strict=True):
         assert torch.equal(ours.target_ids, papers.target_ids)
         assert torch.equal(ours.topk_ids, papers.topk_ids)
         assert ours.nll == pytest.approx(papers.nll, abs=1e-6)
@@ -124,7 +122,7 @@ def scored(context: list[list[int]], n: int) -> ItemScore:
 
 
 def locality(kind: ProbeKind, post: ItemScore, pre: ItemScore, scoring: str = "vlkeb") -> float:
-    return probe_result(Probe(kind, "q", "a"), post, pre, scoring=scoring).token_accuracy
+    return probe_result(Probe(kind, "q", "a"), post, pre, scorer_named(scoring)).token_accuracy
 
 
 def test_vlkeb_locality_counts_every_position_not_only_the_answer_span() -> None:
@@ -149,7 +147,7 @@ def test_vlkeb_locality_aligns_different_lengths_on_the_trailing_positions() -> 
 def test_vlkeb_locality_needs_context_topk() -> None:
     pre = scored([[1, 2], [3, 4]], n=1)
     bare = ItemScore(pre.target_ids, pre.argmax_ids, pre.topk_ids, 1.0, True, 0.5)
-    with pytest.raises(ValueError, match=r"context_topk.*scoring='vlkeb'"):
+    with pytest.raises(ValueError, match=r"context_topk.*score both with this scorer"):
         locality(ProbeKind.TEXT_LOCALITY, bare, pre)
 
 

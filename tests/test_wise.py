@@ -53,9 +53,9 @@ def train_split(with_image: bool = True) -> list[EditCase]:
     return [EditCase("train-0", EditType.VISUAL_ENTITY, EditFact("q", "a"), tuple(probes))]
 
 
-def trained(model: LVLM, store: ImageStore, **overrides: object) -> Wise:
+def trained(model: LVLM, **overrides: object) -> Wise:
     editor = Wise({**FAST, **overrides})
-    editor.train(model, train_split(), store)
+    editor.train(model, train_split())
     return editor
 
 
@@ -78,13 +78,13 @@ def all_logits(model: LVLM, items: list[Sample]) -> torch.Tensor:
 def test_wise_edit_holds_unrelated_prompts_are_untouched_and_restore_is_exact(
     kind: str, store: ImageStore
 ) -> None:
-    model = tiny_model(kind, seed=0)
+    model = tiny_model(kind, seed=0).bind_images(store)
     unrelated = UNRELATED + [Sample(p, t) for p, t in LOCALITY]  # unseen and train locality prompts
     case, before, far = make_case(model), state(model), all_logits(model, unrelated)
     site = model.layout.mlp_out(-1)
     original = model.layout.module(site)
-    with trained(model, store).applied(model, case, store) as edited:
-        assert edited.score([case.edit], store)[0].exact_match
+    with trained(model).applied(model, case) as edited:
+        assert edited.score([case.edit])[0].exact_match
         assert torch.equal(all_logits(model, unrelated), far)  # every position routed to main memory
         adaptor = model.layout.module(site)
         assert isinstance(adaptor, WiseAdaptor) and adaptor.layer is original
@@ -136,46 +136,46 @@ def test_padding_never_routes_and_cached_steps_continue_the_sequence_mean() -> N
 
 
 def test_each_edit_changes_only_its_shard_within_the_norm_constraint(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     site = model.layout.mlp_out(-1)
-    with trained(model, store, mask_ratio=0.2, norm_constraint=0.05).applied(model, make_case(model)):
+    with trained(model, mask_ratio=0.2, norm_constraint=0.05).applied(model, make_case(model)):
         adaptor = model.layout.module(site)
         delta = adaptor.side - adaptor.layer.weight  # (O, I)
         moved = (delta != 0).float().mean().item()
         assert 0 < moved <= 0.25  # about mask_ratio of the entries, never the rest
         assert delta.abs().max().item() <= 0.05 + 1e-6
-    again = trained(model, store, mask_ratio=0.2).apply(model, make_case(model))
+    again = trained(model, mask_ratio=0.2).apply(model, make_case(model))
     adaptor = model.layout.module(site)
     first = adaptor.side.clone()
     again.restore()
-    with trained(model, store, mask_ratio=0.2).applied(model, make_case(model)):
+    with trained(model, mask_ratio=0.2).applied(model, make_case(model)):
         assert torch.equal(model.layout.module(site).side, first)  # same seed, same shard, same edit
 
 
 def test_sequential_edits_share_one_side_memory_and_restore_in_reverse_order(store: ImageStore) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before, site = state(model), model.layout.mlp_out(-1)
-    original, editor = model.layout.module(site), trained(model, store)
+    original, editor = model.layout.module(site), trained(model)
     rome, london = make_case(model, "rome"), make_case(model, "paris", "london is a city in")
-    first = editor.apply(model, rome, store)
+    first = editor.apply(model, rome)
     adaptor = model.layout.module(site)
     side_after_first, eps_after_first = adaptor.side, adaptor.eps
-    second = editor.apply(model, london, store)
+    second = editor.apply(model, london)
     assert model.layout.module(site) is adaptor and adaptor.layer is original  # no stacked wrapper
-    assert second.score([london.edit], store)[0].exact_match
+    assert second.score([london.edit])[0].exact_match
     assert adaptor.eps <= eps_after_first and not torch.equal(adaptor.side, side_after_first)
     with pytest.raises(RuntimeError, match="reverse order"):
         first.restore()
     second.restore()
     assert adaptor.side is side_after_first and adaptor.eps == eps_after_first
-    assert first.score([rome.edit], store)[0].exact_match
+    assert first.score([rome.edit])[0].exact_match
     first.restore()
     assert model.layout.module(site) is original and adaptor.watch is None
     assert_state(model, before)
 
 
 def test_wise_needs_train_before_apply_and_locality_probes_in_it(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     site = model.layout.mlp_out(-1)
     original = model.layout.module(site)
     editor = Wise(FAST)
@@ -186,7 +186,7 @@ def test_wise_needs_train_before_apply_and_locality_probes_in_it(store: ImageSto
     with pytest.raises(EditorNotReadyError, match="no usable locality probes"):
         editor.apply(model, make_case(model))
     assert model.layout.module(site) is original
-    editor.train(model, train_split(), store)  # the image probe is dropped: causal_lm is text-only
+    editor.train(model, train_split())  # the image probe is dropped: causal_lm is text-only
     assert editor.irrelevant is not None and len(editor.irrelevant) == len(LOCALITY)
 
 
@@ -214,10 +214,10 @@ def test_wise_config_is_validated() -> None:
 def test_wise_collapse_raises_with_step_and_leaves_the_model_as_it_was(
     prior_edit: bool, store: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = tiny_model("llava")
+    model = tiny_model("llava").bind_images(store)
     before, site = state(model), model.layout.mlp_out(-1)
-    original, editor = model.layout.module(site), trained(model, store, steps=5)
-    first = editor.apply(model, make_case(model, "paris"), store) if prior_edit else None
+    original, editor = model.layout.module(site), trained(model, steps=5)
+    first = editor.apply(model, make_case(model, "paris")) if prior_edit else None
     wrapped = model.layout.module(site)
     kept = (wrapped.side, wrapped.eps) if first is not None else None
     real_loss, calls = model.loss, []
@@ -229,7 +229,7 @@ def test_wise_collapse_raises_with_step_and_leaves_the_model_as_it_was(
 
     monkeypatch.setattr(model, "loss", loss_turning_nan)
     with pytest.raises(EditCollapsed, match="step 2") as err:
-        editor.apply(model, make_case(model, "rome", "london is a city in"), store)
+        editor.apply(model, make_case(model, "rome", "london is a city in"))
     assert err.value.step == 2
     if first is not None:  # the earlier edit keeps its adaptor, side memory and threshold
         assert model.layout.module(site) is wrapped and kept is not None
@@ -240,23 +240,23 @@ def test_wise_collapse_raises_with_step_and_leaves_the_model_as_it_was(
 
 
 def test_generation_of_unrelated_prompts_is_unchanged(store: ImageStore) -> None:
-    model = tiny_model("causal_lm")
+    model = tiny_model("causal_lm").bind_images(store)
     pre = model.generate(UNRELATED, max_new_tokens=6)  # two lengths: left padding
-    with trained(model, store).applied(model, make_case(model), store) as edited:
+    with trained(model).applied(model, make_case(model)) as edited:
         assert edited.generate(UNRELATED, max_new_tokens=6) == pre
         assert math.isfinite(edited.details["eps"])
 
 
 @pytest.mark.skipif(not (bundled_dir() / "config.json").is_file(), reason="bundled world model not built")
 def test_wise_flips_the_world_model_and_keeps_its_text_locality() -> None:
-    model, bench = LVLM.load("world"), load_benchmark("world")
-    images, case = ImageStore(bench.image_root), bench.cases[0]
+    bench = load_benchmark("world")
+    model, case = LVLM.load("world", images=ImageStore(bench.image_root)), bench.cases[0]
     editor = Wise()
-    editor.train(model, bench.train_cases, images)
+    editor.train(model, bench.train_cases)
     reliability, locality = case.probes_of(ProbeKind.RELIABILITY), case.probes_of(ProbeKind.TEXT_LOCALITY)
-    pre_rel, pre_loc = model.score(reliability, images), model.score(locality, images)
-    with editor.applied(model, case, images) as edited:
-        post_rel, post_loc = edited.score(reliability, images), edited.score(locality, images)
+    pre_rel, pre_loc = model.score(reliability), model.score(locality)
+    with editor.applied(model, case) as edited:
+        post_rel, post_loc = edited.score(reliability), edited.score(locality)
     assert not pre_rel[0].exact_match and post_rel[0].exact_match
     for a, b in zip(pre_loc, post_loc, strict=True):  # T-Loc: same predictions, same NLL
         assert torch.equal(a.argmax_ids, b.argmax_ids) and a.nll == b.nll

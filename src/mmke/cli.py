@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mmke.config import RunConfig
     from mmke.data.benchmark import Benchmark
     from mmke.eval.executors import Executor
+    from mmke.eval.records import RunSummary
     from mmke.eval.store import RunStore
 
 log = logging.getLogger("mmke")
@@ -204,27 +205,59 @@ def _bundled_rows() -> list[tuple[str, str]]:
     return rows
 
 
-def cmd_list(args: argparse.Namespace, console: Console) -> int:
-    from mmke import registry
+#: A listing's column names and its rows.
+Listing = tuple[tuple[str, ...], list[tuple[str, ...]]]
+NAME_COLUMNS = ("name", "what it is")
 
-    kinds = {
-        "benchmarks": registry.benchmarks,
-        "models": registry.model_families,
-        "methods": registry.methods,
+
+def _registered(kind: str) -> Callable[[], Listing]:
+    """The listing of one registry of ``mmke.registry`` (by its attribute name)."""
+
+    def rows() -> Listing:
+        from mmke import registry
+
+        return NAME_COLUMNS, list(getattr(registry, kind).describe())
+
+    return rows
+
+
+def _model_listing() -> Listing:
+    _, families = _registered("model_families")()
+    return NAME_COLUMNS, [(f"family: {n}", h) for n, h in families] + _bundled_rows()
+
+
+def _metric_listing() -> Listing:
+    from mmke.eval.metrics import metric_specs
+
+    rows = [(s.key, f"{s.label} ({s.paper})", s.aggregate, s.help) for s in metric_specs()]
+    return ("key", "paper name", "aggregation", "meaning"), rows
+
+
+def _listings() -> dict[str, Callable[[], Listing]]:
+    """What ``mmke list`` can show, in the order it shows everything."""
+    return {
+        "benchmarks": _registered("benchmarks"),
+        "models": _model_listing,
+        "methods": _registered("methods"),
+        "metrics": _metric_listing,
+        "scorers": _registered("scorers"),
+        "protocols": _registered("protocols"),
     }
-    for kind in [args.what] if args.what else list(kinds):
-        table = Table(title=kind)
-        table.add_column("name")
-        table.add_column("what it is")
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    listings = _listings()
+    for kind in [args.what] if args.what else list(listings):
         try:
-            rows = list(kinds[kind].describe())
+            columns, rows = listings[kind]()
         except ModuleNotFoundError as e:  # a kind whose package has not been written yet
             log.debug("no %s registered: %s", kind, e)
-            rows = []
-        if kind == "models":
-            rows = [(f"family: {n}", h) for n, h in rows] + _bundled_rows()
-        for name, help_ in rows:
-            table.add_row(name, escape(help_))
+            columns, rows = NAME_COLUMNS, []
+        table = Table(title=kind)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
     return 0
 
@@ -284,7 +317,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """The main job: edit and evaluate every configured method, record each case, report."""
     from mmke.config import load_config
     from mmke.eval.executors import executor_for
-    from mmke.eval.runner import preflight
+    from mmke.eval.job import preflight
     from mmke.eval.store import RunStore
 
     executor = executor_for(args.executor, args.workers, args.ray_address)
@@ -309,10 +342,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 def _run_with_progress(
     console: Console, cfg: RunConfig, store: RunStore, executor: Executor, bench: Benchmark
-) -> dict:
+) -> RunSummary:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mmke.eval.runner import run
+    from mmke.eval.job import run
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -352,18 +385,17 @@ def _resumed_config(store: RunStore, config: Path | None, given: Sequence[str]) 
     return cfg
 
 
-def run_failures(summary: dict) -> list[str]:
+def run_failures(summary: RunSummary) -> list[str]:
     """Why a finished run is not complete, one line each: methods not run, cases that failed with an
     error, and method groups whose every edit collapsed (e.g. float16 on CPU). Empty: complete."""
-    run = summary.get("run") or {}
-    lines = [f"incomplete: {m} not run ({why})" for m, why in (run.get("not_run") or {}).items()]
-    for g in summary.get("groups", []):
-        if g["edit_type"] != "all":
+    lines = [f"incomplete: {m} not run ({why})" for m, why in summary.run.not_run.items()]
+    for g in summary.groups:
+        if g.edit_type != "all":
             continue
-        name = g["method"] + (f" ({g['protocol']})" if g["protocol"] != "single" else "")
-        if g["n_error"]:
-            lines.append(f"incomplete: {name}: {g['n_error']} case(s) failed with an error (see cases.jsonl)")
-        elif g["n_cases"] and g["n_collapsed"] == g["n_cases"]:
+        name = f"{g.method}" + (f" ({g.protocol})" if g.protocol != "single" else "")
+        if g.n_error:
+            lines.append(f"incomplete: {name}: {g.n_error} case(s) failed with an error (see cases.jsonl)")
+        elif g.n_cases and g.n_collapsed == g.n_cases:
             lines.append(f"failed: {name}: every edit collapsed (non-finite weights or scores)")
     return lines
 
@@ -381,10 +413,10 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     """Meta-train a SERAC / MEND / KE editor for one model on a benchmark's train split (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mmke.bundled import bundled_dir
     from mmke.config import load_config
-    from mmke.data.images import ImageStore
     from mmke.errors import ConfigError
-    from mmke.eval.runner import method_options, open_benchmark
+    from mmke.eval.runner import benchmark_images, method_options, open_benchmark
     from mmke.methods.trainable import TrainableEditor
     from mmke.models import LVLM
     from mmke.registry import bundled_models, methods
@@ -398,13 +430,12 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     bench = open_benchmark(cfg)
     if not bench.train_cases:
         raise ConfigError(f"benchmark {cfg.benchmark} has no train split to train {args.method} on")
-    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device, images=benchmark_images(bench))
     editor = editor_cls(method_options(model.source, cfg, args.method))
     default_out = (
         bundled_dir(cfg.model) / "editors" if cfg.model in bundled_models else Path(cfg.out) / "editors"
     )
     out = args.out or default_out / args.method
-    images = ImageStore(bench.image_root) if bench.image_root is not None else None
     console.print(f"training {args.method} for {cfg.model} on {len(bench.train_cases)} train cases -> {out}")
     columns = (
         TextColumn(args.method),
@@ -414,13 +445,12 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
-    from mmke.bundled import bundled_dir
         task = bar.add_task("train", total=None, loss="-")
 
         def step(done: int, total: int, loss: float, stats: object) -> None:
             bar.update(task, completed=done, total=total, loss=f"{loss:.4f}")
 
-        summary = editor.fit(model, bench.train_cases, images, out, step)
+        summary = editor.fit(model, bench.train_cases, out, step)
     final = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items())
     console.print(f"saved {out} ({summary['steps']} steps, {summary['seconds']} s; last 10%: {final})")
     return 0
@@ -444,22 +474,21 @@ def _as_overrides(config: dict) -> list[str]:
     ]
 
 
-def _print_summary(console: Console, summary: dict) -> None:
+def _print_summary(console: Console, summary: RunSummary) -> None:
     from mmke.report.tables import build_tables, rich_table
 
     counts: dict[str, int] = {}
-    for g in summary.get("groups", []):
-        if g["edit_type"] != "all" and g["protocol"] == "single":
-            counts[g["edit_type"]] = max(counts.get(g["edit_type"], 0), g["n_cases"])
+    for g in summary.groups:
+        if g.edit_type != "all" and g.protocol == "single":
+            counts[g.edit_type] = max(counts.get(g.edit_type, 0), g.n_cases)
     if counts:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for table in build_tables(summary)[:2]:
         console.print(rich_table(table))
     for line in run_failures(summary):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    run = summary.get("run") or {}
-    if run.get("skipped_records"):
-        console.print(f"{run['skipped_records']} bad benchmark record(s) skipped (see skipped.jsonl)")
+    if summary.run.skipped_records:
+        console.print(f"{summary.run.skipped_records} bad benchmark record(s) skipped (see skipped.jsonl)")
 
 
 def _write_report(console: Console, run_dir: Path, out: Path | None = None) -> bool:
@@ -573,8 +602,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("b", type=Path)
     cmp.set_defaults(func=cmd_compare)
 
-    lst = sub.add_parser("list", help="registered benchmarks, model families, methods")
-    lst.add_argument("what", nargs="?", choices=["benchmarks", "models", "methods"])
+    lst = sub.add_parser(
+        "list", help="registered benchmarks, model families, methods, metrics, scorers, protocols"
+    )
+    lst.add_argument("what", nargs="?", choices=list(_listings()))
     lst.set_defaults(func=cmd_list)
 
     build = sub.add_parser("build", help="build benchmarks and artefacts")

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from mmke.errors import ConfigError
-from mmke.eval.protocols import PROTOCOLS
-from mmke.types import SCORINGS, EditType
+from mmke.registry import protocols, scorers
+from mmke.types import EditType
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -63,7 +63,9 @@ class RunConfig:
         hash=False,
         metadata=_help("per-method settings, e.g. method_options.ft_llm.steps=20"),
     )
-    protocol: str = field(default="single", metadata=_help(f"one of {', '.join(PROTOCOLS)}"))
+    protocol: str = field(
+        default="single", metadata=_help("single, sequential, lifelong or edit_onehop (mmke list protocols)")
+    )
     gaps: tuple[int, ...] = field(default=(10, 20, 50, 100), metadata=_help("sequential: edit-to-score gaps"))
     checkpoints: tuple[int, ...] = field(default=(10, 100), metadata=_help("lifelong: scoring checkpoints"))
     limit: int | None = field(default=None, metadata=_help("at most this many cases"))
@@ -90,13 +92,14 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check names and ranges; returns self so it chains after construction."""
-        if self.protocol in SCORINGS and self.protocol not in PROTOCOLS:
+        if self.protocol in scorers and self.protocol not in protocols:
             raise ConfigError(
-                f"protocol={self.protocol!r}: protocol is the editing schedule ({', '.join(PROTOCOLS)}); "
-                f"for the {self.protocol} scoring variant set scoring={self.protocol}"
+                f"protocol={self.protocol!r}: protocol is the editing schedule "
+                f"({', '.join(protocols.declared())}); for the {self.protocol} scoring variant set "
+                f"scoring={self.protocol}"
             )
-        _check_choice("protocol", self.protocol, PROTOCOLS)
-        _check_choice("scoring", self.scoring, SCORINGS)
+        _check_choice("protocol", self.protocol, protocols.declared())
+        _check_choice("scoring", self.scoring, scorers.declared())
         _check_choice("dtype", self.dtype, DTYPES)
         for name in self.edit_types or ():
             _check_choice("edit_types", name, tuple(e.value for e in EditType))

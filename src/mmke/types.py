@@ -23,10 +23,6 @@ class ProbeKind(StrEnum):
 #: Kinds whose score is agreement with the unedited model rather than the target.
 LOCALITY_KINDS = frozenset({ProbeKind.TEXT_LOCALITY, ProbeKind.IMAGE_LOCALITY})
 
-#: How probes are scored: "mmke" (targets in context, answer-span locality) or "vlkeb" (the
-#: VLKEB / MMKE-Bench protocol: target tokenised alone, locality over every position).
-SCORINGS = ("mmke", "vlkeb")
-
 
 class EditType(StrEnum):
     """MMKE-Bench's three edit types plus MedMKEB's multiple-choice medical edits."""

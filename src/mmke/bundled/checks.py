@@ -18,12 +18,16 @@ TARGETS = {
 
 
 def evaluate_checks(lvlm: LVLM, world: Path, batch_size: int = 128) -> dict[str, dict[str, float]]:
-    """Exact match and token accuracy of the model on each of the world's check sets."""
-    images = ImageStore(world)
+    """Exact match and token accuracy of the model on each of the world's check sets.
+
+    Binds ``lvlm`` to the world's images: the checks ask about the pictures as drawn, whatever
+    stand-in (training's fresh views) it read before.
+    """
+    lvlm.bind_images(ImageStore(world))
     out: dict[str, dict[str, float]] = {}
     for check in sorted((world / "checks").glob("*.jsonl")):
         samples = read_samples(check)
-        scored = lvlm.score(samples, images, batch_size=batch_size)
+        scored = lvlm.score(samples, batch_size=batch_size)
         out[check.stem] = {
             "n": len(samples),
             "exact_match": sum(scored.exact_match) / max(1, len(samples)),

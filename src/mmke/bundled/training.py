@@ -74,11 +74,13 @@ def _batches(samples: Sequence[Sample], size: int, rng: random.Random) -> list[l
 def train(
     lvlm: LVLM,
     samples: Sequence[Sample],
-    images: ImageStore | FreshViewImages,
     spec: WorldModelSpec,
     progress: Progress | None = None,
 ) -> list[float]:
-    """Teacher-forced AdamW on target NLL, through the same ``encode``/``loss`` the scorer uses."""
+    """Teacher-forced AdamW on target NLL, through the same ``encode``/``loss`` the scorer uses.
+
+    The pictures come from the images bound to ``lvlm`` (the world, or ``FreshViewImages``).
+    """
     rng = random.Random(spec.seed)
     total = spec.epochs * math.ceil(len(samples) / spec.batch_size)
     params = [p for p in lvlm.model.parameters() if p.requires_grad]
@@ -91,7 +93,7 @@ def train(
             for batch_ids in _batches(samples, spec.batch_size, rng):
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(len(losses), total, spec)
-                loss = lvlm.loss(lvlm.encode([samples[i] for i in batch_ids], images))
+                loss = lvlm.loss(lvlm.encode([samples[i] for i in batch_ids]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -520,11 +522,12 @@ def train_world_model(
         images: ImageStore | FreshViewImages = ImageStore(world)
         if spec.fresh_views > 0:
             images = FreshViewImages(world, spec.fresh_views, spec.seed, spec.fresh_share)
+        lvlm.bind_images(images)
         if spec.vision_rounds > 0:
             with _frozen_tower(lvlm), _kept_pixels(lvlm):
-                losses = train(lvlm, samples, images, spec, progress)
+                losses = train(lvlm, samples, spec, progress)
         else:
-            losses = train(lvlm, samples, images, spec, progress)
+            losses = train(lvlm, samples, spec, progress)
     finally:
         tower.requires_grad_(True)
     seconds = vision_seconds + time.perf_counter() - start_2  # both stages, a reused one at its cost

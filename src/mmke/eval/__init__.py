@@ -1,31 +1,31 @@
-"""Evaluation: pure metrics over probe scores, and the run store (append-only records, resume, summary)."""
+"""Evaluation: typed records, metrics declared once, protocols, the runner, executors and the run store."""
 
 from mmke.eval.metrics import (
-    METRICS,
-    ProbeResult,
-    agreement,
-    case_metrics,
-    metric_key,
+    MetricSpec,
+    metric,
+    metric_specs,
     probe_result,
     score_case,
     string_match,
     summarize,
-    topk_rankwise,
 )
-from mmke.eval.store import RunStore, config_hash, record_key
+from mmke.eval.records import CaseRecord, GroupSummary, ProbeResult, RunBlock, RunInfo, RunSummary
+from mmke.eval.store import RunStore, config_hash
 
 __all__ = [
-    "METRICS",
+    "CaseRecord",
+    "GroupSummary",
+    "MetricSpec",
     "ProbeResult",
+    "RunBlock",
+    "RunInfo",
     "RunStore",
-    "agreement",
-    "case_metrics",
+    "RunSummary",
     "config_hash",
-    "metric_key",
+    "metric",
+    "metric_specs",
     "probe_result",
-    "record_key",
     "score_case",
     "string_match",
     "summarize",
-    "topk_rankwise",
 ]

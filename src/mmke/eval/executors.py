@@ -12,11 +12,10 @@ order records arrive in), and a killed run resumes from the records that reached
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing as mp
 import os
 import queue
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,29 +24,23 @@ import torch
 from mmke.config import RunConfig
 from mmke.data.benchmark import Benchmark
 from mmke.errors import ConfigError, MmkeError
+from mmke.eval.protocols import Unit, protocol_named
+from mmke.eval.records import CaseRecord, ResumeKey
 from mmke.eval.runner import (
     Progress,
     Session,
     note_skipped,
     open_cases,
     open_session,
-    planned_records,
     run_in_session,
     run_method,
 )
-from mmke.eval.store import ResumeKey, RunStore
+from mmke.eval.store import RunStore
 from mmke.methods.base import EditorNotReadyError
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
-
-#: Units per worker and method under single editing: small enough that methods of unequal cost
-#: (IKE's long prompts, SERAC's second pass) do not leave one worker idle at the end and that a
-#: kill loses little; each worker builds a method's editor and scores a case's pre-edit probes once.
-#: (8 rather than 4 shortens the last unit one worker may wait on; the 60-case timing did not
-#: show a change beyond this machine's noise.)
-UNITS_PER_WORKER = 8
 
 
 class Executor(Protocol):
@@ -60,43 +53,19 @@ class Executor(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One independent piece of a run: ``method`` on the cases at ``indices`` (None: every case),
-    and under sequential editing the streams of ``gaps`` (None: every configured gap)."""
-
-    method: str
-    indices: tuple[int, ...] | None = None
-    gaps: tuple[int, ...] | None = None
-
-
-def plan_units(cfg: RunConfig, n_cases: int, workers: int) -> list[Unit]:
-    """Cut the run into units for ``workers`` workers (see the module docstring)."""
-    units: list[Unit] = []
-    for method in cfg.methods:
-        if cfg.protocol in ("single", "edit_onehop"):
-            size = max(1, math.ceil(n_cases / (workers * UNITS_PER_WORKER)))
-            units += [Unit(method, tuple(range(a, min(a + size, n_cases)))) for a in range(0, n_cases, size)]
-        elif cfg.protocol == "sequential":
-            units += [Unit(method, gaps=(g,)) for g in cfg.gaps if g < n_cases]
-        else:
-            units.append(Unit(method))
-    return units
-
-
 # --- one worker ---------------------------------------------------------------------------
 
 
 class _Forward:
     """A worker's sink: records go to ``emit`` (back to the driver); the driver's resume keys."""
 
-    def __init__(self, config_hash: str, done: set[ResumeKey], emit: Callable[[dict], None]) -> None:
+    def __init__(self, config_hash: str, done: set[ResumeKey], emit: Callable[[CaseRecord], None]) -> None:
         self.config_hash = config_hash
         self.done = done
         self.emit = emit
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        self.emit(dict(record))
+    def append(self, record: CaseRecord) -> None:
+        self.emit(record)
 
     def done_keys(self) -> set[ResumeKey]:
         return self.done
@@ -115,21 +84,23 @@ class Worker:
         config_hash: str,
         done: set[ResumeKey],
         threads: int | None,
-        emit: Callable[[dict], None] | None = None,
+        emit: Callable[[CaseRecord], None] | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
-        self.out: list[dict] = []
+        self.out: list[CaseRecord] = []
         sink = _Forward(config_hash, done, emit or self.out.append)
         self.session: Session = open_session(cfg, sink, score_all=False)
 
-    def run(self, unit: Unit) -> tuple[list[dict], str | None]:
+    def run(self, unit: Unit) -> tuple[list[CaseRecord], str | None]:
         """Run one unit; returns its records and, if the method cannot run here, why."""
         s = self.session
-        s.ensure_pre(unit.indices if unit.indices is not None else range(len(s.cases)))
+        episodes = s.protocol.episodes(s.cfg, len(s.cases))
+        chosen = range(len(episodes)) if unit.episodes is None else unit.episodes
+        s.ensure_pre(sorted({c for e in chosen for c in episodes[e].cases}))
         self.out.clear()
         try:
-            run_method(s, unit.method, unit.indices, unit.gaps)
+            run_method(s, unit.method, unit.episodes)
         except EditorNotReadyError as e:
             return list(self.out), str(e)
         return list(self.out), None
@@ -149,15 +120,15 @@ class _Driver:
     def __init__(self, cfg: RunConfig, store: RunStore, progress: Progress | None, n_cases: int) -> None:
         self.store = store
         self.progress = progress
-        self.planned = planned_records(cfg, n_cases)
+        self.planned = protocol_named(cfg.protocol).planned(cfg, n_cases)
         self.recorded = len(store.records())
         self.not_run: dict[str, str] = {}
 
-    def record(self, record: dict) -> None:
+    def record(self, record: CaseRecord) -> None:
         self.store.append(record)
         self.recorded += 1
         if self.progress is not None:
-            self.progress(self.recorded, self.planned, record["run"]["method"])
+            self.progress(self.recorded, self.planned, record.run.method or "")
 
     def unit_done(self, unit: Unit, not_run: str | None) -> None:
         if not_run is not None and unit.method not in self.not_run:
@@ -217,7 +188,7 @@ class LocalWorkers:
             bench, cases = open_cases(cfg, bench)
             note_skipped(store, bench)
             driver = _Driver(cfg, store, progress, len(cases))
-            units = plan_units(cfg, len(cases), self.workers)
+            units = protocol_named(cfg.protocol).units(cfg, len(cases), self.workers)
             for unit in [*units, *[None] * self.workers]:
                 tasks.put(unit)
             left = len(units)
@@ -263,7 +234,7 @@ class RayWorkers:
         bench, cases = open_cases(cfg, bench)
         note_skipped(store, bench)
         driver = _Driver(cfg, store, progress, len(cases))
-        units = plan_units(cfg, len(cases), self.workers)
+        units = protocol_named(cfg.protocol).units(cfg, len(cases), self.workers)
         started = not ray.is_initialized()
         if started:
             if self.address:

@@ -1,37 +1,37 @@
-"""The runner: score the unedited model once, then for each method walk a protocol's schedule.
+"""The runner: score the unedited model once, then for each method walk the protocol's episodes.
 
 ``score_pre → apply → score_post → restore → record``, with every probe of a case (and, for the
-pre-edit pass, of all cases) batched into few forward passes. Each finished case is appended
-to the run store at once, so an interrupted run resumes where it stopped.
+pre-edit pass, of all cases) batched into few forward passes. One loop (``walk``) runs every
+protocol: what differs between them is only their schedule (``mmke.eval.protocols``). Each
+finished case is appended to the run store at once, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from mmke.config import RunConfig
 from mmke.data.benchmark import Benchmark
 from mmke.data.images import ImageStore
-from mmke.errors import BadRecordError, ConfigError, MmkeError
-from mmke.eval import protocols
+from mmke.errors import BadRecordError, MmkeError
 from mmke.eval._efficiency import measure
-from mmke.eval.metrics import behavioural_collapse, score_case, string_match
-from mmke.eval.store import RECORD_SCHEMA, ResumeKey, RunStore, record_key
+from mmke.eval.metrics import CaseScores, behavioural_collapse, score_case
+from mmke.eval.protocols import Check, Episode, Step, protocol_named
+from mmke.eval.protocols import Protocol as EditProtocol
+from mmke.eval.records import CaseRecord, EditText, ResumeKey, RunBlock
+from mmke.eval.store import RunStore
 from mmke.methods.base import EditCollapsed, Edited, Editor, EditorNotReadyError
 from mmke.models import LVLM
 from mmke.models._loading import bundled_or_path
-from mmke.models.scoring import ItemScore
-from mmke.types import EditCase, ProbeKind
-
-if TYPE_CHECKING:
-    from mmke.eval.executors import Executor
+from mmke.models.scoring import ItemScore, Scorer, scorer_named
+from mmke.types import EditCase
 
 log = logging.getLogger(__name__)
 
@@ -39,44 +39,46 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 
 
-class ScoresNotFinite(MmkeError):
-    """The edited model produced NaN/inf: recorded as a collapse, never raised to the user."""
-
-
 class Sink(Protocol):
     """Where finished case records go: the run store itself, or a worker's line back to it."""
 
     config_hash: str
 
-    def append(self, record: Mapping[str, Any]) -> None: ...
+    def append(self, record: CaseRecord) -> None: ...
 
     def done_keys(self) -> set[ResumeKey]: ...
 
 
 @dataclass
 class Session:
-    """What one run (or one worker) holds for its whole length: model, cases, pre-edit scores, sink."""
+    """What one run (or one worker) holds for its whole length: model, cases, pre-edit scores, sink,
+    and the protocol and scorer the config names."""
 
     cfg: RunConfig
     model: LVLM
     model_name: str
     bench: Benchmark
     cases: tuple[EditCase, ...]
-    images: ImageStore | None
     store: Sink
     pre: dict[str, list[ItemScore]]
     progress: Progress | None = None
     recorded: int = 0
     planned: int = 0
     editors: dict[str, Editor] = field(default_factory=dict)
+    protocol: EditProtocol = field(init=False)
+    scorer: Scorer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.protocol = protocol_named(self.cfg.protocol)
+        self.scorer = scorer_named(self.cfg.scoring)
+        self.planned = self.protocol.planned(self.cfg, len(self.cases))
 
     def ensure_pre(self, indices: Sequence[int]) -> None:
         """Score the unedited model on those of these cases it has not scored yet (one batched pass)."""
         missing = [self.cases[i] for i in indices if self.cases[i].case_id not in self.pre]
         if missing:
             torch.manual_seed(self.cfg.seed)
-            cfg = self.cfg
-            self.pre.update(score_pre(self.model, missing, self.images, cfg.batch_size, cfg.scoring))
+            self.pre.update(score_pre(self.model, missing, self.cfg.batch_size, self.scorer))
 
 
 def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Sequence[str] | None) -> tuple:
@@ -101,15 +103,11 @@ def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Seque
 
 
 def score_pre(
-    model: LVLM,
-    cases: Sequence[EditCase],
-    images: ImageStore | None,
-    batch_size: int,
-    scoring: str = "mmke",
-) -> dict:
+    model: LVLM, cases: Sequence[EditCase], batch_size: int, scorer: Scorer
+) -> dict[str, list[ItemScore]]:
     """Every probe of every case on the unedited model, in one batched pass (reused by all methods)."""
     probes = [p for c in cases for p in c.probes]
-    scored = list(model.score(probes, images, batch_size=batch_size, scoring=scoring))
+    scored = list(model.score(probes, batch_size=batch_size, scorer=scorer))
     out: dict[str, list[ItemScore]] = {}
     start = 0
     for c in cases:
@@ -121,236 +119,151 @@ def score_pre(
 # --- one case -----------------------------------------------------------------------------
 
 
-def _run_block(s: Session, method: str, protocol: str, gap: int | None, checkpoint: int | None) -> dict:
-    return {
-        "model": s.model_name,
-        "method": method,
-        "benchmark": s.bench.name,
-        "benchmark_version": s.bench.version,
-        "protocol": protocol,
-        "gap": gap,
-        "checkpoint": checkpoint,
-        "seed": s.cfg.seed,
-        "config_hash": s.store.config_hash,
-        "scoring": s.cfg.scoring,
-    }
-
-
-def _post_scores(s: Session, edited: Edited, case: EditCase) -> tuple[list[ItemScore], list[str] | None]:
-    post = list(edited.score(case.probes, s.images, batch_size=s.cfg.batch_size, scoring=s.cfg.scoring))
-    if not all(math.isfinite(x.nll) for x in post):
-        raise ScoresNotFinite("non-finite logits (NaN/inf) after the edit")
-    gens = edited.generate(case.probes, s.images, batch_size=s.cfg.batch_size) if s.cfg.generate else None
-    return post, gens
+def _run_block(s: Session, method: str, step: Step) -> RunBlock:
+    return RunBlock(
+        model=s.model_name,
+        method=method,
+        benchmark=s.bench.name,
+        benchmark_version=s.bench.version,
+        protocol=s.protocol.name,
+        gap=step.gap,
+        checkpoint=step.checkpoint,
+        seed=s.cfg.seed,
+        config_hash=s.store.config_hash,
+        scoring=s.cfg.scoring,
+    )
 
 
 def _record(
-    s: Session, run: dict, case: EditCase, index: int, scored: dict | None, cost: dict, failure: tuple | None
+    s: Session,
+    run: RunBlock,
+    case: EditCase,
+    index: int,
+    scored: CaseScores | None,
+    cost: dict,
+    failure: tuple | None = None,
 ) -> None:
     status, message, at = failure if failure else ("ok", None, None)
-    record: dict[str, Any] = {
-        "schema": RECORD_SCHEMA,
-        "run": run,
-        "case_id": case.case_id,
-        "edit_type": case.edit_type.value,
-        "index": index,
-        "status": status,
-        "message": message,
-        "collapsed_at": at,
-        "edit": {
-            "prompt": case.edit.prompt,
-            "target": case.edit.target,
-            "ground_truth": case.edit.ground_truth,
-        },
-        "efficiency": cost,
-    }
-    record.update(scored or {"metrics": {}, "exact_match": {}, "base": {}, "probes": []})
-    s.store.append(record)
+    edit = EditText(case.edit.prompt, case.edit.target, case.edit.ground_truth)
+    parts = {} if scored is None else vars(scored)
+    s.store.append(
+        CaseRecord(run, case.case_id, case.edit_type.value, index, edit, status, message, at, cost, **parts)
+    )
     s.recorded += 1
     if s.progress is not None:
-        s.progress(s.recorded, s.planned, run["method"])
+        s.progress(s.recorded, s.planned, run.method or "")
 
 
 def _score_and_record(
-    s: Session, run: dict, edited: Edited, case: EditCase, index: int, cost: dict, pre: list | None = None
+    s: Session, run: RunBlock, edited: Edited, case: EditCase, index: int, cost: dict, pre: list[ItemScore]
 ) -> bool:
-    """Score one case through ``edited`` and append its record; False when the model collapsed.
-
-    ``pre`` defaults to the case's cached pre-edit scores (one per probe of the stored case).
-    """
+    """Score one case through ``edited`` and append its record; False when the model collapsed."""
     with measure(s.model.device) as m:
-        try:
-            post, gens = _post_scores(s, edited, case)
-        except ScoresNotFinite as e:
-            post, gens, failure = None, None, ("collapsed", str(e), index)
-        else:
-            failure = None
+        post = list(edited.score(case.probes, batch_size=s.cfg.batch_size, scorer=s.scorer))
+        finite = all(math.isfinite(x.nll) for x in post)
+        gens = (
+            edited.generate(case.probes, batch_size=s.cfg.batch_size) if s.cfg.generate and finite else None
+        )
     cost = cost | {"score_seconds": m.seconds}
-    if post is None:
-        _record(s, run, case, index, None, cost, failure)
+    if not finite:
+        _record(
+            s,
+            run,
+            case,
+            index,
+            None,
+            cost,
+            ("collapsed", "non-finite logits (NaN/inf) after the edit", index),
+        )
         return False
-    scored = score_case(case.probes, post, pre or s.pre[case.case_id], s.cfg.scoring, gens)
-    _attach_generation_matches(scored, case, gens)
-    if run["protocol"] != "single" and behavioural_collapse(scored["metrics"]):
+    scored = score_case(case.probes, post, pre, s.scorer, gens)
+    if s.protocol.stream and behavioural_collapse(scored.metrics):
         why = f"behavioural collapse after edit {index}: every probe scores 0 (weights are finite)"
         _record(s, run, case, index, scored, cost, ("collapsed", why, index))
         return False
-    _record(s, run, case, index, scored, cost, None)
+    _record(s, run, case, index, scored, cost)
     return True
 
 
-def _attach_generation_matches(scored: dict, case: EditCase, gens: list[str] | None) -> None:
-    if gens is None:
-        return
-    for probe, entry, text in zip(case.probes, scored["probes"], gens, strict=True):
-        entry["generated"] = text
-        entry["generated_match"] = string_match(text, probe.target)
+def _apply(
+    s: Session, editor: Editor, case: EditCase, index: int, stack: list[Edited]
+) -> tuple[Edited, dict]:
+    """Apply what editing ``case`` writes under the run's seed (per stream position, so a resumed
+    run matches), pushing each handle on ``stack``; returns the last handle and the summed cost."""
+    costs = []
+    for write in s.protocol.writes(case):
+        torch.manual_seed(s.cfg.seed * 1_000_003 + index)
+        with measure(s.model.device) as m:
+            stack.append(editor.apply(s.model, write))
+        costs.append(
+            {"edit_seconds": m.seconds, "peak_memory_mb": m.peak_mb, "edited_params": stack[-1].edited_params}
+        )
+    cost = {k: sum(c[k] for c in costs) for k in ("edit_seconds", "edited_params")}
+    cost["peak_memory_mb"] = max(c["peak_memory_mb"] for c in costs)
+    return stack[-1], cost
 
 
-def _apply(s: Session, editor: Editor, case: EditCase, index: int) -> tuple[Edited, dict]:
-    """Apply one edit under the run's seed (per stream position, so a resumed run matches)."""
-    torch.manual_seed(s.cfg.seed * 1_000_003 + index)
-    with measure(s.model.device) as m:
-        edited = editor.apply(s.model, case, s.images)
-    cost = {"edit_seconds": m.seconds, "peak_memory_mb": m.peak_mb, "edited_params": edited.edited_params}
-    return edited, cost
-
-
-def _failure_record(s: Session, run: dict, case: EditCase, index: int, e: Exception) -> None:
+def _failure_record(s: Session, run: RunBlock, case: EditCase, index: int, e: Exception) -> None:
     status = "collapsed" if isinstance(e, EditCollapsed) else "error"
     at = index if isinstance(e, EditCollapsed) else None
-    log.warning("%s %s: %s", run["method"], case.case_id, e)
+    log.warning("%s %s: %s", run.method, case.case_id, e)
     _record(s, run, case, index, None, {}, (status, f"{type(e).__name__}: {e}", at))
 
 
-# --- protocols ----------------------------------------------------------------------------
+# --- the walk -----------------------------------------------------------------------------
 
 
-def _positions(s: Session, indices: Sequence[int] | None) -> list[int]:
-    return list(range(len(s.cases))) if indices is None else list(indices)
+def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[ResumeKey]) -> None:
+    """Walk one episode of the protocol: edit, score, and restore everything at the end.
 
-
-def run_single(s: Session, editor: Editor, method: str, indices: Sequence[int] | None = None) -> None:
-    """Edit, score, restore — each case (or each of ``indices``) on the unedited model."""
-    run = _run_block(s, method, "single", None, None)
-    done = s.store.done_keys()
-    for index in _positions(s, indices):
-        case = s.cases[index]
-        if record_key({"run": run, "case_id": case.case_id}) in done:
-            continue
-        try:
-            edited, cost = _apply(s, editor, case, index)
-        except (EditCollapsed, MmkeError) as e:
-            _failure_record(s, run, case, index, e)
-            continue
-        with edited:
-            _score_and_record(s, run, edited, case, index, cost)
-
-
-def run_sequential(s: Session, editor: Editor, method: str, gap: int) -> None:
-    """After edit k (k >= gap) score case k - gap on the model holding all edits so far.
-
-    A stream is replayed from its start on resume (edits are deterministic per position),
-    and it stops at the first collapse, which is recorded with its edit index.
+    Cases in ``done`` (already recorded) are not scored again, but their edits are replayed (later
+    ones build on them); an edit that fails is recorded and ends the episode, and so does a
+    collapsed model.
     """
-    run = _run_block(s, method, "sequential", gap, None)
-    done = s.store.done_keys()
-    stack: list[tuple[Edited, dict]] = []
+    todo = [(step, c) for step in episode.steps for c in step.checks]
+    if all(_key(s, method, step, c) in done for step, c in todo):
+        return
+    stack: list[Edited] = []
+    applied: list[tuple[Edited, dict]] = []
     try:
-        for step in protocols.sequential(len(s.cases), gap):
-            case = s.cases[step.edit]
-            try:
-                stack.append(_apply(s, editor, case, step.edit))
-            except (EditCollapsed, MmkeError) as e:
-                _failure_record(s, run, case, step.edit, e)
-                return
-            for i in step.score:
-                target = s.cases[i]
-                if record_key({"run": run, "case_id": target.case_id}) in done:
+        for step in episode.steps:
+            run = _run_block(s, method, step)
+            if step.edit is not None:
+                case = s.cases[step.edit]
+                if not s.protocol.writes(case):
+                    return
+                try:
+                    applied.append(_apply(s, editor, case, step.edit, stack))
+                except (EditCollapsed, MmkeError) as e:
+                    _failure_record(s, run, case, step.edit, e)
+                    return
+            for check in step.checks:
+                if _key(s, method, step, check) in done:
                     continue
-                # score through the scored case's own handle: for weight edits it is the same
-                # model; for prompt methods (IKE) it is that fact's context, retrieved from memory
-                if not _score_and_record(s, run, stack[i][0], target, step.edit, stack[i][1]):
+                edited, cost = applied[check.through]
+                case, pre = _scored_part(s, s.cases[check.case])
+                if not _score_and_record(s, run, edited, case, check.at, cost, pre):
                     return
     finally:
-        _restore_all(stack)
+        for edited in reversed(stack):  # newest first: back to the original weights exactly
+            edited.restore()
 
 
-def run_lifelong(s: Session, editor: Editor, method: str) -> None:
-    """Edit the whole stream without restoring; at each checkpoint score every case edited so far."""
-    stack: list[tuple[Edited, dict]] = []
-    try:
-        for step in protocols.lifelong(len(s.cases), s.cfg.checkpoints):
-            case = s.cases[step.edit]
-            try:
-                stack.append(_apply(s, editor, case, step.edit))
-            except (EditCollapsed, MmkeError) as e:
-                _failure_record(s, _run_block(s, method, "lifelong", None, step.edit + 1), case, step.edit, e)
-                return
-            if step.score and not _score_checkpoint(s, method, stack, step.edit + 1):
-                return
-    finally:
-        _restore_all(stack)
+def _key(s: Session, method: str, step: Step, check: Check) -> ResumeKey:
+    return (method, s.protocol.name, step.gap, step.checkpoint, s.cases[check.case].case_id)
 
 
-def _score_checkpoint(s: Session, method: str, stack: list[tuple[Edited, dict]], checkpoint: int) -> bool:
-    run = _run_block(s, method, "lifelong", None, checkpoint)
-    done = s.store.done_keys()
-    for i, (edited, cost) in enumerate(stack):
-        case = s.cases[i]
-        if record_key({"run": run, "case_id": case.case_id}) in done:
-            continue
-        if not _score_and_record(s, run, edited, case, i, cost):
-            return False
-    return True
-
-
-def run_edit_onehop(s: Session, editor: Editor, method: str, indices: Sequence[int] | None = None) -> None:
-    """VLKEB's edit-one-hop: write the edit, then its one-hop fact, then ask the portability questions."""
-    run = _run_block(s, method, "edit_onehop", None, None)
-    done = s.store.done_keys()
-    for index in _positions(s, indices):
-        case = s.cases[index]
-        facts = [p.onehop_edit for p in case.probes if p.onehop_edit is not None]
-        if not facts or record_key({"run": run, "case_id": case.case_id}) in done:
-            continue
-        keep = [i for i, p in enumerate(case.probes) if p.kind == ProbeKind.PORTABILITY]
-        port = EditCase(case.case_id, case.edit_type, case.edit, tuple(case.probes[i] for i in keep))
-        pre = [s.pre[case.case_id][i] for i in keep]
-        stack: list[tuple[Edited, dict]] = []
-        try:
-            stack.append(_apply(s, editor, case, index))
-            for fact in facts:
-                stack.append(
-                    _apply(s, editor, EditCase(f"{case.case_id}/onehop", case.edit_type, fact, ()), index)
-                )
-            cost = {k: sum(c[k] for _, c in stack) for k in ("edit_seconds", "edited_params")}
-            cost["peak_memory_mb"] = max(c["peak_memory_mb"] for _, c in stack)
-            _score_and_record(s, run, stack[-1][0], port, index, cost, pre)
-        except (EditCollapsed, MmkeError) as e:
-            _failure_record(s, run, case, index, e)
-        finally:
-            _restore_all(stack)
-
-
-def _restore_all(stack: list[tuple[Edited, dict]]) -> None:
-    """Undo stacked edits newest first, which returns the model to its original weights exactly."""
-    for edited, _ in reversed(stack):
-        edited.restore()
+def _scored_part(s: Session, case: EditCase) -> tuple[EditCase, list[ItemScore]]:
+    """The case with only the probes the protocol scores, and their pre-edit scores."""
+    keep = s.protocol.scored(case)
+    pre = s.pre[case.case_id]
+    if keep is None:
+        return case, pre
+    probes = tuple(case.probes[i] for i in keep)
+    return EditCase(case.case_id, case.edit_type, case.edit, probes), [pre[i] for i in keep]
 
 
 # --- the whole run ------------------------------------------------------------------------
-
-
-def planned_records(cfg: RunConfig, n: int) -> int:
-    """How many case records a run of ``n`` cases writes in all (the progress bar's total)."""
-    per_method = {
-        "single": n,
-        "edit_onehop": n,
-        "sequential": sum(max(0, n - g) for g in cfg.gaps),
-        "lifelong": sum(min(c, n) for c in {*cfg.checkpoints, n} if c <= n),
-    }[cfg.protocol]
-    return per_method * len(cfg.methods)
 
 
 #: A model directory may recommend method settings for itself (e.g. FT's lr for the world model).
@@ -374,27 +287,18 @@ def editor_for(s: Session, method: str) -> Editor:
     if method not in s.editors:
         editor = methods.get(method)(method_options(s.model.source, s.cfg, method))
         if editor.needs_train_cases:
-            editor.train(s.model, s.bench.train_cases, s.images)
+            editor.train(s.model, s.bench.train_cases)
         s.editors[method] = editor
     return s.editors[method]
 
 
-def run_method(
-    s: Session, method: str, indices: Sequence[int] | None = None, gaps: Sequence[int] | None = None
-) -> None:
-    """Walk the configured protocol with ``method``: over ``indices`` (single, edit-one-hop; default
-    every case) or the streams of ``gaps`` (sequential; default the configured ones)."""
+def run_method(s: Session, method: str, episodes: Sequence[int] | None = None) -> None:
+    """Walk the protocol's episodes (those at ``episodes``; default every one) with ``method``."""
     editor = editor_for(s, method)
-    if s.cfg.protocol == "single":
-        run_single(s, editor, method, indices)
-    elif s.cfg.protocol == "sequential":
-        for gap in s.cfg.gaps if gaps is None else gaps:
-            if gap < len(s.cases):
-                run_sequential(s, editor, method, gap)
-    elif s.cfg.protocol == "lifelong":
-        run_lifelong(s, editor, method)
-    else:
-        run_edit_onehop(s, editor, method, indices)
+    every = s.protocol.episodes(s.cfg, len(s.cases))
+    done = s.store.done_keys()
+    for e in range(len(every)) if episodes is None else episodes:
+        walk(s, editor, method, every[e], done)
 
 
 def open_benchmark(cfg: RunConfig) -> Benchmark:
@@ -421,6 +325,11 @@ def note_skipped(store: RunStore, bench: Benchmark) -> None:
         log.warning("skipped %d bad record(s) (listed in %s/skipped.jsonl)", len(bench.skipped), store.path)
 
 
+def benchmark_images(bench: Benchmark) -> ImageStore | None:
+    """The store a model opens the benchmark's images from (None for a benchmark without images)."""
+    return ImageStore(bench.image_root) if bench.image_root is not None else None
+
+
 def open_session(
     cfg: RunConfig,
     store: Sink,
@@ -429,41 +338,23 @@ def open_session(
     score_all: bool = True,
     bench: Benchmark | None = None,
 ) -> Session:
-    """Load the model and benchmark (unless given) once and (``score_all``) score the unedited
-    model on every probe.
+    """Load the model and benchmark (unless given) once, the model bound to the benchmark's images,
+    and (``score_all``) score the unedited model on every probe.
 
     A worker that runs only some cases passes ``score_all=False`` and scores them as it meets them.
     """
     bench, cases = open_cases(cfg, bench)
-    model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device, allow_pickle=cfg.allow_pickle)
-    images = ImageStore(bench.image_root) if bench.image_root is not None else None
-    s = Session(cfg, model, cfg.model, bench, cases, images, store, {}, progress)
+    model = LVLM.load(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        allow_pickle=cfg.allow_pickle,
+        images=benchmark_images(bench),
+    )
+    s = Session(cfg, model, cfg.model, bench, cases, store, {}, progress)
     if score_all:
         s.ensure_pre(range(len(cases)))
-    s.planned = planned_records(cfg, len(cases))
     return s
-
-
-def preflight(cfg: RunConfig) -> Benchmark:
-    """Check everything a run can check without loading its model, before anything is created,
-    loaded or edited: component names, every method's options, the device, the model folder's
-    config and the benchmark's records. Returns the benchmark, read once for the run."""
-    from mmke.methods.base import make_config
-    from mmke.models._loading import check_device, read_config
-    from mmke.registry import benchmarks, methods
-
-    benchmarks.get(cfg.benchmark.partition(":")[0])
-    source = model_dir(cfg.model)
-    # options of methods not run are checked too: method_options.ft_lm.steps=5 is a typo, not a no-op
-    for method in dict.fromkeys([*cfg.methods, *cfg.method_options]):
-        editor = methods.get(method)
-        make_config(editor.defaults, method_options(source, cfg, method), method)
-    path = bundled_or_path(cfg.model)
-    check_device(cfg.device, path)
-    read_config(path)
-    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
-        raise ConfigError(f"image_root={cfg.image_root!r} is not a directory")
-    return open_cases(cfg)[0]
 
 
 def model_dir(name: str) -> Path | None:
@@ -485,32 +376,3 @@ def run_in_session(s: Session) -> dict[str, str]:
             log.warning("%s not run: %s", method, e)
             not_run[method] = str(e)
     return not_run
-
-
-def run(
-    cfg: RunConfig,
-    store: RunStore,
-    progress: Progress | None = None,
-    executor: Executor | None = None,
-    bench: Benchmark | None = None,
-) -> dict:
-    """Run every configured method on the configured protocol; returns (and stores) the summary.
-
-    ``executor`` says where the work happens (default: in this process; see ``mmke.eval.executors``);
-    ``bench`` is ``preflight``'s benchmark (checked and read here when not given).
-    """
-    from mmke.eval.executors import InProcess
-    from mmke.eval.metrics import summarize
-
-    bench = preflight(cfg) if bench is None else bench
-    bench, not_run = (executor or InProcess()).run(cfg, store, progress, bench)
-    run_info = {
-        "config": cfg.to_dict(),
-        "config_hash": store.config_hash,
-        "method_options": {m: method_options(model_dir(cfg.model), cfg, m) for m in cfg.methods},
-        "not_run": not_run,
-        "skipped_records": len(bench.skipped),
-    }
-    summary = summarize(store.records(), run_info)
-    store.write_summary(summary)
-    return summary

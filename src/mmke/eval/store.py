@@ -26,6 +26,7 @@ import yaml
 
 from mmke.data.schema import Problem, dumps_line
 from mmke.errors import BadRecordError, ConfigError, MmkeError
+from mmke.eval.records import CaseRecord, ResumeKey, RunSummary
 from mmke.io import fsync_dir, write_atomic
 
 try:  # POSIX; elsewhere a run folder has no writer lock
@@ -39,9 +40,6 @@ CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
 SKIPPED_FILE = "skipped.jsonl"
 LOCK_FILE = ".lock"
-RECORD_SCHEMA = "mmke-case/1"
-
-ResumeKey = tuple[Any, Any, Any, Any, str]
 
 
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,12 +50,6 @@ def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def config_hash(config: Mapping[str, Any]) -> str:
     """A short stable hash of a resolved config (its canonical JSON)."""
     return hashlib.sha256(dumps_line(plain_config(config)).encode()).hexdigest()[:16]
-
-
-def record_key(record: Mapping[str, Any]) -> ResumeKey:
-    """What makes a case record unique in a run: (method, protocol, gap, checkpoint, case_id)."""
-    run = record.get("run") or {}
-    return (run.get("method"), run.get("protocol"), run.get("gap"), run.get("checkpoint"), record["case_id"])
 
 
 class RunLockedError(MmkeError):
@@ -198,9 +190,9 @@ class RunStore:
 
     # ------------------------------------------------------------ records
 
-    def append(self, record: Mapping[str, Any]) -> None:
+    def append(self, record: CaseRecord) -> None:
         """Append one record as a canonical JSON line; durable (fsync'd) when this returns."""
-        data = (dumps_line(dict(record)) + "\n").encode("utf-8")
+        data = (record.to_json() + "\n").encode("utf-8")
         fd = os.open(self.cases_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             end = self._drop_torn_tail(fd)
@@ -233,7 +225,7 @@ class RunStore:
         os.ftruncate(fd, keep)
         return keep
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[CaseRecord]:
         """Every complete record, in order; a torn last line (no newline) is ignored."""
         if not self.cases_path.is_file():
             return []
@@ -243,24 +235,16 @@ class RunStore:
             text = complete.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRecordError(f"{self.cases_path}: byte {e.start} is not UTF-8") from None
-        out = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise BadRecordError(f"{self.cases_path}:{lineno}: not a JSON record ({e.msg})") from None
-        return out
+        lines = enumerate(text.split("\n"), 1)
+        return [CaseRecord.from_json(line, f"{self.cases_path}:{n}") for n, line in lines if line.strip()]
 
     def done_keys(self) -> set[ResumeKey]:
         """Keys of every recorded case (ok, collapsed or error), so a resumed run skips them."""
-        return {record_key(r) for r in self.records()}
+        return {r.key for r in self.records()}
 
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
+    def write_summary(self, summary: RunSummary) -> None:
         """Write ``summary.json`` atomically (temp file + rename): readers never see half a summary."""
-        text = json.dumps(summary, ensure_ascii=False, sort_keys=True, indent=2) + "\n"
-        write_atomic(self.summary_path, text)
+        write_atomic(self.summary_path, summary.to_json())
 
     def write_skipped(self, problems: Sequence[Problem]) -> None:
         """``skipped.jsonl``: each benchmark record left out under ``skip_bad``, with its reason."""
@@ -276,7 +260,7 @@ class RunStore:
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
-    def read_summary(self) -> dict[str, Any] | None:
+    def read_summary(self) -> RunSummary | None:
         if not self.summary_path.is_file():
             return None
-        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        return RunSummary.from_json(self.summary_path.read_text(encoding="utf-8"), str(self.summary_path))

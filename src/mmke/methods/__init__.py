@@ -1,6 +1,6 @@
 """Editing methods: each registers by name (``methods.get("ft")``) and returns an ``Edited`` handle.
 
-``editor.apply(model, case, images)`` writes one edit; the handle scores the edited model and
+``editor.apply(model, case)`` writes one edit; the handle scores the edited model and
 ``restore()`` puts it back bit-identically. Shared mechanisms (snapshot/restore, freezing,
 module swapping, config validation) live in ``mmke.methods.base``.
 """

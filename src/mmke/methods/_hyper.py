@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods.base import EditCollapsed, ParamEdited, check_finite, restore_params, snapshot
 from mmke.methods.trainable import TrainableEditor, TrainingConfig
@@ -166,10 +165,10 @@ def substituted(root: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator
 # --- meta loss --------------------------------------------------------------------------------
 
 
-def grouped_batches(model: LVLM, items: Sequence[Item], images: ImageStore | None) -> list[Batch]:
+def grouped_batches(model: LVLM, items: Sequence[Item]) -> list[Batch]:
     """Items encoded as at most two batches: text-only ones and those with an image."""
     groups = [[it for it in items if it.image is None], [it for it in items if it.image is not None]]
-    return [model.encode(g, images) for g in groups if g]
+    return [model.encode(g) for g in groups if g]
 
 
 def answer_nll(model: LVLM, batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,27 +213,27 @@ class HyperEditor(TrainableEditor[H], Generic[H]):
     # --- training ------------------------------------------------------------------------------
 
     def meta_loss(
-        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase], images: ImageStore | None
+        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         sites = self.sites(model)
         total = torch.zeros((), device=model.device)
         stats: dict[str, float] = {}
         for case in cases:
-            loss, case_stats = self._case_loss(model, nets, case, images, sites)
+            loss, case_stats = self._case_loss(model, nets, case, sites)
             total = total + loss / len(cases)
             for key, value in case_stats.items():
                 stats[key] = stats.get(key, 0.0) + value / len(cases)
         return total, stats
 
     def _case_loss(
-        self, model: LVLM, nets: nn.Module, case: EditCase, images: ImageStore | None, sites: list[str]
+        self, model: LVLM, nets: nn.Module, case: EditCase, sites: list[str]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        factors = gradient_factors(model, sites, model.encode([case.edit], images))
+        factors = gradient_factors(model, sites, model.encode([case.edit]))
         deltas = self.deltas(model, nets, case, factors)
         generality = [p for kind in GENERALITY_KINDS for p in case.probes_of(kind)]
-        edit_batches = grouped_batches(model, [case.edit, *generality], images)
-        loc_batches = grouped_batches(model, [p for p in case.probes if p.kind in LOCALITY_KINDS], images)
+        edit_batches = grouped_batches(model, [case.edit, *generality])
+        loc_batches = grouped_batches(model, [p for p in case.probes if p.kind in LOCALITY_KINDS])
         with torch.no_grad():
             pre = [model.logits(b) for b in loc_batches]  # [(N, V)]
         with substituted(model.model, _edited_values(model, deltas)):
@@ -252,12 +251,12 @@ class HyperEditor(TrainableEditor[H], Generic[H]):
 
     # --- editing -----------------------------------------------------------------------------
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
+    def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
         """Compute ΔW once with the trained networks and add it to the weights in place."""
         nets = self.networks(model)
         sites = self.sites(model)
         weights = site_weights(model, sites)
-        factors = gradient_factors(model, sites, model.encode([case.edit], images))
+        factors = gradient_factors(model, sites, model.encode([case.edit]))
         was_training = nets.training
         nets.eval()
         try:

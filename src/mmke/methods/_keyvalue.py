@@ -27,7 +27,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mmke.cache import cache_dir
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.io import atomic_path
 from mmke.methods.base import EditCollapsed, Editor, EditorNotReadyError, layer_io, trainable_only
@@ -122,11 +121,9 @@ class KeyStatistics:
         self.batch_size = batch_size
         self._memory: dict[tuple[int, str], torch.Tensor] = {}  # (id(model), site) -> C (I, I) float64
 
-    def train(
-        self, model: LVLM, sites: Sequence[str], cases: Sequence[EditCase], images: ImageStore | None = None
-    ) -> list[torch.Tensor]:
+    def train(self, model: LVLM, sites: Sequence[str], cases: Sequence[EditCase]) -> list[torch.Tensor]:
         """Compute (or load from the cache) ``C`` of each site's inputs and keep them for ``get``."""
-        covs = self._load_or_compute(model, list(sites), cases, images)
+        covs = self._load_or_compute(model, list(sites), cases)
         for site, cov in zip(sites, covs, strict=True):
             self._memory[(id(model), site)] = cov
         return covs
@@ -137,14 +134,14 @@ class KeyStatistics:
         if missing and self.stats_texts is None:
             raise EditorNotReadyError(
                 f"{self.method} has no key statistics for this model and layer: call editor.train(model, "
-                "train_cases, images) first, or set stats_texts to a .txt file (one text per line)"
+                "train_cases) first, or set stats_texts to a .txt file (one text per line)"
             )
         if missing:
             self.train(model, missing, ())
         return [self._memory[(id(model), site)] for site in sites]
 
     def _load_or_compute(
-        self, model: LVLM, sites: list[str], cases: Sequence[EditCase], images: ImageStore | None
+        self, model: LVLM, sites: list[str], cases: Sequence[EditCase]
     ) -> list[torch.Tensor]:
         lines = read_lines(Path(self.stats_texts)) if self.stats_texts else None
         samples = case_samples(cases) if lines is None else []
@@ -160,7 +157,7 @@ class KeyStatistics:
             if lines is not None:
                 batches = text_batches(model, lines, self.batch_size)
             else:
-                batches = sample_batches(model, samples, images, self.batch_size)
+                batches = sample_batches(model, samples, self.batch_size)
             modules = [model.layout.module(site) for site in todo]
             for site, cov in zip(todo, second_moment(model, modules, batches), strict=True):
                 with atomic_path(paths[site]) as tmp:
@@ -328,11 +325,9 @@ def text_batches(model: LVLM, lines: list[str], size: int) -> Iterator[dict[str,
         yield {k: v.to(model.device) for k, v in enc.inputs.items()}
 
 
-def sample_batches(
-    model: LVLM, samples: list[Sample], images: ImageStore | None, size: int
-) -> Iterator[dict[str, torch.Tensor]]:
+def sample_batches(model: LVLM, samples: list[Sample], size: int) -> Iterator[dict[str, torch.Tensor]]:
     for start in range(0, len(samples), size):
-        yield model.encode(samples[start : start + size], images).inputs
+        yield model.encode(samples[start : start + size]).inputs
 
 
 def stats_key(model: LVLM, site: str, texts: list[str]) -> str:
@@ -399,6 +394,6 @@ class KeyValueEditor(Editor[KV], Generic[KV]):
     def needs_train_cases(self) -> bool:
         return self.config.stats_texts is None
 
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+    def train(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Compute (or load from the cache) the second moment of every edited layer's inputs."""
-        self._stats.train(model, self.sites(model), train_cases, images)
+        self._stats.train(model, self.sites(model), train_cases)

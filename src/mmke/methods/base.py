@@ -1,6 +1,6 @@
 """What every editing method shares: the ``Editor`` contract, the ``Edited`` handle and exact restore.
 
-An editor's ``apply(model, case, images)`` returns an ``Edited`` handle; scoring goes through the
+An editor's ``apply(model, case)`` returns an ``Edited`` handle; scoring goes through the
 handle and ``restore()`` undoes the edit exactly. Three kinds of handle cover the methods:
 ``ParamEdited`` (weights changed in place, restored from a snapshot of only those weights),
 ``PromptEdited`` (inference-time prompt rewriting, nothing to restore) and ``ModuleEdited``
@@ -22,13 +22,12 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError, MmkeError
 from mmke.errors import EditorNotReadyError as EditorNotReadyError  # part of the editors' API
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.layout import LayoutError
-from mmke.models.scoring import ScoredBatch
+from mmke.models.scoring import CANONICAL, ScoredBatch, Scorer
 from mmke.types import EditCase, Sample
 
 C = TypeVar("C")
@@ -74,26 +73,15 @@ class Edited(ABC):
         return items
 
     def score(
-        self,
-        items: Sequence[Item],
-        images: ImageStore | None = None,
-        batch_size: int = 32,
-        topk: int = 10,
-        scoring: str = "mmke",
+        self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10, scorer: Scorer = CANONICAL
     ) -> ScoredBatch:
-        """``LVLM.score`` through the edit (``scoring`` as there)."""
+        """``LVLM.score`` through the edit."""
         self._check_live()
-        return self.model.score(self.view(items), images, batch_size=batch_size, topk=topk, scoring=scoring)
+        return self.model.score(self.view(items), batch_size=batch_size, topk=topk, scorer=scorer)
 
-    def generate(
-        self,
-        items: Sequence[Item],
-        images: ImageStore | None = None,
-        max_new_tokens: int = 16,
-        batch_size: int = 32,
-    ) -> list[str]:
+    def generate(self, items: Sequence[Item], *, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
         self._check_live()
-        return self.model.generate(self.view(items), images, max_new_tokens, batch_size)
+        return self.model.generate(self.view(items), max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def restore(self) -> None:
         """Undo the edit; calling it again does nothing."""
@@ -327,7 +315,9 @@ def check_finite(params: Mapping[str, nn.Parameter], method: str, step: int) -> 
 
 
 class Editor(ABC, Generic[C]):
-    """An editing method: ``apply(model, case, images) -> Edited``; trainable ones also ``train``.
+    """An editing method: ``apply(model, case) -> Edited``; trainable ones also ``train``.
+
+    Items' images are opened from the store bound to the model (``LVLM.bind_images``).
 
     Subclasses set ``name`` and ``defaults`` (an instance of their frozen config dataclass); the
     constructor takes that config, a mapping of overrides, or nothing.
@@ -347,17 +337,17 @@ class Editor(ABC, Generic[C]):
         """Whether ``train`` must see the train split before ``apply`` works."""
         return False
 
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+    def train(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Learn or index what the method needs from the train split; by default there is nothing."""
 
     @abstractmethod
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> Edited:
+    def apply(self, model: LVLM, case: EditCase) -> Edited:
         """Write ``case.edit`` into ``model``; the handle scores the edited model and restores it."""
 
     @contextmanager
-    def applied(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> Iterator[Edited]:
+    def applied(self, model: LVLM, case: EditCase) -> Iterator[Edited]:
         """``apply`` as a context manager: the edit is restored on exit, exceptions included."""
-        with self.apply(model, case, images) as edited:
+        with self.apply(model, case) as edited:
             yield edited
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods.base import (
     EditCollapsed,
@@ -92,9 +91,9 @@ class FineTune(Editor[FTConfig]):
             out |= model.layout.params(site)
         return out
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
+    def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
         params = self.site_params(model)
-        batch = model.encode([case.edit], images)  # encoded once: the edit prompt never changes
+        batch = model.encode([case.edit])  # encoded once: the edit prompt never changes
         saved = snapshot(params)
         try:
             with trainable_only(model.model, params), torch.enable_grad(), self._replay(model, params):

@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods.base import EditCollapsed, Edited, Editor, layer_io, swap_module, trainable_only
 from mmke.models.base import LVLM
@@ -215,12 +214,12 @@ class Grace(Editor[GraceConfig]):
     name = "grace"
     defaults = GraceConfig()
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> GraceEdited:
+    def apply(self, model: LVLM, case: EditCase) -> GraceEdited:
         site = model.layout.mlp_out(self.config.layer)
         adaptor = _adaptor_at(model, site)
         before = adaptor.codebook.copy()
         try:
-            batch = model.encode([case.edit], images)
+            batch = model.encode([case.edit])
             keys, values, labels = _keys_and_values(model, adaptor, batch)
             book, eps = adaptor.codebook, self.config.eps
             done = [book.insert(k, v, lab, eps) for k, v, lab in zip(keys, values, labels, strict=True)]

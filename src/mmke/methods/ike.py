@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from mmke.cache import cache_dir
-from mmke.data.images import ImageStore
 from mmke.embeddings import MiniLM, TextEmbedder, embedder_name, unit_rows
 from mmke.errors import ConfigError
 from mmke.io import atomic_path
@@ -162,7 +161,7 @@ class IKE(Editor[IKEConfig]):
     def needs_train_cases(self) -> bool:
         return self.config.k > 0
 
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+    def train(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         self.prepare(train_cases)
 
     def prepare(self, train_cases: Sequence[EditCase]) -> Retriever:
@@ -181,14 +180,14 @@ class IKE(Editor[IKEConfig]):
         demos = self._retrieve(own) if self.config.k > 0 else []
         return "".join([*demos, own]) + f"New Fact: {fact}\nPrompt: "
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> PromptEdited:
+    def apply(self, model: LVLM, case: EditCase) -> PromptEdited:
         prefix = self.context(case)
         return PromptEdited(model, lambda prompt: prefix + prompt, details={"context": prefix})
 
     def _retrieve(self, query: str) -> list[str]:
         if self.retriever is None:
             raise EditorNotReadyError(
-                "ike has no demonstration corpus: call editor.train(model, train_cases, images) "
+                "ike has no demonstration corpus: call editor.train(model, train_cases) "
                 "(or editor.prepare(train_cases)) before apply, or set k=0"
             )
         # the query is the new fact in demonstration form, as in VLKEB

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods.base import (
     EditCollapsed,
@@ -131,8 +130,8 @@ class LoRA(Editor[LoRAConfig]):
             raise LayoutError(f"lora: the {cfg.site} site of layers {cfg.layers} holds no nn.Linear")
         return names
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> LoRAEdited:
-        batch = model.encode([case.edit], images)  # encoded once: the edit prompt never changes
+    def apply(self, model: LVLM, case: EditCase) -> LoRAEdited:
+        batch = model.encode([case.edit])  # encoded once: the edit prompt never changes
         wrappers = {name: self._wrap(model.layout.module(name)) for name in self.site_linears(model.layout)}
         edited = LoRAEdited(model, wrappers)
         params = edited.adapter_params()

@@ -46,7 +46,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods._keyvalue import (
     KeyValueConfig,
@@ -104,12 +103,10 @@ class Memit(KeyValueEditor[MemitConfig]):
     def sites(self, model: LVLM) -> list[str]:
         return [model.layout.mlp_out(i) for i in edited_layers(model.layout.n_layers, self.config.layers)]
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
-        return self.apply_many(model, [case], images)
+    def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
+        return self.apply_many(model, [case])
 
-    def apply_many(
-        self, model: LVLM, cases: Sequence[EditCase], images: ImageStore | None = None
-    ) -> ParamEdited:
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> ParamEdited:
         """Write all ``cases`` in one MEMIT update (one key per case per layer); one handle restores all."""
         if not cases:
             raise ValueError("memit apply_many needs at least one case")
@@ -121,7 +118,7 @@ class Memit(KeyValueEditor[MemitConfig]):
         saved = snapshot(params)
         try:
             last = model.layout.layer(layers[-1])
-            targets = [self._target(model, modules[-1], last, case, images) for case in cases]
+            targets = [self._target(model, modules[-1], last, case) for case in cases]
             for i, (module, cov) in enumerate(zip(modules, covs, strict=True)):
                 self._spread(model, module, last, targets, cov, len(modules) - i)
             check_finite(params, self.name, sum(len(t.losses) for t in targets))
@@ -132,11 +129,9 @@ class Memit(KeyValueEditor[MemitConfig]):
 
     # --- phase 2: the target z --------------------------------------------------------------
 
-    def _target(
-        self, model: LVLM, mlp_out: nn.Module, last: str, case: EditCase, images: ImageStore | None
-    ) -> _Target:
+    def _target(self, model: LVLM, mlp_out: nn.Module, last: str, case: EditCase) -> _Target:
         """Optimise ``delta`` at the last edited MLP's output; ``z`` = that layer's output + delta."""
-        batch = model.encode([case.edit], images)
+        batch = model.encode([case.edit])
         position = key_position(batch, case.edit.prompt, self.config.key, case.subject)
         _, base = io_at(model, mlp_out, batch, position)  # (D,)
         delta, losses = optimise_delta(model, mlp_out, batch, position, base, self.config, self.name)

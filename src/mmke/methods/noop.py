@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmke.data.images import ImageStore
 from mmke.methods.base import Editor, ParamEdited
 from mmke.models.base import LVLM
 from mmke.registry import register_method
@@ -26,5 +25,5 @@ class NoOp(Editor[NoOpConfig]):
     name = "noop"
     defaults = NoOpConfig()
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
+    def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
         return ParamEdited(model, {})

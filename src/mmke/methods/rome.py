@@ -39,7 +39,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.methods._keyvalue import (
     KEYS,
     STATS_VERSION,
@@ -89,14 +88,14 @@ class Rome(KeyValueEditor[RomeConfig]):
     def sites(self, model: LVLM) -> list[str]:
         return [model.layout.mlp_out(self.config.layer)]
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> ParamEdited:
+    def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
         site = model.layout.mlp_out(self.config.layer)
         (cov,) = self._stats.get(model, [site])
         module = model.layout.module(site)
         params = {f"{site}.weight": module.weight}
         saved = snapshot(params)
         try:
-            batch = model.encode([case.edit], images)
+            batch = model.encode([case.edit])
             position = key_position(batch, case.edit.prompt, self.config.key, case.subject)
             key, base = io_at(model, module, batch, position)  # (I,), (D,)
             delta, losses = optimise_delta(

@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.embeddings import MiniLM, TextEmbedder
 from mmke.errors import ConfigError
 from mmke.methods.base import Edited, swap_module
@@ -60,7 +59,7 @@ from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.features import pooled_image_features
-from mmke.models.scoring import ItemScore, ScoredBatch
+from mmke.models.scoring import CANONICAL, ItemScore, ScoredBatch, Scorer
 from mmke.registry import register_method
 from mmke.types import EditCase, EditFact, ImageRef, Probe, ProbeKind, Sample
 
@@ -199,13 +198,11 @@ class Features:
         self._texts: dict[str, torch.Tensor] = {}
         self._images: dict[str, torch.Tensor] = {}
 
-    def of(
-        self, items: Sequence[Item], images: ImageStore | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def of(self, items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Text (N, Dt), image (N, Di) features and has_image (N,) of ``items``' prompts and images."""
         text = self.texts([it.prompt for it in items])  # (N, Dt)
         refs = [it.image if self.multimodal else None for it in items]
-        pics = self.images([r for r in refs if r is not None], images)
+        pics = self.images([r for r in refs if r is not None])
         has = torch.tensor([r is not None for r in refs], device=text.device)  # (N,)
         image = torch.zeros(len(items), self.image_dim, device=text.device)  # (N, Di)
         if pics:
@@ -222,11 +219,11 @@ class Features:
                 self._texts[t] = v
         return torch.stack([self._texts[t] for t in texts]) if texts else torch.zeros(0, 1)
 
-    def images(self, refs: Sequence[ImageRef], store: ImageStore | None) -> list[torch.Tensor]:
+    def images(self, refs: Sequence[ImageRef]) -> list[torch.Tensor]:
         todo = sorted({r.path for r in refs if r.path not in self._images})
         for start in range(0, len(todo), self.batch_size):
             chunk = [ImageRef(p) for p in todo[start : start + self.batch_size]]
-            for ref, vec in zip(chunk, pooled_image_features(self.model, chunk, store), strict=True):
+            for ref, vec in zip(chunk, pooled_image_features(self.model, chunk), strict=True):
                 self._images[ref.path] = vec
         return [self._images[r.path] for r in refs]
 
@@ -263,49 +260,33 @@ class SeracEdited(Edited):
         super().__init__(model, {"memory_size": len(editor.memory(model))})
         self.editor, self.entry = editor, entry
 
-    def routes(self, items: Sequence[Item], images: ImageStore | None = None) -> list[MemoryEntry | None]:
+    def routes(self, items: Sequence[Item]) -> list[MemoryEntry | None]:
         """The live edit each item is in scope of, or None for the base model."""
         self._check_live()
-        return self.editor.route(self.model, items, images)
+        return self.editor.route(self.model, items)
 
-    def view(self, items: Sequence[Item], images: ImageStore | None = None) -> list[Item]:
-        """The prompts as asked: edit-prefixed for routed items (those go to the counterfactual model).
-
-        Routing looks at the images, so items with one need ``images``.
-        """
-        routes = self.routes(items, images)
+    def view(self, items: Sequence[Item]) -> list[Item]:
+        """The prompts as asked: edit-prefixed for routed items (those go to the counterfactual model)."""
+        routes = self.routes(items)
         return [it if r is None else prefixed(r.edit, it) for it, r in zip(items, routes, strict=True)]
 
     def score(
-        self,
-        items: Sequence[Item],
-        images: ImageStore | None = None,
-        batch_size: int = 32,
-        topk: int = 10,
-        scoring: str = "mmke",
+        self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10, scorer: Scorer = CANONICAL
     ) -> ScoredBatch:
         def run(chunk: list[Item]) -> list[ItemScore]:
-            return list(self.model.score(chunk, images, batch_size=batch_size, topk=topk, scoring=scoring))
+            return list(self.model.score(chunk, batch_size=batch_size, topk=topk, scorer=scorer))
 
-        return ScoredBatch(tuple(self._split(items, images, run)))
+        return ScoredBatch(tuple(self._split(items, run)))
 
-    def generate(
-        self,
-        items: Sequence[Item],
-        images: ImageStore | None = None,
-        max_new_tokens: int = 16,
-        batch_size: int = 32,
-    ) -> list[str]:
+    def generate(self, items: Sequence[Item], *, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
         def run(chunk: list[Item]) -> list[str]:
-            return self.model.generate(chunk, images, max_new_tokens, batch_size)
+            return self.model.generate(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
-        return self._split(items, images, run)
+        return self._split(items, run)
 
-    def _split(
-        self, items: Sequence[Item], images: ImageStore | None, run: Callable[[list[Item]], Sequence[Any]]
-    ) -> list[Any]:
+    def _split(self, items: Sequence[Item], run: Callable[[list[Item]], Sequence[Any]]) -> list[Any]:
         """``run`` on the base items, then on the prefixed in-scope items with the copies swapped in."""
-        routes = self.routes(items, images)
+        routes = self.routes(items)
         base = [i for i, r in enumerate(routes) if r is None]
         edited = [i for i, r in enumerate(routes) if r is not None]
         out: list[Any] = [None] * len(items)
@@ -352,11 +333,11 @@ class Serac(TrainableEditor[SeracConfig]):
             self._features[id(model)] = Features(model, self.embedder, self.config.feature_batch)
         return self._features[id(model)]
 
-    def prepare(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None) -> None:
+    def prepare(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Embed every train text and image once; keep the image features' mean and std."""
         feats = self.features(model)
         items = [it for case in train_cases for it in (case.edit, *_trained_probes(case))]
-        _, image, has = feats.of(items, images)
+        _, image, has = feats.of(items)
         if bool(has.any()):
             seen = image[has]  # (n, Di)
             self._stats[id(model)] = (seen.mean(0), seen.std(0).clamp_min(1e-4))
@@ -373,21 +354,21 @@ class Serac(TrainableEditor[SeracConfig]):
         return SeracNets(classifier.to(model.device), layers, sites)
 
     def meta_loss(
-        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase], images: ImageStore | None
+        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         nets = cast(SeracNets, nets)
         rows = [(c, p) for c, case in enumerate(cases) for p in _trained_probes(case)]
         labels = torch.zeros(len(rows), len(cases), device=model.device)  # (P, B)
         for r, (c, p) in enumerate(rows):
             labels[r, c] = float(p.kind in IN_SCOPE_KINDS)
-        logits = self._scope_logits(model, nets, [p for _, p in rows], [c.edit for c in cases], images)
+        logits = self._scope_logits(model, nets, [p for _, p in rows], [c.edit for c in cases])
         own = torch.zeros_like(labels, dtype=torch.bool)  # (P, B): a probe against its own case's edit
         own[torch.arange(len(rows)), torch.tensor([c for c, _ in rows], dtype=torch.long)] = True
         l_cls = _balanced_bce(logits, labels, own)
         positives = [(cases[c].edit, p) for c, p in rows if p.kind in IN_SCOPE_KINDS]
         if self.config.copy_share > 0:
             positives = self._with_random_targets(model, positives, cases)
-        l_edit, l_image = self._cf_losses(model, nets, positives, images)
+        l_edit, l_image = self._cf_losses(model, nets, positives)
         loss = self.config.cloc * l_cls + self.config.cedit * l_edit + self.config.iedit * l_image
         routed = (logits.sigmoid() > self.config.threshold).float()  # (P, B)
         stats = {
@@ -431,11 +412,10 @@ class Serac(TrainableEditor[SeracConfig]):
         nets: SeracNets,
         items: Sequence[Item],
         edits: Sequence[EditFact],
-        images: ImageStore | None,
     ) -> torch.Tensor:
         feats = self.features(model)
-        probe = nets.classifier.embed(*feats.of(items, images))  # (P, Dt + d)
-        edit = nets.classifier.embed(*feats.of(edits, images))  # (B, Dt + d)
+        probe = nets.classifier.embed(*feats.of(items))  # (P, Dt + d)
+        edit = nets.classifier.embed(*feats.of(edits))  # (B, Dt + d)
         return nets.classifier.logits(probe, edit)  # (P, B)
 
     def _cf_losses(
@@ -443,14 +423,13 @@ class Serac(TrainableEditor[SeracConfig]):
         model: LVLM,
         nets: SeracNets,
         pairs: Sequence[tuple[EditFact, Item]],
-        images: ImageStore | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean counterfactual NLL of the text-side and of the image-generality in-scope probes."""
         zero = torch.zeros((), device=model.device)
         if not pairs or self.config.cedit == self.config.iedit == 0:
             return zero, zero
         with counterfactual(model, nets):
-            nll = item_nll(model, model.encode([prefixed(e, p) for e, p in pairs], images))  # (P,)
+            nll = item_nll(model, model.encode([prefixed(e, p) for e, p in pairs]))  # (P,)
         is_image = torch.tensor(
             [getattr(p, "kind", None) == ProbeKind.IMAGE_GENERALITY for _, p in pairs], device=nll.device
         )  # (P,)
@@ -460,10 +439,10 @@ class Serac(TrainableEditor[SeracConfig]):
 
     # --- editing ------------------------------------------------------------------------------
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> SeracEdited:
+    def apply(self, model: LVLM, case: EditCase) -> SeracEdited:
         nets = self.nets(model)
         with torch.no_grad():
-            key = nets.classifier.embed(*self.features(model).of([case.edit], images))[0]  # (Dt + d,)
+            key = nets.classifier.embed(*self.features(model).of([case.edit]))[0]  # (Dt + d,)
         entry = MemoryEntry(case.edit, key)
         self.memory(model).append(entry)
         return SeracEdited(model, self, entry)
@@ -480,16 +459,14 @@ class Serac(TrainableEditor[SeracConfig]):
         mem = self.memory(model)
         mem[:] = [e for e in mem if e is not entry]
 
-    def route(
-        self, model: LVLM, items: Sequence[Item], images: ImageStore | None
-    ) -> list[MemoryEntry | None]:
+    def route(self, model: LVLM, items: Sequence[Item]) -> list[MemoryEntry | None]:
         """Per item the live edit with the highest in-scope probability above ``threshold``, else None."""
         mem = self.memory(model)
         if not mem or not items:
             return [None] * len(items)
         nets = self.nets(model)
         with torch.no_grad():
-            emb = nets.classifier.embed(*self.features(model).of(items, images))  # (N, Dt + d)
+            emb = nets.classifier.embed(*self.features(model).of(items))  # (N, Dt + d)
             prob = nets.classifier.logits(emb, torch.stack([e.key for e in mem])).sigmoid()  # (N, M)
             best, which = prob.max(dim=1)  # (N,), (N,)
         threshold = self.config.threshold

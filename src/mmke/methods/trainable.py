@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmke.cache import cache_dir
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError, MmkeError
 from mmke.io import atomic_path, write_atomic
 from mmke.methods.base import Editor, EditorNotReadyError
@@ -121,11 +120,11 @@ class TrainableEditor(Editor[C], Generic[C]):
 
     @abstractmethod
     def meta_loss(
-        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase], images: ImageStore | None
+        self, model: LVLM, nets: nn.Module, cases: Sequence[EditCase]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """One training step's differentiable loss over ``cases`` and numbers to log."""
 
-    def prepare(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None) -> None:
+    def prepare(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Anything ``build``/``meta_loss`` need from the train split besides the loop (default none)."""
 
     # --- the trained networks ---------------------------------------------------------------
@@ -138,12 +137,12 @@ class TrainableEditor(Editor[C], Generic[C]):
             if found is None:
                 raise EditorNotReadyError(
                     f"{self.name} has no trained editor for this model: run `mmke train-editor "
-                    f"--method {self.name}`, set editor_path, or call editor.train(model, cases, images)"
+                    f"--method {self.name}`, set editor_path, or call editor.train(model, cases)"
                 )
             nets = self.load(model, found)
         return nets
 
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+    def train(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Use a saved editor for this model and config if there is one; else train and cache one."""
         if id(model) in self._nets:
             return
@@ -153,24 +152,23 @@ class TrainableEditor(Editor[C], Generic[C]):
             return
         out = self.cache_path(model)
         log.warning("%s: no trained editor for this model; training one (cached in %s)", self.name, out)
-        self.fit(model, train_cases, images, out)
+        self.fit(model, train_cases, out)
 
     def fit(
         self,
         model: LVLM,
         train_cases: Sequence[EditCase],
-        images: ImageStore | None,
         out: Path,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Meta-train into ``out`` (resuming from its checkpoint), save the editor there, keep it live."""
         if not train_cases:
             raise EditorNotReadyError(f"{self.name} needs train cases to train its editor")
-        self.prepare(model, train_cases, images)
+        self.prepare(model, train_cases)
         with torch.random.fork_rng(devices=[]):  # the same seed builds the same networks, globals untouched
             torch.manual_seed(self.config.train_seed)
             nets = self.build(model)
-        summary = _Loop(self, model, nets, train_cases, images, out, progress).run()
+        summary = _Loop(self, model, nets, train_cases, out, progress).run()
         self.save(model, nets, out, summary)
         for name in (CHECKPOINT, CHECKPOINT_META):  # finished: the editor is all there is to keep
             (out / name).unlink(missing_ok=True)
@@ -278,11 +276,10 @@ class _Loop:
         model: LVLM,
         nets: nn.Module,
         cases: Sequence[EditCase],
-        images: ImageStore | None,
         out: Path,
         progress: Progress | None,
     ) -> None:
-        self.editor, self.model, self.nets, self.cases, self.images = editor, model, nets, cases, images
+        self.editor, self.model, self.nets, self.cases = editor, model, nets, cases
         self.out, self.progress = out, progress
         self.cfg: TrainingConfig = editor.config
         params = [p for p in nets.parameters() if p.requires_grad]
@@ -320,7 +317,7 @@ class _Loop:
         if self.cfg.train_schedule == "cosine":
             for group in self.opt.param_groups:
                 group["lr"] = self.cfg.train_lr * 0.5 * (1 + math.cos(math.pi * step / self.cfg.train_steps))
-        loss, stats = self.editor.meta_loss(self.model, self.nets, batch, self.images)
+        loss, stats = self.editor.meta_loss(self.model, self.nets, batch)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise EditorFileError(f"{self.editor.name}: meta-training loss became {value} at step {step}")

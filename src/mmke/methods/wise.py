@@ -67,7 +67,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mmke.data.images import ImageStore
 from mmke.errors import ConfigError
 from mmke.methods.base import (
     EditCollapsed,
@@ -284,7 +283,7 @@ class Wise(Editor[WiseConfig]):
     def needs_train_cases(self) -> bool:
         return True
 
-    def train(self, model: LVLM, train_cases: Sequence[EditCase], images: ImageStore | None = None) -> None:
+    def train(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Keep the train split's locality probes (text, and image ones the model can take)."""
         seen = dict.fromkeys(
             Sample(p.prompt, p.target, p.image)
@@ -294,13 +293,13 @@ class Wise(Editor[WiseConfig]):
         )
         self.irrelevant = tuple(seen)
 
-    def apply(self, model: LVLM, case: EditCase, images: ImageStore | None = None) -> WiseEdited:
-        pool = self._pool(images)
+    def apply(self, model: LVLM, case: EditCase) -> WiseEdited:
+        pool = self._pool(model)
         site = model.layout.mlp_out(self.config.layer)
         adaptor = _adaptor_at(model, site)
         before = (adaptor.side, adaptor.eps)
         try:
-            details = self._edit(model, adaptor, case, images, pool)
+            details = self._edit(model, adaptor, case, pool)
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
             adaptor.side, adaptor.eps = before
             if not adaptor.edits:
@@ -308,14 +307,14 @@ class Wise(Editor[WiseConfig]):
             raise
         return WiseEdited(model, site, adaptor, before, details)
 
-    def _pool(self, images: ImageStore | None) -> tuple[Sample, ...]:
+    def _pool(self, model: LVLM) -> tuple[Sample, ...]:
         if self.irrelevant is None:
             raise EditorNotReadyError("wise: call train(model, train_cases) before apply")
-        pool = tuple(s for s in self.irrelevant if s.image is None or images is not None)
+        pool = tuple(s for s in self.irrelevant if s.image is None or model.images is not None)
         if not pool:
             raise EditorNotReadyError(
                 "wise: the train split gave no usable locality probes (text or image locality, "
-                "image ones need an ImageStore); WISE needs them as irrelevant inputs"
+                "image ones need an image store bound to the model); WISE needs them as irrelevant inputs"
             )
         return pool
 
@@ -324,15 +323,14 @@ class Wise(Editor[WiseConfig]):
         model: LVLM,
         adaptor: WiseAdaptor,
         case: EditCase,
-        images: ImageStore | None,
         pool: tuple[Sample, ...],
     ) -> dict[str, Any]:
         """Train the side memory on one edit, then lower ε so that it routes; returns the details."""
         cfg, index = self.config, len(adaptor.edits)
-        batch = model.encode([case.edit], images)
+        batch = model.encode([case.edit])
         prompt = _prompt_inputs(model, adaptor, batch)  # (n, I)
         chosen = _pick(pool, cfg.n_irrelevant, index)
-        far = _sequence_inputs(model, adaptor, model.encode(chosen, images))  # k x (n_i, I)
+        far = _sequence_inputs(model, adaptor, model.encode(chosen))  # k x (n_i, I)
         mask = _shard(adaptor.side.shape, cfg.mask_ratio, cfg.seed + index, adaptor.side.device)
         losses, side = self._train_side(model, adaptor, batch, prompt, far, mask)
         edit_score = float(_edit_score(adaptor, prompt, side).detach())

@@ -9,25 +9,24 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mmke.data.images import ImageStore
+import mmke.models._loading as _loading
 from mmke.errors import MmkeError
-from mmke.models import _loading
-from mmke.models.batch import Batch, answer_labels, move_inputs, tail_labels
+from mmke.models.batch import Batch, answer_labels, move_inputs
 from mmke.models.families import Encoded, Family
 from mmke.models.layout import Layout
-from mmke.models.scoring import ItemScore, ScoredBatch, score_answers, score_sequences
-from mmke.types import SCORINGS, ImageRef
+from mmke.models.scoring import CANONICAL, ItemScore, ScoredBatch, Scorer
+from mmke.types import ImageRef
 
 
 class ModalityError(MmkeError):
-    """An item carries an image the model cannot take (text-only family) or no ImageStore to open it."""
+    """An item carries an image the model cannot take (text-only family) or has no image store to open it."""
 
 
 class Item(Protocol):
@@ -41,11 +40,19 @@ class Item(Protocol):
     def image(self) -> ImageRef | None: ...
 
 
+class ImageSource(Protocol):
+    """Where a model opens its items' images: a benchmark's ``ImageStore``, or a stand-in for one."""
+
+    def open(self, ref: ImageRef) -> Image.Image: ...
+
+
 class LVLM:
     """A loaded model, its processor and its family; score, generate and locate edit sites.
 
     Build with ``LVLM.load(dir)`` (offline ``from_pretrained``) or ``LVLM(model, processor,
-    family)`` from objects in memory.
+    family)`` from objects in memory. Items' images are opened from the store bound to the model
+    (``load(..., images=)`` or ``bind_images``): a model meets one benchmark's images, so every
+    scorer and editor reads them from here rather than being handed them on each call.
     """
 
     def __init__(self, model: nn.Module, processor: Any, family: str | Family) -> None:
@@ -60,6 +67,8 @@ class LVLM:
         self._add_special_tokens = not self.family.chat_template(processor)
         #: The directory the model was loaded from (None when built in memory).
         self.source: Path | None = None
+        #: Where items' images are opened from (None until bound: text-only items need none).
+        self.images: ImageSource | None = None
 
     @classmethod
     def load(
@@ -70,12 +79,14 @@ class LVLM:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
+        images: ImageSource | None = None,
     ) -> LVLM:
         """Load a saved HF model directory offline; the family is inferred from its config when not given.
 
         ``path`` may also name a bundled model (``"world"``), which loads from package data. Weights
         must be safetensors unless ``allow_pickle`` (pickle files can run code when loaded); the
-        device and the weight files are checked before the model is built.
+        device and the weight files are checked before the model is built. ``images`` is bound
+        as by ``bind_images``.
         """
         path = _loading.bundled_or_path(path)
         config = _loading.read_config(path)
@@ -83,9 +94,14 @@ class LVLM:
         fam = _loading.resolve_family(family, config, path)
         processor = _loading.load_processor(fam, path)
         model = _loading.load_model(fam, config, path, dtype, target, allow_pickle)
-        loaded = cls(model, processor, fam)
+        loaded = cls(model, processor, fam).bind_images(images)
         loaded.source = path
         return loaded
+
+    def bind_images(self, images: ImageSource | None) -> Self:
+        """Open items' images from ``images`` from now on (None: text-only items only); returns the model."""
+        self.images = images
+        return self
 
     def __repr__(self) -> str:
         return f"LVLM(family={self.family.name!r}, model={type(self.model).__name__}, dtype={self.dtype})"
@@ -112,9 +128,9 @@ class LVLM:
 
     # --- teacher forcing ------------------------------------------------------------------
 
-    def encode(self, items: Sequence[Item], images: ImageStore | None = None) -> Batch:
+    def encode(self, items: Sequence[Item]) -> Batch:
         """Tokenise prompt+target of each item (images processed once for the batch), right-padded."""
-        pictures = self._images(items, images)
+        pictures = self._pictures(items)
         texts = [self.full_text(it) for it in items]
         enc = self._preprocess(texts, pictures, "right")
         labels = answer_labels(enc, [it.target for it in items])  # (B, T)
@@ -145,50 +161,28 @@ class LVLM:
     def score(
         self,
         items: Sequence[Item],
-        images: ImageStore | None = None,
+        *,
         batch_size: int = 32,
         topk: int = 10,
-        scoring: str = "mmke",
+        scorer: Scorer = CANONICAL,
     ) -> ScoredBatch:
-        """Token accuracy, exact match, NLL and answer-span top-k ids of each item, in input order.
-
-        ``scoring="vlkeb"`` scores the papers' way (anchors_spec §2 (C)): labels are the target
-        tokenised alone at the end of the item, and each score also carries ``context_topk``,
-        the top-k ids at every position, for locality. It computes full (B, T, V) logits.
-        """
-        if scoring not in SCORINGS:
-            raise ValueError(f"unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")
+        """Token accuracy, exact match, NLL and top-k ids of each item, in input order, as ``scorer``
+        defines them (which tokens are the target, what is kept; see ``mmke.models.scoring``)."""
         out: list[ItemScore | None] = [None] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                batch = self.encode([items[i] for i in chunk], images)
-                if scoring == "vlkeb":
-                    scores = self._score_alone_targets(batch, [items[i].target for i in chunk], topk)
-                else:
-                    logits = self.logits(batch)  # (N, V)
-                    scores = score_answers(logits, batch.answer_labels, batch.answer_lengths, topk)
+                batch = self.encode([items[i] for i in chunk])
+                scores = scorer.score_batch(self, batch, [items[i].target for i in chunk], topk)
                 for i, s in zip(chunk, scores, strict=True):
                     out[i] = s
         return ScoredBatch(tuple(s for s in out if s is not None))
-
-    def _score_alone_targets(self, batch: Batch, targets: list[str], topk: int) -> list[ItemScore]:
-        """VLKEB / MMKE-Bench scoring of one encoded batch: alone-tokenised labels, all-position top-k."""
-        ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
-        lengths = batch.inputs["attention_mask"].sum(dim=1).tolist()  # non-pad tokens (padding is right)
-        labels = tail_labels(lengths, batch.labels.shape[1], ids, targets)  # (B, T)
-        logits = self.logits(batch, answer_only=False)  # (B, T, V)
-        if tuple(logits.shape[:2]) != tuple(labels.shape):  # a model that re-lays out its tokens
-            raise RuntimeError(
-                f"logits {tuple(logits.shape)} do not line up with tokens {tuple(labels.shape)}"
-            )
-        return score_sequences(logits, labels.to(logits.device), lengths, topk)
 
     # --- generation -----------------------------------------------------------------------
 
     def generate(
         self,
         items: Sequence[Item],
-        images: ImageStore | None = None,
+        *,
         max_new_tokens: int = 16,
         batch_size: int = 32,
     ) -> list[str]:
@@ -196,15 +190,13 @@ class LVLM:
         out: list[str] = [""] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                texts = self._decode_batch([items[i] for i in chunk], images, max_new_tokens)
+                texts = self._decode_batch([items[i] for i in chunk], max_new_tokens)
                 for i, text in zip(chunk, texts, strict=True):
                     out[i] = text
         return out
 
-    def _decode_batch(
-        self, items: Sequence[Item], images: ImageStore | None, max_new_tokens: int
-    ) -> list[str]:
-        pictures = self._images(items, images)
+    def _decode_batch(self, items: Sequence[Item], max_new_tokens: int) -> list[str]:
+        pictures = self._pictures(items)
         enc = self._preprocess([self.prompt_text(it) for it in items], pictures, "left")
         inputs = move_inputs(enc.inputs, self.device, self.dtype)
         new = self.family.generate(
@@ -222,7 +214,7 @@ class LVLM:
     def _preprocess(self, texts: list[str], pictures: list[Image.Image | None], side: str) -> Encoded:
         return self.family.preprocess(self.processor, texts, pictures, side, self._add_special_tokens)
 
-    def _images(self, items: Sequence[Item], images: ImageStore | None) -> list[Image.Image | None]:
+    def _pictures(self, items: Sequence[Item]) -> list[Image.Image | None]:
         out: list[Image.Image | None] = []
         for i, it in enumerate(items):
             if it.image is None:
@@ -231,10 +223,13 @@ class LVLM:
                 raise ModalityError(
                     f"item {i}: has image {it.image.path!r} but {self.family.name} is text-only"
                 )
-            elif images is None:
-                raise ModalityError(f"item {i}: has image {it.image.path!r} but no ImageStore was given")
+            elif self.images is None:
+                raise ModalityError(
+                    f"item {i}: has image {it.image.path!r} but no image store is bound to the model "
+                    "(LVLM.load(..., images=store) or model.bind_images(store))"
+                )
             else:
-                out.append(images.open(it.image))
+                out.append(self.images.open(it.image))
         return out
 
     def _by_length(self, items: Sequence[Item]) -> list[int]:

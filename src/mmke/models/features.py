@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmke.data.images import ImageStore
 from mmke.models.base import LVLM
 from mmke.types import ImageRef, Sample
 
@@ -22,8 +21,11 @@ class _Stop(Exception):
     """Raised by the projector hook: the rest of the forward is not needed."""
 
 
-def pooled_image_features(model: LVLM, refs: Sequence[ImageRef], store: ImageStore | None) -> torch.Tensor:
-    """The projector's output per image, mean- and max-pooled over its tokens (n, 2D); no grad, LM skipped."""
+def pooled_image_features(model: LVLM, refs: Sequence[ImageRef]) -> torch.Tensor:
+    """The projector's output per image, mean- and max-pooled over its tokens (n, 2D); no grad, LM skipped.
+
+    The images are opened from the model's bound store.
+    """
     module = model.layout.module(model.layout.projector())
     seen: dict[str, torch.Tensor] = {}
 
@@ -31,7 +33,7 @@ def pooled_image_features(model: LVLM, refs: Sequence[ImageRef], store: ImageSto
         seen["y"] = out[0] if isinstance(out, tuple) else getattr(out, "last_hidden_state", out)
         raise _Stop
 
-    batch = model.encode([Sample("image", "x", r) for r in refs], store)
+    batch = model.encode([Sample("image", "x", r) for r in refs])
     handle = module.register_forward_hook(grab)
     try:
         with torch.no_grad():
@@ -46,4 +48,4 @@ def pooled_image_features(model: LVLM, refs: Sequence[ImageRef], store: ImageSto
     if len(refs) == 1:  # tokens of all images flattened (Qwen2-VL's merger) or tiles (Idefics3)
         flat = y.reshape(-1, y.shape[-1])  # (T, D)
         return torch.cat([flat.mean(dim=0), flat.amax(dim=0)])[None]  # (1, 2D)
-    return torch.cat([pooled_image_features(model, [r], store) for r in refs])  # (n, 2D)
+    return torch.cat([pooled_image_features(model, [r]) for r in refs])  # (n, 2D)

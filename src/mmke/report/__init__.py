@@ -1,4 +1,5 @@
-"""Reports of a run: paper-style tables (markdown, CSV, LaTeX, JSON, terminal), plots and one HTML page."""
+"""Reports of a run: paper-style tables (markdown, CSV, LaTeX, JSON, terminal), plots and one HTML page,
+read from its typed ``RunSummary`` and ``CaseRecord``s, labelled by the metric declarations."""
 
 from mmke.report.html import compare_runs, write_report
 from mmke.report.tables import (

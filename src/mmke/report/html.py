@@ -5,10 +5,9 @@ example cases, config) plus ``tables/*.md|csv|tex|json`` and ``plots/*.png``; an
 from __future__ import annotations
 
 import base64
-import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -16,18 +15,17 @@ from typing import Any
 
 import yaml
 
-from mmke.errors import MmkeError
+from mmke.errors import BadRecordError, MmkeError
+from mmke.eval.records import CaseRecord, RunBlock, RunSummary
 from mmke.report.tables import (
-    VLKEB_ORDER,
     Cell,
     ReportTable,
-    attack_keys,
     best_cells,
     build_tables,
     compare_table,
+    declared_order,
     display_rows,
     edit_type_label,
-    hop_keys,
     metric_label,
     render_csv,
     render_json,
@@ -78,73 +76,73 @@ class CaseScan:
     """What the report needs from ``cases.jsonl``, gathered in one streaming pass."""
 
     n_records: int = 0
-    n_unreadable: int = 0
+    #: One ``file:line: why`` per line that is not a case record (e.g. cut by a crash mid-write).
+    unreadable: list[str] = field(default_factory=list)
     status: Counter = field(default_factory=Counter)  # (model, method, protocol, status) -> count
     messages: Counter = field(default_factory=Counter)  # (status, message) -> count
-    examples: dict[str, list[dict]] = field(default_factory=dict)  # case id -> its records
+    examples: dict[str, list[CaseRecord]] = field(default_factory=dict)  # case id -> its records
     generation: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # sum, n
 
+    @property
+    def n_unreadable(self) -> int:
+        return len(self.unreadable)
 
-def load_summary(run_dir: Path) -> dict[str, Any]:
+
+def load_summary(run_dir: Path) -> RunSummary:
     """The run's ``summary.json``; a clear error when the folder is not a finished run."""
     path = run_dir / "summary.json"
     if not path.is_file():
         raise MmkeError(f"{run_dir}: no summary.json here; point at a runs/<id>/ folder of a finished run")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MmkeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    return RunSummary.from_json(path.read_text(encoding="utf-8"), str(path))
 
 
-def iter_records(path: Path) -> Iterator[dict[str, Any] | None]:
-    """Records of a ``cases.jsonl``, one per line; None for a line that is not a JSON object."""
+def iter_records(path: Path) -> Iterator[CaseRecord | BadRecordError]:
+    """Records of a ``cases.jsonl``, one per line; for a line that is no case record, the error
+    naming its ``file:line`` (the report goes on past it, unlike a resuming run)."""
     if not path.is_file():
         return
     with path.open(encoding="utf-8") as lines:
-        for line in lines:
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                yield record if isinstance(record, dict) else None
+                    yield CaseRecord.from_json(line, f"{path}:{n}")
+                except BadRecordError as e:
+                    yield e
 
 
 def scan_cases(path: Path, n_examples: int = EXAMPLE_CASES) -> CaseScan:
     """Count statuses and messages, keep a few example cases, sum generation matches."""
     scan = CaseScan()
     for record in iter_records(path):
-        if record is None:
-            scan.n_unreadable += 1  # a line cut by a crash mid-write; the store resumes past it
+        if isinstance(record, BadRecordError):
+            scan.unreadable.append(str(record))
             continue
         scan.n_records += 1
-        run = record.get("run") or {}
-        status = str(record.get("status", "ok"))
-        scan.status[(str(run.get("model")), str(run.get("method")), str(run.get("protocol")), status)] += 1
-        if status != "ok":
-            scan.messages[(status, str(record.get("message") or "(no message)"))] += 1
-        if run.get("protocol", "single") == "single":
+        run = record.run
+        scan.status[(str(run.model), str(run.method), str(run.protocol), record.status)] += 1
+        if not record.ok:
+            scan.messages[(record.status, record.message or "(no message)")] += 1
+        if run.protocol == "single":
             _keep_example(scan, record, n_examples)
             _add_generation(scan, record, run)
     return scan
 
 
-def _keep_example(scan: CaseScan, record: dict[str, Any], n_examples: int) -> None:
-    case_id = str(record.get("case_id"))
-    if case_id in scan.examples:
-        scan.examples[case_id].append(record)
-    elif len(scan.examples) < n_examples and record.get("status", "ok") == "ok":
-        scan.examples[case_id] = [record]
+def _keep_example(scan: CaseScan, record: CaseRecord, n_examples: int) -> None:
+    if record.case_id in scan.examples:
+        scan.examples[record.case_id].append(record)
+    elif len(scan.examples) < n_examples and record.ok:
+        scan.examples[record.case_id] = [record]
 
 
-def _add_generation(scan: CaseScan, record: dict[str, Any], run: Mapping[str, Any]) -> None:
+def _add_generation(scan: CaseScan, record: CaseRecord, run: RunBlock) -> None:
     """Per case mean of ``generated_match`` for each probe kind (macro over cases, like the metrics)."""
     per_kind: dict[str, list[float]] = {}
-    for probe in record.get("probes") or []:
-        if probe.get("generated_match") is not None:
-            per_kind.setdefault(str(probe.get("kind")), []).append(float(probe["generated_match"]))
+    for probe in record.probes:
+        if probe.generated_match is not None:
+            per_kind.setdefault(probe.kind, []).append(float(probe.generated_match))
     for kind, values in per_kind.items():
-        total = scan.generation.setdefault((str(run.get("model")), str(run.get("method")), kind), [0.0, 0])
+        total = scan.generation.setdefault((str(run.model), str(run.method), kind), [0.0, 0])
         total[0] += sum(values) / len(values)
         total[1] += 1
 
@@ -190,7 +188,7 @@ def write_tables(tables: list[ReportTable], out_dir: Path) -> list[Path]:
     return [*written, out_dir / "tables.json"]
 
 
-def _make_plots(summary: Mapping[str, Any], out_dir: Path) -> tuple[list[Path], str]:
+def _make_plots(summary: RunSummary, out_dir: Path) -> tuple[list[Path], str]:
     """Plots, or none and the reason when matplotlib (the ``report`` extra) is missing."""
     try:
         from mmke.report.plots import make_plots
@@ -225,7 +223,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
 
 def _page(
     run_dir: Path,
-    summary: Mapping[str, Any],
+    summary: RunSummary,
     scan: CaseScan,
     tables: list[ReportTable],
     plots: list[Path],
@@ -252,8 +250,10 @@ def _page(
     )
 
 
-def _run_line(summary: Mapping[str, Any]) -> str:
-    run = summary.get("run") or {}
+def _run_line(summary: RunSummary) -> str:
+    info = summary.run
+    # a finished run's summary holds its config hash; one rebuilt from records, what they all share
+    run = {**info.common, **({"config_hash": info.config_hash} if info.config_hash else {})}
     fields = [
         "model",
         "method",
@@ -328,8 +328,11 @@ def _problems_html(scan: CaseScan) -> str:
         group_columns=1,
     )
     parts = [html_table(table) if rows else "<p>No cases.jsonl records.</p>"]
-    if scan.n_unreadable:
-        parts.append(f'<p class="bad">{scan.n_unreadable} unreadable line(s) in cases.jsonl.</p>')
+    if scan.unreadable:
+        lines = "".join(f"<li><code>{escape(line)}</code></li>" for line in scan.unreadable[:MAX_MESSAGES])
+        parts.append(
+            f'<p class="bad">{scan.n_unreadable} unreadable line(s) in cases.jsonl:</p><ul>{lines}</ul>'
+        )
     if scan.messages:
         items = "".join(
             f'<li><span class="bad">{escape(status)}</span> ×{n}: <code>{escape(message)}</code></li>'
@@ -347,23 +350,15 @@ def _examples_html(scan: CaseScan) -> str:
     return "".join(_case_html(case_id, records) for case_id, records in scan.examples.items())
 
 
-def _edit_text(record: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    """(prompt, target) of the edit, when the record carries them (``edit`` object or flat keys)."""
-    edit = record.get("edit") if isinstance(record.get("edit"), dict) else {}
-    prompt = edit.get("prompt") or record.get("edit_prompt") or record.get("prompt")
-    target = edit.get("target") or record.get("edit_target") or record.get("target")
-    return prompt, target
-
-
-def _case_html(case_id: str, records: list[dict]) -> str:
+def _case_html(case_id: str, records: list[CaseRecord]) -> str:
     first = records[0]
-    prompt, target = _edit_text(first)
+    prompt, target = first.edit.prompt, first.edit.target
     edit = (
-        f'<p class="edit">{escape(str(prompt))}<span class="arrow">→</span><b>{escape(str(target))}</b></p>'
+        f'<p class="edit">{escape(prompt)}<span class="arrow">→</span><b>{escape(target)}</b></p>'
         if prompt or target
         else '<p class="note">(the record does not carry the edit prompt and target)</p>'
     )
-    edit_type = edit_type_label(str(first.get("edit_type", "?")))
+    edit_type = edit_type_label(first.edit_type)
     header = f"<h3>{escape(case_id)} <small>({escape(edit_type)})</small></h3>"
     body = (
         f'<div class="cols"><div>{_case_scores(records)}</div><div>{_case_generations(records)}</div></div>'
@@ -371,20 +366,16 @@ def _case_html(case_id: str, records: list[dict]) -> str:
     return f'<div class="case">{header}{edit}{body}</div>'
 
 
-def _case_scores(records: list[dict]) -> str:
+def _case_scores(records: list[CaseRecord]) -> str:
     """Scores of one case: a row per metric, a column per method (narrow enough for a card)."""
-    found = {k for r in records for k in (r.get("metrics") or {})}
-    keys = [k for k in VLKEB_ORDER if k in found] + hop_keys(found) + attack_keys(found)
-    keys += sorted(found - set(keys))
-    several = len({str((r.get("run") or {}).get("model")) for r in records}) > 1
-    names = [_run_name(r.get("run") or {}, several) for r in records]
+    keys = declared_order({k for r in records for k in r.metrics})
+    several = len({str(r.run.model) for r in records}) > 1
+    names = [_run_name(r.run, several) for r in records]
     rows: list[tuple[Cell, ...]] = []
-    if any(r.get("status", "ok") != "ok" for r in records):
-        rows.append(("status", *(str(r.get("status", "ok")) for r in records)))
+    if any(not r.ok for r in records):
+        rows.append(("status", *(r.status for r in records)))
     for k in keys:
-        cells = [
-            _score_cell((r.get("metrics") or {}).get(k), (r.get("exact_match") or {}).get(k)) for r in records
-        ]
+        cells = [_score_cell(r.metrics.get(k), r.exact_match.get(k)) for r in records]
         rows.append((metric_label(k), *cells))
     table = ReportTable(
         name="case",
@@ -396,9 +387,9 @@ def _case_scores(records: list[dict]) -> str:
     return html_table(table, heading=False) + '<p class="note">token accuracy % (exact match %)</p>'
 
 
-def _run_name(run: Mapping[str, Any], several_models: bool) -> str:
-    method = str(run.get("method"))
-    return f"{run.get('model')} / {method}" if several_models else method
+def _run_name(run: RunBlock, several_models: bool) -> str:
+    method = str(run.method)
+    return f"{run.model} / {method}" if several_models else method
 
 
 def _score_cell(token: float | None, exact: float | None) -> str:
@@ -407,18 +398,18 @@ def _score_cell(token: float | None, exact: float | None) -> str:
     return f"{100 * token:.0f}" + ("" if exact is None else f" ({100 * exact:.0f})")
 
 
-def _case_generations(records: list[dict]) -> str:
+def _case_generations(records: list[CaseRecord]) -> str:
     """Decoded answers per probe, when the run generated (``--generate``)."""
     rows = []
     for r in records:
-        method = str((r.get("run") or {}).get("method"))
-        for probe in (r.get("probes") or [])[:MAX_PROBES_SHOWN]:
-            if probe.get("generated") is None:
+        method = str(r.run.method)
+        for probe in r.probes[:MAX_PROBES_SHOWN]:
+            if probe.generated is None:
                 continue
-            kind = metric_label(str(probe.get("kind")))
-            detail = f" hop {probe['hop']}" if probe.get("hop") else ""
-            detail += f" {probe['attack']}" if probe.get("attack") else ""
-            match = probe.get("generated_match")
+            kind = metric_label(probe.kind)
+            detail = f" hop {probe.hop}" if probe.hop else ""
+            detail += f" {probe.attack}" if probe.attack else ""
+            match = probe.generated_match
             mark = (
                 ""
                 if match is None
@@ -426,7 +417,7 @@ def _case_generations(records: list[dict]) -> str:
             )
             rows.append(
                 f"<tr><td>{escape(method)}</td><td>{escape(kind + detail)}</td>"
-                f'<td class="gen">{escape(str(probe["generated"]))}</td><td>{mark}</td></tr>'
+                f'<td class="gen">{escape(probe.generated)}</td><td>{mark}</td></tr>'
             )
     if not rows:
         return ""
@@ -434,12 +425,12 @@ def _case_generations(records: list[dict]) -> str:
     return f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _config_html(run_dir: Path, summary: Mapping[str, Any]) -> str:
+def _config_html(run_dir: Path, summary: RunSummary) -> str:
     path = run_dir / "config.yaml"
     if path.is_file():
         text, source = path.read_text(encoding="utf-8"), "config.yaml"
     else:
-        text, source = yaml.safe_dump(summary.get("run") or {}, sort_keys=False), "summary.json run"
+        text, source = yaml.safe_dump(summary.run.to_dict(), sort_keys=False), "summary.json run"
     return f'<p class="note">from {escape(source)}</p><pre>{escape(text)}</pre>'
 
 

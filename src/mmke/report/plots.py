@@ -1,7 +1,7 @@
 """Figures of a run (matplotlib ``Figure`` objects, Agg canvas, no pyplot state): portability by hop
 (VLKEB Fig. 3), metrics by sequential gap (VLKEB Fig. 4), edit latency and peak memory.
 
-Every function takes a summary dict and an output folder, and returns the PNG path, or None when
+Every function takes a ``RunSummary`` and an output folder, and returns the PNG path, or None when
 the summary has no data for that figure.
 """
 
@@ -10,19 +10,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from mmke.eval.records import GroupSummary, RunSummary
 from mmke.report.tables import (
     BASE_METHOD,
     SEQUENTIAL_ORDER,
     first_seen,
     hop_keys,
     metric_label,
+    metric_name,
+    metric_spec,
     present_keys,
     relative_change,
     select_groups,
 )
+from mmke.types import LOCALITY_KINDS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,16 +33,6 @@ if TYPE_CHECKING:
 
 DPI = 110
 LINE_STYLES = ("-", "--", ":", "-.")
-FULL_NAMES: Mapping[str, str] = MappingProxyType(
-    {
-        "reliability": "Reliability",
-        "text_generality": "Text generality",
-        "image_generality": "Image generality",
-        "text_locality": "Text locality",
-        "image_locality": "Image locality",
-        "portability": "Portability",
-    }
-)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -72,32 +65,38 @@ def _percent_axis(ax: Axes, top: float | None = 100.0) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def _pct(group: Mapping[str, Any], section: str, key: str) -> float:
+def _pct(values: Mapping[str, float], key: str) -> float:
     """A fraction as a percentage, NaN when missing (matplotlib leaves a gap)."""
-    value = (group.get(section) or {}).get(key)
+    value = values.get(key)
     return math.nan if value is None else 100 * float(value)
 
 
-def _series_label(group: Mapping[str, Any], several_models: bool) -> str:
-    method = str(group.get("method"))
-    return f"{group.get('model')} / {method}" if several_models else method
+def _series_label(group: GroupSummary, several_models: bool) -> str:
+    method = str(group.method)
+    return f"{group.model} / {method}" if several_models else method
+
+
+def _is_locality(key: str) -> bool:
+    """Whether a metric reads locality probes (its axis is agreement, not accuracy)."""
+    spec = metric_spec(key)
+    return spec is not None and bool(LOCALITY_KINDS.intersection(spec.reads))
 
 
 # ---------------------------------------------------------------- portability by hop
 
 
-def plot_portability(summary: Mapping[str, Any], out_dir: Path) -> Path | None:
+def plot_portability(summary: RunSummary, out_dir: Path) -> Path | None:
     """Per model: portability per hop (bars per method, base as a line) and relative change vs base."""
     groups = select_groups(summary, "single", "all")
-    hops = hop_keys(k for g in groups for k in (g.get("metrics") or {}))
+    hops = hop_keys(k for g in groups for k in g.metrics)
     if not hops:
         return None
     models = first_seen(groups, "model")
-    colours = _colours(first_seen(summary.get("groups", []), "method"))
+    colours = _colours(first_seen(summary.groups, "method"))
     fig = _figure(12, 4.2 * len(models))
     axes = fig.subplots(len(models), 2, squeeze=False)
     for row, model in enumerate(models):
-        block = [g for g in groups if str(g.get("model")) == model]
+        block = [g for g in groups if str(g.model) == model]
         _portability_bars(axes[row][0], block, hops, colours)
         _relative_bars(axes[row][1], block, hops, colours)
         axes[row][0].set_title(f"{model}: portability by hop")
@@ -110,18 +109,18 @@ def _bar_offsets(n: int, width: float = 0.8) -> tuple[list[float], float]:
     return [(i - (n - 1) / 2) * step for i in range(n)], step
 
 
-def _portability_bars(ax: Axes, block: list[dict], hops: list[str], colours: dict[str, Any]) -> None:
+def _portability_bars(ax: Axes, block: list[GroupSummary], hops: list[str], colours: dict[str, Any]) -> None:
     offsets, width = _bar_offsets(len(block))
     xs = list(range(len(hops)))
     for offset, g in zip(offsets, block, strict=True):
-        values = [_pct(g, "metrics", k) for k in hops]
-        method = str(g.get("method"))
+        values = [_pct(g.metrics, k) for k in hops]
+        method = str(g.method)
         bars = ax.bar([x + offset for x in xs], values, width, label=method, color=colours[method])
         if len(block) <= 4:  # value labels only while they still fit above the bars
             ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-    base = next((g.get("base") for g in block if g.get("base")), None)
+    base = next((g.base for g in block if g.base), None)
     if base:
-        values = [_pct({"base": base}, "base", k) for k in hops]
+        values = [_pct(base, k) for k in hops]
         ax.plot(xs, values, "k--o", label=BASE_METHOD, zorder=5)
     _hop_axis(ax, len(hops))
     ax.set_ylabel("Portability (token accuracy, %)")
@@ -135,14 +134,14 @@ def _hop_axis(ax: Axes, n_hops: int) -> None:
     ax.set_xlabel("Hops from the edited fact")
 
 
-def _relative_bars(ax: Axes, block: list[dict], hops: list[str], colours: dict[str, Any]) -> None:
+def _relative_bars(ax: Axes, block: list[GroupSummary], hops: list[str], colours: dict[str, Any]) -> None:
     offsets, width = _bar_offsets(len(block))
     xs = list(range(len(hops)))
     drawn = False
     for offset, g in zip(offsets, block, strict=True):
         values = [math.nan if (c := relative_change(g, k)) is None else 100 * c for k in hops]
         drawn |= any(not math.isnan(v) for v in values)
-        ax.bar([x + offset for x in xs], values, width, color=colours[str(g.get("method"))])
+        ax.bar([x + offset for x in xs], values, width, color=colours[str(g.method)])
     _hop_axis(ax, len(hops))
     if not drawn:  # the ratio is undefined when the unedited model scores 0 (or has no base)
         ax.text(
@@ -161,15 +160,15 @@ def _relative_bars(ax: Axes, block: list[dict], hops: list[str], colours: dict[s
 # ---------------------------------------------------------------- sequential / lifelong
 
 
-def plot_progression(summary: Mapping[str, Any], out_dir: Path, protocol: str = "sequential") -> Path | None:
+def plot_progression(summary: RunSummary, out_dir: Path, protocol: str = "sequential") -> Path | None:
     """One panel per metric (Rel, T-Gen, I-Gen, T-Loc, I-Loc, Port): a line per method over the gap."""
     groups = select_groups(summary, protocol, "all")
     step = "checkpoint" if protocol == "lifelong" else "gap"
-    groups = [g for g in groups if g.get(step) is not None]
+    groups = [g for g in groups if getattr(g, step) is not None]
     keys = present_keys(groups, "metrics", SEQUENTIAL_ORDER)
     if not keys:
         return None
-    colours = _colours(first_seen(summary.get("groups", []), "method"))
+    colours = _colours(first_seen(summary.groups, "method"))
     ncols = min(3, len(keys))
     nrows = math.ceil(len(keys) / ncols)
     fig = _figure(4.4 * ncols, 3.4 * nrows + 0.6)
@@ -190,15 +189,17 @@ def _progression_title(protocol: str) -> str:
     return "Sequential editing: case s−gap scored after edit s (VLKEB Fig. 4)"
 
 
-def _progression_panel(ax: Axes, groups: list[dict], key: str, step: str, colours: dict[str, Any]) -> None:
+def _progression_panel(
+    ax: Axes, groups: list[GroupSummary], key: str, step: str, colours: dict[str, Any]
+) -> None:
     """One line per (model, method): colour names the method, line style the model."""
     models = first_seen(groups, "model")
     for model_index, model in enumerate(models):
         for method, colour in colours.items():
             points = sorted(
-                (g[step], _pct(g, "metrics", key))
+                (getattr(g, step), _pct(g.metrics, key))
                 for g in groups
-                if str(g.get("model")) == model and str(g.get("method")) == method
+                if str(g.model) == model and str(g.method) == method
             )
             if not points:
                 continue
@@ -206,22 +207,22 @@ def _progression_panel(ax: Axes, groups: list[dict], key: str, step: str, colour
             label = f"{model} / {method}" if len(models) > 1 else method
             style = LINE_STYLES[model_index % len(LINE_STYLES)]
             ax.plot(xs, ys, marker="o", linestyle=style, label=label, color=colour)
-    steps = sorted({g[step] for g in groups})
+    steps = sorted({getattr(g, step) for g in groups})
     ax.set_xticks(steps)
-    ax.set_title(f"{metric_label(key)}: {FULL_NAMES.get(key, key)}")
+    ax.set_title(f"{metric_label(key)}: {metric_name(key)}")
     ax.set_xlabel("Checkpoint (edits made)" if step == "checkpoint" else "Gap (edits between edit and test)")
-    ax.set_ylabel("Token accuracy (%)" if "locality" not in key else "Agreement with unedited (%)")
+    ax.set_ylabel("Agreement with unedited (%)" if _is_locality(key) else "Token accuracy (%)")
     _percent_axis(ax)
 
 
 # ---------------------------------------------------------------- efficiency
 
 
-def plot_efficiency(summary: Mapping[str, Any], out_dir: Path) -> Path | None:
+def plot_efficiency(summary: RunSummary, out_dir: Path) -> Path | None:
     """Horizontal bars per method: seconds per edit (and per scoring) and peak memory in MB."""
     groups = _one_group_per_method(summary)
-    has_time = any((g.get("efficiency") or {}).get("edit_seconds") is not None for g in groups)
-    has_memory = any((g.get("efficiency") or {}).get("peak_memory_mb") is not None for g in groups)
+    has_time = any(g.efficiency.get("edit_seconds") is not None for g in groups)
+    has_memory = any(g.efficiency.get("peak_memory_mb") is not None for g in groups)
     if not (has_time or has_memory):
         return None
     several = len(first_seen(groups, "model")) > 1
@@ -235,23 +236,21 @@ def plot_efficiency(summary: Mapping[str, Any], out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "efficiency.png")
 
 
-def _one_group_per_method(summary: Mapping[str, Any]) -> list[dict]:
+def _one_group_per_method(summary: RunSummary) -> list[GroupSummary]:
     groups = select_groups(summary, "single", "all") or select_groups(summary, "sequential", "all")
-    seen: dict[tuple[str, str], dict] = {}
+    seen: dict[tuple[str, str], GroupSummary] = {}
     for g in groups:
-        seen.setdefault((str(g.get("model")), str(g.get("method"))), g)
+        seen.setdefault((str(g.model), str(g.method)), g)
     models, methods = first_seen(groups, "model"), first_seen(groups, "method")
-    return sorted(
-        seen.values(), key=lambda g: (models.index(str(g.get("model"))), methods.index(str(g.get("method"))))
-    )
+    return sorted(seen.values(), key=lambda g: (models.index(str(g.model)), methods.index(str(g.method))))
 
 
-def _eff(group: Mapping[str, Any], key: str) -> float:
-    value = (group.get("efficiency") or {}).get(key)
+def _eff(group: GroupSummary, key: str) -> float:
+    value = group.efficiency.get(key)
     return math.nan if value is None else float(value)
 
 
-def _time_bars(ax: Axes, groups: list[dict], labels: list[str]) -> None:
+def _time_bars(ax: Axes, groups: list[GroupSummary], labels: list[str]) -> None:
     ys = list(range(len(groups)))
     height = 0.38
     edit = [_eff(g, "edit_seconds") for g in groups]
@@ -283,7 +282,7 @@ def _fmt(value: float, fmt: str) -> str:
     return "" if math.isnan(value) else fmt.format(value)
 
 
-def make_plots(summary: Mapping[str, Any], out_dir: Path) -> list[Path]:
+def make_plots(summary: RunSummary, out_dir: Path) -> list[Path]:
     """Every figure the summary has data for, as PNG files under ``out_dir``."""
     made = [
         plot_portability(summary, out_dir),

@@ -1,8 +1,9 @@
-"""Paper-style result tables built from a run's ``summary.json``, and their renderers.
+"""Paper-style result tables built from a run's ``RunSummary``, and their renderers.
 
-Builders are pure functions ``summary dict -> ReportTable`` (VLKEB Table 2, MMKE-Bench Tables 3-5,
+Builders are pure functions ``RunSummary -> ReportTable`` (VLKEB Table 2, MMKE-Bench Tables 3-5,
 VLKEB Fig. 3 as numbers, MedMKEB robustness, sequential gaps, efficiency); renderers turn a
-``ReportTable`` into markdown, CSV, LaTeX (booktabs), JSON or a ``rich`` table.
+``ReportTable`` into markdown, CSV, LaTeX (booktabs), JSON or a ``rich`` table. Column labels
+and the order of metrics, hops and attacks are the metric declarations' (``metric_specs``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import csv
 import difflib
 import io
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,36 +21,12 @@ from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from mmke.errors import ConfigError
+from mmke.eval import metrics as _metrics
+from mmke.eval.metrics import MetricSpec, metric_specs
+from mmke.eval.records import GroupSummary, RunSummary
+from mmke.types import ProbeKind
 
 Cell = str | int | float | None
-
-# Metric key -> short column label, in no particular order (the orders below decide placement).
-# The keys are mmke.eval.metrics.METRICS's; the meanings live there, these are only column headers
-# (attack columns are shortened further than METRICS's one-line descriptions allow).
-METRIC_LABELS: Mapping[str, str] = MappingProxyType(
-    {
-        "reliability": "Rel",
-        "text_reliability": "T-Rel",
-        "image_reliability": "I-Rel",
-        "text_generality": "T-Gen",
-        "image_generality": "I-Gen",
-        "text_locality": "T-Loc",
-        "image_locality": "I-Loc",
-        "portability": "Port",
-        "robustness": "Rob",
-    }
-)
-
-#: MedMKEB's five prompt-injection attacks (AttackType values) -> short labels.
-ATTACK_LABELS: Mapping[str, str] = MappingProxyType(
-    {
-        "pseudo_authority": "Authority",
-        "feature_confusion": "Confusion",
-        "misleading_context": "Misleading",
-        "irrelevant_details": "Irrelevant",
-        "vague_wording": "Vague",
-    }
-)
 
 EDIT_TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     {
@@ -62,19 +38,10 @@ EDIT_TYPE_LABELS: Mapping[str, str] = MappingProxyType(
     }
 )
 
-#: VLKEB Table 2 / MedMKEB column order (reliability family, generality, locality, portability, robustness).
-VLKEB_ORDER = (
-    "reliability",
-    "text_reliability",
-    "image_reliability",
-    "text_generality",
-    "image_generality",
-    "text_locality",
-    "image_locality",
-    "portability",
-    "robustness",
-)
-#: MMKE-Bench Tables 3-5 open with locality, then reliability, generality, portability.
+# The paper layouts below (MMKE-Bench Tables 3-5, VLKEB Fig. 4) are choices of columns, not
+# declarations: they name registered metric keys only (tests/test_report.py checks it).
+#: MMKE-Bench Tables 3-5 open with locality, then reliability, generality, portability; any other
+#: headline metric follows in declaration order.
 MMKE_ORDER = (
     "text_locality",
     "image_locality",
@@ -114,7 +81,6 @@ EFFICIENCY_COLUMNS = (
 BASE_METHOD = "unedited"
 PCT = "{:.1f}"
 SIGNED_PCT = "{:+.1f}"
-_HOP = re.compile(r"portability_hop(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -142,59 +108,80 @@ class ReportTable:
 # ---------------------------------------------------------------- labels and lookups
 
 
+def metric_spec(key: str) -> MetricSpec | None:
+    """The declaration of metric ``key``; None for a key no metric declares (an older mmke's)."""
+    return next((s for s in metric_specs() if s.key == key), None)
+
+
 def metric_label(key: str) -> str:
-    """Short column label of a metric key, e.g. ``portability_hop2`` -> ``Port-2``."""
-    if key in METRIC_LABELS:
-        return METRIC_LABELS[key]
-    if hop := _HOP.match(key):
-        return f"Port-{hop.group(1)}"
-    if key.startswith("robustness_"):
-        attack = key.removeprefix("robustness_")
-        return f"Rob-{ATTACK_LABELS.get(attack, attack)}"
-    return key
+    """Short column label of a metric key, e.g. ``portability_hop2`` -> ``Port-2``.
+
+    A key no metric declares (one an older mmke wrote) is its own label.
+    """
+    spec = metric_spec(key)
+    return key if spec is None else spec.label
+
+
+def metric_name(key: str) -> str:
+    """Full name of a metric key (a plot title), e.g. ``text_locality`` -> ``Text locality``."""
+    spec = metric_spec(key)
+    return key if spec is None else spec.name
+
+
+def headline_keys() -> list[str]:
+    """The headline metrics (no parent), in declaration order: VLKEB Table 2's columns."""
+    return [s.key for s in metric_specs() if s.parent is None]
+
+
+def _breakdown(parent: str, keys: Iterable[str]) -> list[str]:
+    found = set(keys)
+    return [s.key for s in metric_specs() if s.parent == parent and s.key in found]
+
+
+def hop_keys(keys: Iterable[str]) -> list[str]:
+    """The portability-per-hop keys among ``keys``, in declaration order (by hop)."""
+    return _breakdown(ProbeKind.PORTABILITY.value, keys)
+
+
+def attack_keys(keys: Iterable[str]) -> list[str]:
+    """The robustness-per-attack keys among ``keys``, in declaration order (MedMKEB's)."""
+    return _breakdown(ProbeKind.ROBUSTNESS.value, keys)
+
+
+def declared_order(keys: Iterable[str]) -> list[str]:
+    """``keys`` in declaration order, then those no metric declares (an older mmke's), sorted."""
+    found = set(keys)
+    declared = [s.key for s in metric_specs() if s.key in found]
+    return declared + sorted(found - set(declared))
 
 
 def edit_type_label(edit_type: str) -> str:
     return EDIT_TYPE_LABELS.get(edit_type, edit_type.replace("_", " ").title())
 
 
-def hop_keys(keys: Iterable[str]) -> list[str]:
-    """The ``portability_hopN`` keys among ``keys``, by N."""
-    found = {k for k in keys if _HOP.match(k)}
-    return sorted(found, key=lambda k: int(_HOP.match(k).group(1)))  # type: ignore[union-attr]
-
-
-def attack_keys(keys: Iterable[str]) -> list[str]:
-    """The ``robustness_<attack>`` keys among ``keys``: known attacks in MedMKEB order, then others."""
-    found = {k for k in keys if k.startswith("robustness_")}
-    known = [f"robustness_{a}" for a in ATTACK_LABELS if f"robustness_{a}" in found]
-    return known + sorted(found - set(known))
-
-
 def select_groups(
-    summary: Mapping[str, Any], protocol: str = "single", edit_type: str | None = "all"
-) -> list[dict[str, Any]]:
+    summary: RunSummary, protocol: str = "single", edit_type: str | None = "all"
+) -> list[GroupSummary]:
     """Summary groups of one protocol (and edit type; None = every edit type)."""
     return [
         g
-        for g in summary.get("groups", [])
-        if g.get("protocol", "single") == protocol
-        and (edit_type is None or g.get("edit_type", "all") == edit_type)
+        for g in summary.groups
+        if g.protocol == protocol and (edit_type is None or g.edit_type == edit_type)
     ]
 
 
-def first_seen(groups: Iterable[Mapping[str, Any]], key: str) -> list[str]:
-    """Distinct values of ``key`` in the order the runner wrote them (the order people chose)."""
-    return list(dict.fromkeys(str(g.get(key, "")) for g in groups))
+def first_seen(groups: Iterable[GroupSummary], attr: str) -> list[str]:
+    """Distinct values of ``attr`` in the order the runner wrote them (the order people chose)."""
+    return list(dict.fromkeys(str(getattr(g, attr)) for g in groups))
 
 
-def present_keys(groups: Sequence[Mapping[str, Any]], section: str, order: Sequence[str]) -> list[str]:
+def present_keys(groups: Sequence[GroupSummary], section: str, order: Sequence[str]) -> list[str]:
     """Keys of ``order`` that have a value in ``section`` of at least one group."""
     return [k for k in order if any(_value(g, section, k) is not None for g in groups)]
 
 
-def _value(group: Mapping[str, Any], section: str, key: str) -> float | None:
-    value = (group.get(section) or {}).get(key)
+def _value(group: GroupSummary, section: str, key: str) -> float | None:
+    value = group.section(section).get(key)
     return None if value is None else float(value)
 
 
@@ -202,38 +189,35 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _base_by_model(groups: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+def _base_by_model(groups: Sequence[GroupSummary]) -> dict[str, GroupSummary]:
     """One group per model whose ``base`` (the unedited model on the same cases) stands for the model."""
-    base: dict[str, Mapping[str, Any]] = {}
+    base: dict[str, GroupSummary] = {}
     for g in groups:
-        if g.get("base") and str(g.get("model")) not in base:
-            base[str(g.get("model"))] = g
+        if g.base and str(g.model) not in base:
+            base[str(g.model)] = g
     return base
 
 
-def _ordered(groups: Sequence[Mapping[str, Any]], models: list[str], methods: list[str]) -> list[dict]:
+def _ordered(groups: Sequence[GroupSummary], models: list[str], methods: list[str]) -> list[GroupSummary]:
     """Groups sorted by model then method, each in first-seen order."""
     rank = {m: i for i, m in enumerate(methods)}
-    return sorted(
-        groups,
-        key=lambda g: (models.index(str(g.get("model"))), rank.get(str(g.get("method")), len(rank))),
-    )
+    return sorted(groups, key=lambda g: (models.index(str(g.model)), rank.get(str(g.method), len(rank))))
 
 
 # ---------------------------------------------------------------- builders
 
 
-def main_table(summary: Mapping[str, Any], section: str = "metrics") -> ReportTable | None:
+def main_table(summary: RunSummary, section: str = "metrics") -> ReportTable | None:
     """VLKEB Table 2: rows model x method (single editing, all edit types), plus the unedited base.
 
     ``section="exact_match"`` gives the exact-match variant (no base row: the contract stores the
     base as token accuracy only).
     """
     groups = select_groups(summary, "single", "all")
-    keys = present_keys(groups, section, VLKEB_ORDER)
+    keys = present_keys(groups, section, headline_keys())
     if not keys:
         return None
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
     bases = _base_by_model(groups) if section == "metrics" else {}
     rows: list[tuple[Cell, ...]] = []
     reference: list[int] = []
@@ -241,10 +225,10 @@ def main_table(summary: Mapping[str, Any], section: str = "metrics") -> ReportTa
         if model in bases:
             reference.append(len(rows))
             values = [_pct(_value(bases[model], "base", k)) for k in keys]
-            rows.append((model, BASE_METHOD, *values, bases[model].get("n_cases")))
-        for g in _ordered([g for g in groups if str(g.get("model")) == model], models, methods):
+            rows.append((model, BASE_METHOD, *values, bases[model].n_cases))
+        for g in _ordered([g for g in groups if str(g.model) == model], models, methods):
             values = [_pct(_value(g, section, k)) for k in keys]
-            rows.append((model, str(g.get("method")), *values, g.get("n_cases")))
+            rows.append((model, str(g.method), *values, g.n_cases))
     measure = "exact match" if section == "exact_match" else "token accuracy"
     return ReportTable(
         name="main_exact" if section == "exact_match" else "main",
@@ -269,22 +253,21 @@ def _main_note(section: str) -> str:
     )
 
 
-def edit_type_table(summary: Mapping[str, Any]) -> ReportTable | None:
+def edit_type_table(summary: RunSummary) -> ReportTable | None:
     """MMKE-Bench Tables 3-5 layout with every metric the run has: rows model x edit type x method,
     the 'All' block last (``mmke_bench_table`` is the paper's exact six columns)."""
     groups = select_groups(summary, "single", None)
     types = [t for t in first_seen(groups, "edit_type") if t != "all"]
     if not types:
         return None
-    keys = present_keys(groups, "metrics", MMKE_ORDER)
+    order = [*MMKE_ORDER, *(k for k in headline_keys() if k not in MMKE_ORDER)]
+    keys = present_keys(groups, "metrics", order)
     ordered_types = [t for t in EDIT_TYPE_LABELS if t in types] + [
         t for t in types if t not in EDIT_TYPE_LABELS
     ]
-    if any(g.get("edit_type", "all") == "all" for g in groups):
+    if any(g.edit_type == "all" for g in groups):
         ordered_types.append("all")
-    rows = [
-        (*_edit_type_cells(g, keys), g.get("n_cases")) for g in by_edit_type(summary, groups, ordered_types)
-    ]
+    rows = [(*_edit_type_cells(g, keys), g.n_cases) for g in by_edit_type(summary, groups, ordered_types)]
     return ReportTable(
         name="edit_types",
         title="Single editing by edit type (token accuracy, %) — MMKE-Bench Tables 3-5 layout",
@@ -297,11 +280,11 @@ def edit_type_table(summary: Mapping[str, Any]) -> ReportTable | None:
     )
 
 
-def mmke_bench_table(summary: Mapping[str, Any]) -> ReportTable | None:
+def mmke_bench_table(summary: RunSummary) -> ReportTable | None:
     """MMKE-Bench Tables 3-5 exactly: per model, edit type (entity, semantic, user) and method, the
     six columns T-Loc, I-Loc, T-Rel, I-Rel, I-Gen, Port ("–" where a run has no such probe)."""
     groups = select_groups(summary, "single", None)
-    types = [t for t in MMKE_BENCH_TYPES if any(g.get("edit_type") == t for g in groups)]
+    types = [t for t in MMKE_BENCH_TYPES if any(g.edit_type == t for g in groups)]
     if not types:
         return None
     rows = [_edit_type_cells(g, MMKE_BENCH_ORDER) for g in by_edit_type(summary, groups, types)]
@@ -320,32 +303,31 @@ def mmke_bench_table(summary: Mapping[str, Any]) -> ReportTable | None:
 
 
 def by_edit_type(
-    summary: Mapping[str, Any], groups: Sequence[Mapping[str, Any]], edit_types: Sequence[str]
-) -> list[Mapping[str, Any]]:
+    summary: RunSummary, groups: Sequence[GroupSummary], edit_types: Sequence[str]
+) -> list[GroupSummary]:
     """``groups`` of ``edit_types`` ordered model, then edit type (as given), then method (first seen)."""
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
-    out: list[Mapping[str, Any]] = []
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
+    out: list[GroupSummary] = []
     for model in models:
         for edit_type in edit_types:
-            block = [g for g in groups if str(g.get("model")) == model and g.get("edit_type") == edit_type]
+            block = [g for g in groups if str(g.model) == model and g.edit_type == edit_type]
             out += _ordered(block, models, methods)
     return out
 
 
-def _edit_type_cells(group: Mapping[str, Any], keys: Sequence[str]) -> tuple[Cell, ...]:
+def _edit_type_cells(group: GroupSummary, keys: Sequence[str]) -> tuple[Cell, ...]:
     """Model, edit type label, method and the percentages of ``keys``."""
     values = (_pct(_value(group, "metrics", k)) for k in keys)
-    label = edit_type_label(str(group.get("edit_type")))
-    return (str(group.get("model")), label, str(group.get("method")), *values)
+    return (str(group.model), edit_type_label(group.edit_type), str(group.method), *values)
 
 
-def portability_table(summary: Mapping[str, Any]) -> ReportTable | None:
+def portability_table(summary: RunSummary) -> ReportTable | None:
     """VLKEB Fig. 3 as numbers: portability per hop and its relative change vs the unedited base."""
     groups = select_groups(summary, "single", "all")
-    hops = hop_keys(k for g in groups for k in (g.get("metrics") or {}))
+    hops = hop_keys(k for g in groups for k in g.metrics)
     if not hops:
         return None
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
     bases = _base_by_model(groups)
     rows: list[tuple[Cell, ...]] = []
     reference: list[int] = []
@@ -354,9 +336,9 @@ def portability_table(summary: Mapping[str, Any]) -> ReportTable | None:
             reference.append(len(rows))
             values = [_pct(_value(bases[model], "base", k)) for k in hops]
             rows.append((model, BASE_METHOD, *values, *(None for _ in hops)))
-        for g in _ordered([g for g in groups if str(g.get("model")) == model], models, methods):
+        for g in _ordered([g for g in groups if str(g.model) == model], models, methods):
             values = [_pct(_value(g, "metrics", k)) for k in hops]
-            rows.append((model, str(g.get("method")), *values, *(_pct(relative_change(g, k)) for k in hops)))
+            rows.append((model, str(g.method), *values, *(_pct(relative_change(g, k)) for k in hops)))
     labels = [metric_label(k) for k in hops]
     return ReportTable(
         name="portability_hops",
@@ -372,26 +354,27 @@ def portability_table(summary: Mapping[str, Any]) -> ReportTable | None:
     )
 
 
-def relative_change(group: Mapping[str, Any], key: str) -> float | None:
-    """(post - base) / base for ``key``: the summary's own value when stored, else computed."""
-    stored = group.get("portability_relative_change") or {}
-    if key in stored:
-        return None if stored[key] is None else float(stored[key])
-    post, base = _value(group, "metrics", key), _value(group, "base", key)
-    if post is None or not base:
-        return None
-    return (post - base) / base
+def relative_change(group: GroupSummary, key: str) -> float | None:
+    """(post - base) / base for portability hop ``key``, as the summary stored it.
+
+    A summary written before the field existed has it empty: then it is computed the one way
+    summaries compute it (``mmke.eval.metrics.relative_change``), from the rounded means.
+    """
+    stored = group.portability_relative_change or _metrics.relative_change(group.metrics, group.base)
+    value = stored.get(key)
+    return None if value is None else float(value)
 
 
-def robustness_table(summary: Mapping[str, Any]) -> ReportTable | None:
+def robustness_table(summary: RunSummary) -> ReportTable | None:
     """MedMKEB robustness: reliability next to robustness overall and per attack type."""
     groups = select_groups(summary, "single", "all")
-    all_keys = {k for g in groups for k in (g.get("metrics") or {})}
+    all_keys = {k for g in groups for k in g.metrics}
     attacks = attack_keys(all_keys)
-    if not attacks and "robustness" not in all_keys:
+    robustness = ProbeKind.ROBUSTNESS.value
+    if not attacks and robustness not in all_keys:
         return None
-    keys = present_keys(groups, "metrics", ["reliability", "robustness", *attacks])
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    keys = present_keys(groups, "metrics", [ProbeKind.RELIABILITY.value, robustness, *attacks])
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
     bases = _base_by_model(groups)
     rows: list[tuple[Cell, ...]] = []
     reference: list[int] = []
@@ -399,12 +382,12 @@ def robustness_table(summary: Mapping[str, Any]) -> ReportTable | None:
         if model in bases:
             reference.append(len(rows))
             rows.append((model, BASE_METHOD, *(_pct(_value(bases[model], "base", k)) for k in keys)))
-        for g in _ordered([g for g in groups if str(g.get("model")) == model], models, methods):
-            rows.append((model, str(g.get("method")), *(_pct(_value(g, "metrics", k)) for k in keys)))
+        for g in _ordered([g for g in groups if str(g.model) == model], models, methods):
+            rows.append((model, str(g.method), *(_pct(_value(g, "metrics", k)) for k in keys)))
     return ReportTable(
         name="robustness",
         title="Robustness per attack type (token accuracy, %) — MedMKEB",
-        columns=("Model", "Method", *(_attack_column(k) for k in keys)),
+        columns=("Model", "Method", *(_within_parent(k, robustness) for k in keys)),
         rows=tuple(rows),
         formats=("", "", *(PCT for _ in keys)),
         group_columns=1,
@@ -414,29 +397,31 @@ def robustness_table(summary: Mapping[str, Any]) -> ReportTable | None:
     )
 
 
-def _attack_column(key: str) -> str:
-    """Inside the robustness table an attack needs no "Rob-" prefix."""
-    attack = key.removeprefix("robustness_")
-    return metric_label(key) if key in METRIC_LABELS else ATTACK_LABELS.get(attack, attack)
+def _within_parent(key: str, parent: str) -> str:
+    """A breakdown's label inside its parent's own table, without the parent's prefix ("Rob-")."""
+    spec = metric_spec(key)
+    if spec is None or spec.parent != parent:
+        return metric_label(key)
+    return spec.label.removeprefix(f"{metric_label(parent)}-")
 
 
-def progression_table(summary: Mapping[str, Any], protocol: str = "sequential") -> ReportTable | None:
+def progression_table(summary: RunSummary, protocol: str = "sequential") -> ReportTable | None:
     """VLKEB Fig. 4 as numbers: metrics by sequential gap (or by lifelong checkpoint) per method."""
     groups = select_groups(summary, protocol, "all")
-    keys = present_keys(groups, "metrics", (*SEQUENTIAL_ORDER, "robustness"))
+    keys = present_keys(groups, "metrics", (*SEQUENTIAL_ORDER, ProbeKind.ROBUSTNESS.value))
     if not groups or not keys:
         return None
     step = "checkpoint" if protocol == "lifelong" else "gap"
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
     ordered = sorted(_ordered(groups, models, methods), key=lambda g: _step_rank(g, step, models, methods))
     rows = tuple(
         (
-            str(g.get("model")),
-            str(g.get("method")),
-            g.get(step),
+            str(g.model),
+            str(g.method),
+            getattr(g, step),
             *(_pct(_value(g, "metrics", k)) for k in keys),
-            g.get("n_cases"),
-            g.get("n_collapsed", 0),
+            g.n_cases,
+            g.n_collapsed,
         )
         for g in ordered
     )
@@ -453,12 +438,13 @@ def progression_table(summary: Mapping[str, Any], protocol: str = "sequential") 
     )
 
 
-def _step_rank(group: Mapping[str, Any], step: str, models: list[str], methods: list[str]) -> tuple:
-    method = str(group.get("method"))
+def _step_rank(group: GroupSummary, step: str, models: list[str], methods: list[str]) -> tuple:
+    method = str(group.method)
+    value = getattr(group, step)
     return (
-        models.index(str(group.get("model"))),
+        models.index(str(group.model)),
         methods.index(method) if method in methods else len(methods),
-        group.get(step) if group.get(step) is not None else -1,
+        value if value is not None else -1,
     )
 
 
@@ -468,21 +454,19 @@ def _progression_note(protocol: str) -> str:
     return "Gap g: case s-g is scored right after edit s, so larger gaps test older edits."
 
 
-def efficiency_table(summary: Mapping[str, Any]) -> ReportTable | None:
+def efficiency_table(summary: RunSummary) -> ReportTable | None:
     """Mean edit and scoring seconds, peak memory and edited parameters per model x method."""
-    groups = select_groups(summary, "single", "all") or [
-        g for g in summary.get("groups", []) if g.get("edit_type", "all") == "all"
-    ]
+    groups = select_groups(summary, "single", "all") or [g for g in summary.groups if g.edit_type == "all"]
     columns = [
         c for c in EFFICIENCY_COLUMNS if any(_value(g, "efficiency", c[0]) is not None for g in groups)
     ]
     if not columns:
         return None
-    models, methods = first_seen(groups, "model"), first_seen(summary.get("groups", []), "method")
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
     seen: set[tuple[str, str]] = set()
     rows: list[tuple[Cell, ...]] = []
     for g in _ordered(groups, models, methods):
-        key = (str(g.get("model")), str(g.get("method")))
+        key = (str(g.model), str(g.method))
         if key not in seen:  # one row per method even when several protocols ran
             seen.add(key)
             rows.append((*key, *(_value(g, "efficiency", c[0]) for c in columns)))
@@ -497,14 +481,12 @@ def efficiency_table(summary: Mapping[str, Any]) -> ReportTable | None:
     )
 
 
-def compare_table(
-    a: Mapping[str, Any], b: Mapping[str, Any], label_a: str = "A", label_b: str = "B"
-) -> ReportTable:
+def compare_table(a: RunSummary, b: RunSummary, label_a: str = "A", label_b: str = "B") -> ReportTable:
     """Two runs side by side: rows model x method (single, all), per metric A / B / Δ (points)."""
     ga, gb = select_groups(a, "single", "all"), select_groups(b, "single", "all")
-    keys = present_keys([*ga, *gb], "metrics", VLKEB_ORDER)
-    index_a = {(str(g.get("model")), str(g.get("method"))): g for g in ga}
-    index_b = {(str(g.get("model")), str(g.get("method"))): g for g in gb}
+    keys = present_keys([*ga, *gb], "metrics", headline_keys())
+    index_a = {(str(g.model), str(g.method)): g for g in ga}
+    index_b = {(str(g.model), str(g.method)): g for g in gb}
     rows: list[tuple[Cell, ...]] = []
     for key in dict.fromkeys([*index_a, *index_b]):
         cells: list[Cell] = []
@@ -524,7 +506,7 @@ def compare_table(
     )
 
 
-def build_tables(summary: Mapping[str, Any]) -> list[ReportTable]:
+def build_tables(summary: RunSummary) -> list[ReportTable]:
     """Every table the summary has data for, in reading order."""
     built = [
         main_table(summary),
@@ -540,7 +522,7 @@ def build_tables(summary: Mapping[str, Any]) -> list[ReportTable]:
     return [t for t in built if t is not None]
 
 
-def select_table(summary: Mapping[str, Any], name: str) -> ReportTable:
+def select_table(summary: RunSummary, name: str) -> ReportTable:
     """The table called ``name`` (a ``ReportTable.name``: main, edit_types, mmke_bench …).
 
     A one-line ``ConfigError`` with close matches when the run has no data for such a table.

@@ -1,0 +1,63 @@
+"""A whole run: check everything first, run every method through an executor, write the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmke.config import RunConfig
+from mmke.data.benchmark import Benchmark
+from mmke.errors import ConfigError
+from mmke.eval.executors import Executor, InProcess
+from mmke.eval.metrics import summarize
+from mmke.eval.records import RunInfo, RunSummary
+from mmke.eval.runner import Progress, method_options, model_dir, open_cases
+from mmke.eval.store import RunStore
+from mmke.models._loading import bundled_or_path
+
+
+def preflight(cfg: RunConfig) -> Benchmark:
+    """Check everything a run can check without loading its model, before anything is created,
+    loaded or edited: component names, every method's options, the device, the model folder's
+    config and the benchmark's records. Returns the benchmark, read once for the run."""
+    from mmke.methods.base import make_config
+    from mmke.models._loading import check_device, read_config
+    from mmke.registry import benchmarks, methods
+
+    benchmarks.get(cfg.benchmark.partition(":")[0])
+    source = model_dir(cfg.model)
+    # options of methods not run are checked too: method_options.ft_lm.steps=5 is a typo, not a no-op
+    for method in dict.fromkeys([*cfg.methods, *cfg.method_options]):
+        editor = methods.get(method)
+        make_config(editor.defaults, method_options(source, cfg, method), method)
+    path = bundled_or_path(cfg.model)
+    check_device(cfg.device, path)
+    read_config(path)
+    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise ConfigError(f"image_root={cfg.image_root!r} is not a directory")
+    return open_cases(cfg)[0]
+
+
+def run(
+    cfg: RunConfig,
+    store: RunStore,
+    progress: Progress | None = None,
+    executor: Executor | None = None,
+    bench: Benchmark | None = None,
+) -> RunSummary:
+    """Run every configured method on the configured protocol; returns (and stores) the summary.
+
+    ``executor`` says where the work happens (default: in this process; see ``mmke.eval.executors``);
+    ``bench`` is ``preflight``'s benchmark (checked and read here when not given).
+    """
+    bench = preflight(cfg) if bench is None else bench
+    bench, not_run = (executor or InProcess()).run(cfg, store, progress, bench)
+    info = RunInfo(
+        config=cfg.to_dict(),
+        config_hash=store.config_hash,
+        method_options={m: method_options(model_dir(cfg.model), cfg, m) for m in cfg.methods},
+        not_run=not_run,
+        skipped_records=len(bench.skipped),
+    )
+    summary = summarize(store.records(), info)
+    store.write_summary(summary)
+    return summary
