@@ -172,7 +172,15 @@ def run_cli(argv: Sequence[str], cwd: Path, timeout: float = 180) -> Child:
     out = open(cwd / f"stdout-{tag}.txt", "w+b")  # noqa: SIM115 - closed by finish()
     err = open(cwd / f"stderr-{tag}.txt", "w+b")  # noqa: SIM115
     cmd = [sys.executable, "-m", "mmke.cli", *argv]
-    return Child(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err), out, err, timeout)
+    # a child inherits its starter's ignored or blocked signals (whatever the test process or a
+    # library in it left behind); it must meet SIGINT as a user's terminal would deliver it
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, preexec_fn=_default_sigint)
+    return Child(proc, out, err, timeout)
+
+
+def _default_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(child: Child) -> Result:
