@@ -28,11 +28,8 @@ from mmke.types import LOCALITY_KINDS, AttackType, Probe, ProbeKind
 if TYPE_CHECKING:
     from mmke.models.scoring import ItemScore, Scorer
 
-#: A per-probe value a metric averages: teacher-forced token accuracy or exact match.
-MEASURES = ("token_accuracy", "exact_match")
 #: How every metric here aggregates (DESIGN.md "Canonical definitions").
 MACRO = "mean over the case's probes, then macro mean over cases"
-EFFICIENCY_KEYS = ("edit_seconds", "score_seconds", "peak_memory_mb", "edited_params")
 DECIMALS = 6
 
 #: A metric function: a case's probe results and a measure -> the case's value, or None when the

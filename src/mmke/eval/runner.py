@@ -186,12 +186,12 @@ def _score_and_record(
 
 
 def _apply(
-    s: Session, editor: Editor, case: EditCase, index: int, stack: list[Edited]
+    s: Session, editor: Editor, writes: Sequence[EditCase], index: int, stack: list[Edited]
 ) -> tuple[Edited, dict]:
-    """Apply what editing ``case`` writes under the run's seed (per stream position, so a resumed
-    run matches), pushing each handle on ``stack``; returns the last handle and the summed cost."""
+    """Apply ``writes`` (what editing one case writes) under the run's seed (per stream position, so
+    a resumed run matches), pushing each handle on ``stack``; returns the last handle and the summed cost."""
     costs = []
-    for write in s.protocol.writes(case):
+    for write in writes:
         torch.manual_seed(s.cfg.seed * 1_000_003 + index)
         with measure(s.model.device) as m:
             stack.append(editor.apply(s.model, write))
@@ -230,10 +230,11 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
             run = _run_block(s, method, step)
             if step.edit is not None:
                 case = s.cases[step.edit]
-                if not s.protocol.writes(case):
+                writes = s.protocol.writes(case)
+                if not writes:
                     return
                 try:
-                    applied.append(_apply(s, editor, case, step.edit, stack))
+                    applied.append(_apply(s, editor, writes, step.edit, stack))
                 except (EditCollapsed, MmkeError) as e:
                     _failure_record(s, run, case, step.edit, e)
                     return
