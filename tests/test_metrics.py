@@ -72,8 +72,8 @@ def test_vlkeb_scoring_uses_top1_for_text_and_top10_rankwise_for_image() -> None
     assert text.token_accuracy == 1.0
     assert image.token_accuracy == pytest.approx(4 / 6) and image.exact_match == 0.0
     assert mmke.token_accuracy == 1.0
-    with pytest.raises(UnknownNameError, match="unknown scorer 'easyedit'"):
-        scorer_named("easyedit")
+    with pytest.raises(UnknownNameError, match="unknown scorer 'easyedi'"):
+        scorer_named("easyedi")
 
 
 def test_hop_and_attack_metrics_break_their_headline_down() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from mmke.errors import BadRecordError, ConfigError
 from mmke.eval import probe_result
 from mmke.models import LVLM
 from mmke.models.batch import IGNORE, tail_labels
-from mmke.models.scoring import ItemScore, scorer_named, trailing
+from mmke.models.scoring import CANONICAL, ItemScore, Scorer, scorer_named, trailing
 from mmke.models.tiny import tiny_model
 from mmke.types import ImageRef, Probe, ProbeKind, Sample
 
@@ -24,6 +27,15 @@ MIXED = [
 ]
 
 VLKEB = scorer_named("vlkeb")
+
+
+@contextmanager
+def bound(model: LVLM, scorer: Scorer = VLKEB) -> Iterator[LVLM]:
+    """The shared fixture model under ``scorer`` for the block, then back to mmke's."""
+    try:
+        yield model.bind_scorer(scorer)
+    finally:
+        model.bind_scorer(CANONICAL)
 
 
 def items_for(model: LVLM) -> list[Sample]:
@@ -54,21 +66,26 @@ def test_tail_labels_reject_targets_that_do_not_fit() -> None:
 
 def test_vlkeb_labels_are_the_target_tokenised_alone_at_the_end(model: LVLM) -> None:
     items = items_for(model)
-    for item, s in zip(items, model.score(items, topk=5, scorer=VLKEB), strict=True):
+    with bound(model):
+        scores = model.score(items, topk=5)
+        lengths = [n_tokens(model, item) for item in items]
+    for item, s, length in zip(items, scores, lengths, strict=True):
         alone = model.tokenizer(item.target, add_special_tokens=False).input_ids
         assert s.target_ids.tolist() == alone
-        n, length = len(alone), n_tokens(model, item)
-        assert s.context_topk is not None and s.context_topk.shape == (length - 1, 5)
-        # the labels' logits are the last n of all positions
-        assert torch.equal(s.topk_ids, s.context_topk[-n:])
+        n = len(alone)
+        # every logit position, the last (which predicts past the answer) included
+        assert s.context_topk is not None and s.context_topk.shape == (length, 5)
+        # the labels' logits: pred[:, :-1][:, -n:]
+        assert torch.equal(s.topk_ids, s.context_topk[:-1][-n:])
         assert s.exact_match == bool((s.argmax_ids == s.target_ids).all())
 
 
 def test_vlkeb_batched_scores_equal_one_at_a_time(model: LVLM) -> None:
     items = items_for(model)
-    batched = model.score(items, batch_size=len(items), scorer=VLKEB)
-    for item, b in zip(items, batched, strict=True):
-        (one,) = model.score([item], batch_size=1, scorer=VLKEB)
+    with bound(model):
+        batched = model.score(items, batch_size=len(items))
+        alone = [model.score([item], batch_size=1)[0] for item in items]
+    for b, one in zip(batched, alone, strict=True):
         assert b.nll == pytest.approx(one.nll, abs=1e-5)
         assert b.token_accuracy == one.token_accuracy
         assert torch.equal(b.target_ids, one.target_ids)
@@ -94,7 +111,8 @@ def test_byte_level_bpe_shows_the_papers_leading_space_mismatch(kind: str) -> No
     lvlm = tiny_model(kind)
     item = Sample("the capital of france is", "paris")
     (ours,) = lvlm.score([item])
-    (papers,) = lvlm.score([item], scorer=VLKEB)
+    with bound(lvlm):
+        (papers,) = lvlm.score([item])
     spaced = lvlm.tokenizer.encode(" paris", add_special_tokens=False)
     bare = lvlm.tokenizer.encode("paris", add_special_tokens=False)
     assert ours.target_ids.tolist() == spaced and papers.target_ids.tolist() == bare != spaced
@@ -105,7 +123,10 @@ def test_without_a_space_before_the_target_both_variants_agree(store: ImageStore
     # chat template: the answer follows "assistant\n" directly
     lvlm = tiny_model("qwen2_vl").bind_images(store)
     items = [Sample("the capital of france is", "paris"), MIXED[0]]
-    for ours, papers in zip(lvlm.score(items), lvlm.score(items, scorer=VLKEB), strict=True):
+    ours_all = lvlm.score(items)
+    with bound(lvlm):
+        papers_all = lvlm.score(items)
+    for ours, papers in zip(ours_all, papers_all, strict=True):
         assert torch.equal(ours.target_ids, papers.target_ids)
         assert torch.equal(ours.topk_ids, papers.topk_ids)
         assert ours.nll == pytest.approx(papers.nll, abs=1e-6)

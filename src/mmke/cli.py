@@ -431,7 +431,7 @@ def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
     if not bench.train_cases:
         raise ConfigError(f"benchmark {cfg.benchmark} has no train split to train {args.method} on")
     model = LVLM.load(cfg.model, dtype=cfg.dtype, device=cfg.device, images=benchmark_images(bench))
-    editor = editor_cls(method_options(model.source, cfg, args.method))
+    editor = editor_cls(method_options(model.source, cfg, args.method, model.layout))
     default_out = (
         bundled_dir(cfg.model) / "editors" if cfg.model in bundled_models else Path(cfg.out) / "editors"
     )
@@ -526,7 +526,9 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from mmke.report import compare_runs
 
-    console.print(compare_runs(args.a, args.b), markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        compare_runs(args.a, args.b, mixed=args.mixed), markup=False, highlight=False, soft_wrap=True
+    )
     return 0
 
 
@@ -600,6 +602,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="two runs side by side (markdown)")
     cmp.add_argument("a", type=Path)
     cmp.add_argument("b", type=Path)
+    cmp.add_argument(
+        "--mixed",
+        action="store_true",
+        help="show results scored by different definitions (paper protocols) side by side, marked",
+    )
     cmp.set_defaults(func=cmd_compare)
 
     lst = sub.add_parser(

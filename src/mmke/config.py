@@ -76,8 +76,14 @@ class RunConfig:
     scoring: str = field(
         default="mmke",
         metadata=_help(
-            "mmke (in-context targets, answer-span agreement) or vlkeb (VLKEB/MMKE-Bench: target"
-            " tokenised alone, top-k locality over all positions)"
+            "the paper protocol results follow: mmke (canonical), vlkeb, mmke_bench or easyedit"
+            " (`mmke list scorers`; README: Comparing with papers)"
+        ),
+    )
+    emulate: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "re-enact the scoring protocol's named known bugs, e.g. emulate=[ft_stale_pre] (off by default)"
         ),
     )
     image_root: str | None = field(default=None, metadata=_help("directory image paths are relative to"))
@@ -100,6 +106,14 @@ class RunConfig:
             )
         _check_choice("protocol", self.protocol, protocols.declared())
         _check_choice("scoring", self.scoring, scorers.declared())
+        known = scorers.get(self.scoring).emulations
+        for name in self.emulate:
+            if name not in known:
+                offered = ", ".join(known) or "none"
+                raise ConfigError(
+                    f"emulate={name!r}: scoring={self.scoring} offers these emulations: {offered}"
+                    f"{_did_you_mean(name, list(known))}"
+                )
         _check_choice("dtype", self.dtype, DTYPES)
         for name in self.edit_types or ():
             _check_choice("edit_types", name, tuple(e.value for e in EditType))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mmke.config import RunConfig
@@ -10,9 +11,11 @@ from mmke.errors import ConfigError
 from mmke.eval.executors import Executor, InProcess
 from mmke.eval.metrics import summarize
 from mmke.eval.records import RunInfo, RunSummary
-from mmke.eval.runner import Progress, method_options, model_dir, open_cases
+from mmke.eval.runner import Progress, method_hparams, method_options, model_dir, open_cases
 from mmke.eval.store import RunStore
 from mmke.models._loading import bundled_or_path
+
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: RunConfig) -> Benchmark:
@@ -29,6 +32,8 @@ def preflight(cfg: RunConfig) -> Benchmark:
     for method in dict.fromkeys([*cfg.methods, *cfg.method_options]):
         editor = methods.get(method)
         make_config(editor.defaults, method_options(source, cfg, method), method)
+        if (hparams := method_hparams(cfg, method)) is not None:
+            log.info("hparams %s", hparams.describe())
     path = bundled_or_path(cfg.model)
     check_device(cfg.device, path)
     read_config(path)
@@ -55,6 +60,7 @@ def run(
         config=cfg.to_dict(),
         config_hash=store.config_hash,
         method_options={m: method_options(model_dir(cfg.model), cfg, m) for m in cfg.methods},
+        hparams={m: h.record() for m in cfg.methods if (h := method_hparams(cfg, m)) is not None},
         not_run=not_run,
         skipped_records=len(bench.skipped),
     )

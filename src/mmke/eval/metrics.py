@@ -199,9 +199,11 @@ def probe_result(
     pre: ItemScore | None = None,
     scorer: Scorer | None = None,
     generated: str | None = None,
+    in_context: bool = False,
 ) -> ProbeResult:
     """Score one probe after the edit; locality kinds need ``pre`` (the unedited model's score)
-    and compare it with ``post`` as ``scorer`` does (default: mmke's canonical scorer)."""
+    and compare it with ``post`` as ``scorer`` does (default: mmke's canonical scorer), by its
+    rule for edits that live in the prompt when ``in_context``."""
     kind = ProbeKind(probe.kind)
     attack = None if probe.attack is None else AttackType(probe.attack).value
     gen_match = None if generated is None else string_match(generated, probe.target)
@@ -210,7 +212,7 @@ def probe_result(
             raise ValueError(f"{kind.value} probe needs the pre-edit score to measure agreement")
         if scorer is None:
             from mmke.models.scoring import CANONICAL as scorer
-        agree = scorer.locality(kind.value, post, pre)
+        agree = scorer.locality(kind.value, post, pre, in_context)
         exact = 1.0 if agree == 1.0 else 0.0
         return ProbeResult(kind.value, probe.hop, attack, agree, exact, post.nll, agree, generated, gen_match)
     exact = 1.0 if post.exact_match else 0.0
@@ -269,11 +271,13 @@ def score_case(
     pre: Sequence[ItemScore],
     scorer: Scorer | None = None,
     generated: Sequence[str] | None = None,
+    in_context: bool = False,
 ) -> CaseScores:
     """Score a case's probes after the edit (``post``) against the unedited model (``pre``)."""
     gens: Sequence[str | None] = generated if generated is not None else [None] * len(probes)
     results = tuple(
-        probe_result(p, po, pr, scorer, g) for p, po, pr, g in zip(probes, post, pre, gens, strict=True)
+        probe_result(p, po, pr, scorer, g, in_context)
+        for p, po, pr, g in zip(probes, post, pre, gens, strict=True)
     )
     # base: the unedited model scored the same way (its locality agrees with itself, 1.0).
     base_results = [probe_result(p, pr, pr, scorer) for p, pr in zip(probes, pre, strict=True)]
@@ -339,7 +343,14 @@ def _group(ident: dict[str, Any], records: Sequence[CaseRecord]) -> GroupSummary
         # from the unrounded means, so a tiny base is not rounded to 0 first
         portability_relative_change=relative_change(metrics, base),
         efficiency=_rounded(_macro(r.efficiency for r in ok)),
+        provenance=_shared(r.run.provenance for r in records),
     )
+
+
+def _shared(values: Iterable[Any]) -> Any:
+    """The one value all give, or None when they differ (or there are none)."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
 
 
 def _sort_key(ident: Mapping[str, Any]) -> tuple:
@@ -353,7 +364,7 @@ def _common_run(records: Sequence[CaseRecord]) -> RunInfo:
     if not records:
         return RunInfo()
     runs = [r.run.__dict__ for r in records]
-    keys = set(runs[0]) - set(RunBlock.GROUP_KEYS)
+    keys = set(runs[0]) - {*RunBlock.GROUP_KEYS, "provenance"}  # provenance: per group
     return RunInfo(common={k: runs[0][k] for k in sorted(keys) if all(r[k] == runs[0][k] for r in runs)})
 
 

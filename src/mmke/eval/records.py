@@ -44,6 +44,52 @@ def _check_schema(data: Mapping[str, Any], known: Sequence[str], what: str) -> N
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Which definitions produced a result: the paper protocol (``scoring=``) and what it fixed.
+
+    Results whose ``comparable_group`` differs were computed by different definitions and do not
+    belong in one table unasked (``mmke compare`` refuses them).
+    """
+
+    protocol: str
+    version: int
+    scorer: str
+    prompt_format: str
+    locality: str
+    averaging: str = "macro"
+    emulate: tuple[str, ...] = ()
+    comparable_group: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "emulate": list(self.emulate)}  # as JSON gives it back
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> Provenance:
+        values = _known(cls, data, f"{where}: provenance")
+        values["emulate"] = tuple(values.get("emulate") or ())
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise BadRecordError(f"{where}: provenance: {e}") from None
+
+
+def _put_provenance(out: dict[str, Any], provenance: Provenance | None) -> None:
+    # An older result without one is written back as it was read, byte for byte.
+    if provenance is None:
+        out.pop("provenance", None)
+    else:
+        out["provenance"] = provenance.to_dict()
+
+
+def _provenance(data: Any, where: str) -> Provenance | None:
+    if data is None:  # written before provenance was recorded
+        return None
+    if not isinstance(data, Mapping):
+        raise BadRecordError(f"{where}: provenance is a JSON object")
+    return Provenance.from_dict(data, where)
+
+
+@dataclass(frozen=True)
 class RunBlock:
     """Which run, method and protocol step a record belongs to (the record's ``run`` object)."""
 
@@ -57,6 +103,7 @@ class RunBlock:
     seed: int | None = None
     config_hash: str | None = None
     scoring: str = "mmke"
+    provenance: Provenance | None = None
 
     #: The fields that identify a summary group (besides the edit type).
     GROUP_KEYS = ("model", "method", "protocol", "gap", "checkpoint")
@@ -125,7 +172,9 @@ class CaseRecord:
         return self.status == "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "schema": RECORD_SCHEMA}
+        out = {**asdict(self), "schema": RECORD_SCHEMA}
+        _put_provenance(out["run"], self.run.provenance)
+        return out
 
     def to_json(self) -> str:
         return dumps_line(self.to_dict())
@@ -137,7 +186,9 @@ class CaseRecord:
         _check_schema(data, RECORD_SCHEMAS, where)
         try:
             values = _known(cls, data, where)
-            values["run"] = RunBlock(**_known(RunBlock, data.get("run") or {}, f"{where}: run"))
+            run = _known(RunBlock, data.get("run") or {}, f"{where}: run")
+            run["provenance"] = _provenance(run.get("provenance"), where)
+            values["run"] = RunBlock(**run)
             values["edit"] = EditText(**_known(EditText, data.get("edit") or {}, f"{where}: edit"))
             values["probes"] = tuple(
                 ProbeResult(**_known(ProbeResult, p, f"{where}: probe")) for p in data.get("probes") or ()
@@ -167,11 +218,14 @@ class RunInfo:
     A finished run knows its resolved ``config``, the options each method ran with, the methods
     that could not run and how many benchmark records were skipped. A summary rebuilt from records
     alone (``mmke report`` on a run cut short) knows only what every record shares: ``common``.
+    ``hparams``: per method given an anchor hparams file, the file and the keys mmke did not use
+    (with why) or mapped differently (``mmke.methods.hparams.Hparams.record``).
     """
 
     config: Mapping[str, Any] | None = None
     config_hash: str | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     not_run: Mapping[str, str] = field(default_factory=dict)
     skipped_records: int = 0
     common: Mapping[str, Any] = field(default_factory=dict)
@@ -185,6 +239,7 @@ class RunInfo:
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "not_run": dict(self.not_run),
             "skipped_records": self.skipped_records,
+            **({"hparams": {k: dict(v) for k, v in self.hparams.items()}} if self.hparams else {}),
         }
 
     @classmethod
@@ -195,6 +250,7 @@ class RunInfo:
             config=dict(data["config"]),
             config_hash=data.get("config_hash"),
             method_options=dict(data.get("method_options") or {}),
+            hparams=dict(data.get("hparams") or {}),
             not_run=dict(data.get("not_run") or {}),
             skipped_records=int(data.get("skipped_records") or 0),
         )
@@ -223,6 +279,12 @@ class GroupSummary:
     base: Mapping[str, float] = field(default_factory=dict)
     portability_relative_change: Mapping[str, float | None] = field(default_factory=dict)
     efficiency: Mapping[str, float] = field(default_factory=dict)
+    provenance: Provenance | None = None
+
+    @property
+    def comparable_group(self) -> str:
+        """The group key of the definitions behind these numbers ("unrecorded" for older runs)."""
+        return self.provenance.comparable_group if self.provenance is not None else "unrecorded"
 
     def section(self, name: str) -> Mapping[str, Any]:
         """A metric section by name ("metrics", "exact_match", "base", "efficiency" …)."""
@@ -232,11 +294,14 @@ class GroupSummary:
         return value
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        _put_provenance(out, self.provenance)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GroupSummary:
         values = _known(cls, data, "summary group")
+        values["provenance"] = _provenance(values.get("provenance"), "summary group")
         values.setdefault("protocol", "single")
         values.setdefault("gap", None)
         values.setdefault("checkpoint", None)

@@ -25,13 +25,15 @@ from mmke.eval._efficiency import measure
 from mmke.eval.metrics import CaseScores, behavioural_collapse, score_case
 from mmke.eval.protocols import Check, Episode, Step, protocol_named
 from mmke.eval.protocols import Protocol as EditProtocol
-from mmke.eval.records import CaseRecord, EditText, ResumeKey, RunBlock
+from mmke.eval.records import CaseRecord, EditText, Provenance, ResumeKey, RunBlock
 from mmke.eval.store import RunStore
 from mmke.methods.base import EditCollapsed, Edited, Editor, EditorNotReadyError
+from mmke.methods.hparams import Hparams, expand
 from mmke.models import LVLM
 from mmke.models._loading import bundled_or_path
+from mmke.models.layout import Layout
 from mmke.models.scoring import ItemScore, Scorer, scorer_named
-from mmke.types import EditCase
+from mmke.types import LOCALITY_KINDS, EditCase
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +73,35 @@ class Session:
     def __post_init__(self) -> None:
         self.protocol = protocol_named(self.cfg.protocol)
         self.scorer = scorer_named(self.cfg.scoring)
+        self.model.bind_scorer(self.scorer)
         self.planned = self.protocol.planned(self.cfg, len(self.cases))
+
+    def emulating(self, name: str, method: str) -> bool:
+        """Whether the config asks to re-enact the scorer's known bug ``name`` and it touches ``method``."""
+        bug = self.scorer.emulations.get(name)
+        return name in self.cfg.emulate and bug is not None and (not bug.methods or method in bug.methods)
+
+    def provenance(self, method: str, editor: Editor) -> Provenance:
+        """The definitions behind ``method``'s results in this session (recorded on each of them)."""
+        sc, family = self.scorer, self.model.family.name
+        emulate = tuple(e for e in self.cfg.emulate if self.emulating(e, method))
+        return Provenance(
+            protocol=sc.name,
+            version=sc.version,
+            scorer=self.model.prompt_format.labels,
+            prompt_format=f"{family}: {self.model.prompt_format.describe}",
+            locality=sc.locality_rule(editor.in_context),
+            averaging=sc.averaging(method),
+            emulate=emulate,
+            comparable_group=sc.comparable_group(family, emulate),
+        )
 
     def ensure_pre(self, indices: Sequence[int]) -> None:
         """Score the unedited model on those of these cases it has not scored yet (one batched pass)."""
         missing = [self.cases[i] for i in indices if self.cases[i].case_id not in self.pre]
         if missing:
             torch.manual_seed(self.cfg.seed)
-            self.pre.update(score_pre(self.model, missing, self.cfg.batch_size, self.scorer))
+            self.pre.update(score_pre(self.model, missing, self.cfg.batch_size))
 
 
 def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Sequence[str] | None) -> tuple:
@@ -102,12 +125,10 @@ def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Seque
     return tuple(sorted(chosen, key=lambda c: order[c.case_id]))
 
 
-def score_pre(
-    model: LVLM, cases: Sequence[EditCase], batch_size: int, scorer: Scorer
-) -> dict[str, list[ItemScore]]:
+def score_pre(model: LVLM, cases: Sequence[EditCase], batch_size: int) -> dict[str, list[ItemScore]]:
     """Every probe of every case on the unedited model, in one batched pass (reused by all methods)."""
     probes = [p for c in cases for p in c.probes]
-    scored = list(model.score(probes, batch_size=batch_size, scorer=scorer))
+    scored = list(model.score(probes, batch_size=batch_size))
     out: dict[str, list[ItemScore]] = {}
     start = 0
     for c in cases:
@@ -119,7 +140,7 @@ def score_pre(
 # --- one case -----------------------------------------------------------------------------
 
 
-def _run_block(s: Session, method: str, step: Step) -> RunBlock:
+def _run_block(s: Session, method: str, step: Step, provenance: Provenance) -> RunBlock:
     return RunBlock(
         model=s.model_name,
         method=method,
@@ -131,6 +152,7 @@ def _run_block(s: Session, method: str, step: Step) -> RunBlock:
         seed=s.cfg.seed,
         config_hash=s.store.config_hash,
         scoring=s.cfg.scoring,
+        provenance=provenance,
     )
 
 
@@ -155,11 +177,18 @@ def _record(
 
 
 def _score_and_record(
-    s: Session, run: RunBlock, edited: Edited, case: EditCase, index: int, cost: dict, pre: list[ItemScore]
+    s: Session,
+    run: RunBlock,
+    edited: Edited,
+    case: EditCase,
+    index: int,
+    cost: dict,
+    pre: list[ItemScore],
+    in_context: bool,
 ) -> bool:
     """Score one case through ``edited`` and append its record; False when the model collapsed."""
     with measure(s.model.device) as m:
-        post = list(edited.score(case.probes, batch_size=s.cfg.batch_size, scorer=s.scorer))
+        post = list(edited.score(case.probes, batch_size=s.cfg.batch_size))
         finite = all(math.isfinite(x.nll) for x in post)
         gens = (
             edited.generate(case.probes, batch_size=s.cfg.batch_size) if s.cfg.generate and finite else None
@@ -176,7 +205,9 @@ def _score_and_record(
             ("collapsed", "non-finite logits (NaN/inf) after the edit", index),
         )
         return False
-    scored = score_case(case.probes, post, pre, s.scorer, gens)
+    if s.emulating("pre_after_edit", run.method or ""):
+        pre = post  # EasyEdit's single-edit "pre" pass runs on the model the edit changed in place
+    scored = score_case(case.probes, post, pre, s.scorer, gens, in_context)
     if s.protocol.stream and behavioural_collapse(scored.metrics):
         why = f"behavioural collapse after edit {index}: every probe scores 0 (weights are finite)"
         _record(s, run, case, index, scored, cost, ("collapsed", why, index))
@@ -225,14 +256,18 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
         return
     stack: list[Edited] = []
     applied: list[tuple[Edited, dict]] = []
+    provenance = s.provenance(method, editor)
+    stale: dict[int, list[ItemScore]] = {}
     try:
         for step in episode.steps:
-            run = _run_block(s, method, step)
+            run = _run_block(s, method, step, provenance)
             if step.edit is not None:
                 case = s.cases[step.edit]
                 writes = s.protocol.writes(case)
                 if not writes:
                     return
+                if step.edit > 0 and s.protocol.name == "single" and s.emulating("ft_stale_pre", method):
+                    stale[step.edit] = _stale_pre(s, editor, step.edit)
                 try:
                     applied.append(_apply(s, editor, writes, step.edit, stack))
                 except (EditCollapsed, MmkeError) as e:
@@ -242,8 +277,8 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
                 if _key(s, method, step, check) in done:
                     continue
                 edited, cost = applied[check.through]
-                case, pre = _scored_part(s, s.cases[check.case])
-                if not _score_and_record(s, run, edited, case, check.at, cost, pre):
+                case, pre = _scored_part(s, s.cases[check.case], stale.get(check.case))
+                if not _score_and_record(s, run, edited, case, check.at, cost, pre, editor.in_context):
                     return
     finally:
         for edited in reversed(stack):  # newest first: back to the original weights exactly
@@ -254,10 +289,30 @@ def _key(s: Session, method: str, step: Step, check: Check) -> ResumeKey:
     return (method, s.protocol.name, step.gap, step.checkpoint, s.cases[check.case].case_id)
 
 
-def _scored_part(s: Session, case: EditCase) -> tuple[EditCase, list[ItemScore]]:
-    """The case with only the probes the protocol scores, and their pre-edit scores."""
+def _stale_pre(s: Session, editor: Editor, index: int) -> list[ItemScore]:
+    """VLKEB FT's pre-edit scores of case ``index``: its locality probes on the model still holding
+    the previous case's edit (applied again here under that case's seed, then undone)."""
+    case, pre = s.cases[index], list(s.pre[s.cases[index].case_id])
+    where = [i for i, p in enumerate(case.probes) if p.kind in LOCALITY_KINDS]
+    stack: list[Edited] = []
+    try:
+        edited, _ = _apply(s, editor, s.protocol.writes(s.cases[index - 1]), index - 1, stack)
+        scored = edited.score([case.probes[i] for i in where], batch_size=s.cfg.batch_size)
+    finally:
+        for handle in reversed(stack):
+            handle.restore()
+    for i, score in zip(where, scored, strict=True):
+        pre[i] = score
+    return pre
+
+
+def _scored_part(
+    s: Session, case: EditCase, pre_scores: list[ItemScore] | None = None
+) -> tuple[EditCase, list[ItemScore]]:
+    """The case with only the probes the protocol scores, and their pre-edit scores (the session's
+    unless ``pre_scores`` stands in for them)."""
     keep = s.protocol.scored(case)
-    pre = s.pre[case.case_id]
+    pre = s.pre[case.case_id] if pre_scores is None else pre_scores
     if keep is None:
         return case, pre
     probes = tuple(case.probes[i] for i in keep)
@@ -271,14 +326,30 @@ def _scored_part(s: Session, case: EditCase) -> tuple[EditCase, list[ItemScore]]
 PRESETS_FILE = "mmke_methods.yaml"
 
 
-def method_options(source: Path | None, cfg: RunConfig, method: str) -> dict[str, Any]:
-    """The recommended settings for ``method`` of the model saved at ``source``, overridden by the user's."""
+def method_options(
+    source: Path | None, cfg: RunConfig, method: str, layout: Layout | None = None
+) -> dict[str, Any]:
+    """The recommended settings for ``method`` of the model saved at ``source``, overridden by the user's.
+
+    The user's ``hparams`` (an anchor's hparams file, ``mmke.methods.hparams``) is read in here, the
+    one place options are resolved, between the presets and the user's other keys; with the loaded
+    model's ``layout`` the file's layer indices are checked against it.
+    """
     import yaml
 
     presets: dict[str, Any] = {}
     if source is not None and (source / PRESETS_FILE).is_file():
         presets = yaml.safe_load((source / PRESETS_FILE).read_text()) or {}
-    return {**presets.get(method, {}), **cfg.method_options.get(method, {})}
+    user = cfg.method_options.get(method, {})
+    options, hparams = expand(method, user)
+    if hparams is not None and layout is not None:
+        hparams.check_layers(layout, user)
+    return {**presets.get(method, {}), **options}
+
+
+def method_hparams(cfg: RunConfig, method: str) -> Hparams | None:
+    """The anchor hparams file the user gave ``method``, as translated (None without one)."""
+    return expand(method, cfg.method_options.get(method, {}))[1]
 
 
 def editor_for(s: Session, method: str) -> Editor:
@@ -286,7 +357,7 @@ def editor_for(s: Session, method: str) -> Editor:
     from mmke.registry import methods
 
     if method not in s.editors:
-        editor = methods.get(method)(method_options(s.model.source, s.cfg, method))
+        editor = methods.get(method)(method_options(s.model.source, s.cfg, method, s.model.layout))
         if editor.needs_train_cases:
             editor.train(s.model, s.bench.train_cases)
         s.editors[method] = editor

@@ -27,7 +27,7 @@ from mmke.errors import EditorNotReadyError as EditorNotReadyError  # part of th
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.layout import LayoutError
-from mmke.models.scoring import CANONICAL, ScoredBatch, Scorer
+from mmke.models.scoring import ScoredBatch
 from mmke.types import EditCase, Sample
 
 C = TypeVar("C")
@@ -72,12 +72,10 @@ class Edited(ABC):
         """The items as the edited model is asked them: unchanged unless the method rewrites prompts."""
         return items
 
-    def score(
-        self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10, scorer: Scorer = CANONICAL
-    ) -> ScoredBatch:
+    def score(self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10) -> ScoredBatch:
         """``LVLM.score`` through the edit."""
         self._check_live()
-        return self.model.score(self.view(items), batch_size=batch_size, topk=topk, scorer=scorer)
+        return self.model.score(self.view(items), batch_size=batch_size, topk=topk)
 
     def generate(self, items: Sequence[Item], *, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
         self._check_live()
@@ -325,6 +323,8 @@ class Editor(ABC, Generic[C]):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[Any]
+    #: Whether the edit lives in the prompt (IKE): some paper protocols score that path apart.
+    in_context: ClassVar[bool] = False
 
     def __init__(self, config: C | Mapping[str, Any] | None = None) -> None:
         self.config: C = make_config(self.defaults, config, self.name)

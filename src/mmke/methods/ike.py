@@ -149,6 +149,7 @@ class IKE(Editor[IKEConfig]):
 
     name = "ike"
     defaults = IKEConfig()
+    in_context = True
 
     def __init__(
         self, config: IKEConfig | Mapping[str, Any] | None = None, *, embedder: TextEmbedder | None = None

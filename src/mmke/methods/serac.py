@@ -59,7 +59,7 @@ from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.features import pooled_image_features
-from mmke.models.scoring import CANONICAL, ItemScore, ScoredBatch, Scorer
+from mmke.models.scoring import ItemScore, ScoredBatch
 from mmke.registry import register_method
 from mmke.types import EditCase, EditFact, ImageRef, Probe, ProbeKind, Sample
 
@@ -270,11 +270,9 @@ class SeracEdited(Edited):
         routes = self.routes(items)
         return [it if r is None else prefixed(r.edit, it) for it, r in zip(items, routes, strict=True)]
 
-    def score(
-        self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10, scorer: Scorer = CANONICAL
-    ) -> ScoredBatch:
+    def score(self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10) -> ScoredBatch:
         def run(chunk: list[Item]) -> list[ItemScore]:
-            return list(self.model.score(chunk, batch_size=batch_size, topk=topk, scorer=scorer))
+            return list(self.model.score(chunk, batch_size=batch_size, topk=topk))
 
         return ScoredBatch(tuple(self._split(items, run)))
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import mmke.models._loading as _loading
 from mmke.errors import MmkeError
-from mmke.models.batch import Batch, answer_labels, move_inputs
+from mmke.models.batch import Batch, answer_labels, move_inputs, tail_labels
 from mmke.models.families import Encoded, Family
 from mmke.models.layout import Layout
 from mmke.models.scoring import CANONICAL, ItemScore, ScoredBatch, Scorer
@@ -63,12 +63,11 @@ class LVLM:
         self.tokenizer = self.family.tokenizer(processor)
         if self.tokenizer.pad_token is None:  # batching needs a pad id; it is always masked out
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # A chat template writes BOS itself; a plain format relies on the tokenizer adding it.
-        self._add_special_tokens = not self.family.chat_template(processor)
         #: The directory the model was loaded from (None when built in memory).
         self.source: Path | None = None
         #: Where items' images are opened from (None until bound: text-only items need none).
         self.images: ImageSource | None = None
+        self.bind_scorer(CANONICAL)
 
     @classmethod
     def load(
@@ -103,6 +102,19 @@ class LVLM:
         self.images = images
         return self
 
+    def bind_scorer(self, scorer: Scorer) -> Self:
+        """Write, label and score items as ``scorer``'s protocol does from now on; returns the model.
+
+        One binding for everything: an edit trains on the same labels the protocol scores (VLKEB's
+        FT trains on the target tokenised alone), so methods never see the choice.
+        """
+        self.scorer = scorer
+        self.prompt_format = scorer.prompt_format(self.family.name)
+        fmt = self.prompt_format.add_special_tokens
+        # A chat template writes BOS itself; a plain format relies on the tokenizer adding it.
+        self._add_special_tokens = not self.family.chat_template(self.processor) if fmt is None else fmt
+        return self
+
     def __repr__(self) -> str:
         return f"LVLM(family={self.family.name!r}, model={type(self.model).__name__}, dtype={self.dtype})"
 
@@ -118,12 +130,17 @@ class LVLM:
 
     def prompt_text(self, item: Item) -> str:
         """The model's input text up to where the answer starts."""
-        return self.family.format_prompt(self.processor, item.prompt, item.image is not None)
+        return self.family.format_prompt(
+            self.processor, item.prompt, item.image is not None, self.prompt_format
+        )
 
     def full_text(self, item: Item) -> str:
-        """Prompt and target as one text: the target follows after one space unless whitespace is there."""
+        """Prompt and target as one text: the target follows the format's separator (by default one
+        space unless whitespace is there)."""
         prefix = self.prompt_text(item)
-        join = "" if not prefix or prefix[-1].isspace() or item.target[:1].isspace() else " "
+        join = self.prompt_format.separator
+        if join is None:
+            join = "" if not prefix or prefix[-1].isspace() or item.target[:1].isspace() else " "
         return prefix + join + item.target
 
     # --- teacher forcing ------------------------------------------------------------------
@@ -133,7 +150,13 @@ class LVLM:
         pictures = self._pictures(items)
         texts = [self.full_text(it) for it in items]
         enc = self._preprocess(texts, pictures, "right")
-        labels = answer_labels(enc, [it.target for it in items])  # (B, T)
+        targets = [it.target for it in items]
+        if self.prompt_format.target_alone:  # the papers' labels: the target tokenised on its own
+            alone = [self.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
+            lengths = enc.inputs["attention_mask"].sum(dim=1).tolist()  # non-pad tokens (right padding)
+            labels = tail_labels(lengths, enc.inputs["input_ids"].shape[1], alone, targets)  # (B, T)
+        else:
+            labels = answer_labels(enc, targets)  # (B, T)
         batch = Batch(enc.inputs, labels, tuple(texts), enc.offsets, tuple(enc.text_lengths))
         return batch.to(self.device, self.dtype)
 
@@ -158,21 +181,14 @@ class LVLM:
         per_item = torch.zeros_like(lengths).index_add(0, rows, nll) / lengths  # (B,)
         return per_item.mean()
 
-    def score(
-        self,
-        items: Sequence[Item],
-        *,
-        batch_size: int = 32,
-        topk: int = 10,
-        scorer: Scorer = CANONICAL,
-    ) -> ScoredBatch:
-        """Token accuracy, exact match, NLL and top-k ids of each item, in input order, as ``scorer``
-        defines them (which tokens are the target, what is kept; see ``mmke.models.scoring``)."""
+    def score(self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10) -> ScoredBatch:
+        """Token accuracy, exact match, NLL and top-k ids of each item, in input order, as the bound
+        scorer defines them (which tokens are the target, what is kept; see ``mmke.models.scoring``)."""
         out: list[ItemScore | None] = [None] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
                 batch = self.encode([items[i] for i in chunk])
-                scores = scorer.score_batch(self, batch, [items[i].target for i in chunk], topk)
+                scores = self.scorer.score_batch(self, batch, topk)
                 for i, s in zip(chunk, scores, strict=True):
                     out[i] = s
         return ScoredBatch(tuple(s for s in out if s is not None))

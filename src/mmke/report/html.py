@@ -437,7 +437,8 @@ def _config_html(run_dir: Path, summary: RunSummary) -> str:
 # ---------------------------------------------------------------- comparing runs
 
 
-def compare_runs(a: Path, b: Path) -> str:
-    """Markdown: two runs side by side, rows model x method, per metric A / B / Δ (for ``mmke compare``)."""
-    table = compare_table(load_summary(Path(a)), load_summary(Path(b)))
+def compare_runs(a: Path, b: Path, *, mixed: bool = False) -> str:
+    """Markdown: two runs side by side, rows model x method, per metric A / B / Δ (for ``mmke compare``);
+    rows scored by different definitions are refused unless ``mixed`` (then marked)."""
+    table = compare_table(load_summary(Path(a)), load_summary(Path(b)), mixed=mixed)
     return f"A = `{a}`  \nB = `{b}`\n\n" + render_markdown(table)

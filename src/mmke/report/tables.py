@@ -20,7 +20,7 @@ from typing import Any
 from rich.markup import escape as escape_markup
 from rich.table import Table
 
-from mmke.errors import ConfigError
+from mmke.errors import ConfigError, MmkeError
 from mmke.eval import metrics as _metrics
 from mmke.eval.metrics import MetricSpec, metric_specs
 from mmke.eval.records import GroupSummary, RunSummary
@@ -481,20 +481,46 @@ def efficiency_table(summary: RunSummary) -> ReportTable | None:
     )
 
 
-def compare_table(a: RunSummary, b: RunSummary, label_a: str = "A", label_b: str = "B") -> ReportTable:
-    """Two runs side by side: rows model x method (single, all), per metric A / B / Δ (points)."""
+class IncomparableError(MmkeError):
+    """Two results were computed by different definitions (their comparable groups differ)."""
+
+
+def compare_table(
+    a: RunSummary, b: RunSummary, label_a: str = "A", label_b: str = "B", *, mixed: bool = False
+) -> ReportTable:
+    """Two runs side by side: rows model x method (single, all), per metric A / B / Δ (points).
+
+    A row whose A and B results belong to different comparable groups (another paper protocol,
+    version or emulation; see ``Provenance``) is refused unless ``mixed``, and then marked.
+    """
     ga, gb = select_groups(a, "single", "all"), select_groups(b, "single", "all")
     keys = present_keys([*ga, *gb], "metrics", headline_keys())
     index_a = {(str(g.model), str(g.method)): g for g in ga}
     index_b = {(str(g.model), str(g.method)): g for g in gb}
+    differ = {
+        key: (index_a[key].comparable_group, index_b[key].comparable_group)
+        for key in index_a
+        if key in index_b and index_a[key].comparable_group != index_b[key].comparable_group
+    }
+    if differ and not mixed:
+        (model, method), (x, y) = next(iter(differ.items()))
+        raise IncomparableError(
+            f"{len(differ)} row(s) were scored by different definitions, e.g. {model} {method}: "
+            f"{label_a} {x}, {label_b} {y}; pass --mixed to show them side by side, marked"
+        )
     rows: list[tuple[Cell, ...]] = []
     for key in dict.fromkeys([*index_a, *index_b]):
         cells: list[Cell] = []
         for k in keys:
             va, vb = (_pct(_value(i[key], "metrics", k)) if key in i else None for i in (index_a, index_b))
             cells += [va, vb, None if va is None or vb is None else vb - va]
-        rows.append((*key, *cells))
+        method = f"{key[1]} (≠)" if key in differ else key[1]
+        rows.append((key[0], method, *cells))
     columns = [f"{metric_label(k)} {s}" for k in keys for s in (label_a, label_b, "Δ")]
+    note = f"Δ = {label_b} − {label_a}, in percentage points."
+    if differ:
+        marks = "; ".join(f"{m} {meth}: {x} vs {y}" for (m, meth), (x, y) in differ.items())
+        note += f" (≠) not comparable, scored by different definitions: {marks}."
     return ReportTable(
         name="compare",
         title=f"{label_a} vs {label_b}: single editing (token accuracy, %)",
@@ -502,7 +528,7 @@ def compare_table(a: RunSummary, b: RunSummary, label_a: str = "A", label_b: str
         rows=tuple(rows),
         formats=("", "", *([PCT, PCT, SIGNED_PCT] * len(keys))),
         group_columns=1,
-        note=f"Δ = {label_b} − {label_a}, in percentage points.",
+        note=note,
     )
 
 

@@ -3,6 +3,6 @@
 The registry imports every public module here on first lookup; ``Family`` is the shared base.
 """
 
-from mmke.models.families._base import Encoded, Family, LayoutSpec
+from mmke.models.families._base import OWN_FORMAT, Encoded, Family, LayoutSpec, PromptFormat
 
-__all__ = ["Encoded", "Family", "LayoutSpec"]
+__all__ = ["OWN_FORMAT", "Encoded", "Family", "LayoutSpec", "PromptFormat"]

@@ -37,6 +37,40 @@ class LayoutSpec:
     qformer: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a protocol writes a family's input: the text before the answer, the join, BOS.
+
+    ``template`` has ``{image}`` (the family's image placeholder, then ``image_suffix``; "" where
+    the image enters as ids) and ``{prompt}``; None keeps the family's own way (its chat
+    template, else its plain format). ``separator`` goes between prompt and target (None: one
+    space unless whitespace is there already). ``add_special_tokens``: whether the tokenizer adds
+    BOS (None: unless a chat template writes it). ``target_alone``: the labels are the target
+    tokenised on its own (no special tokens) at the last positions of the item, instead of its
+    tokens in context. ``anchored`` is False where the protocol's code has no format for the
+    family and the family's own stands in.
+    """
+
+    describe: str
+    template: str | None = None
+    image_suffix: str = ""
+    separator: str | None = None
+    add_special_tokens: bool | None = None
+    target_alone: bool = False
+    anchored: bool = True
+
+    @property
+    def labels(self) -> str:
+        """What the labels are, in words (a result's provenance)."""
+        if self.target_alone:
+            return "the target tokenised alone, at the last positions"
+        return "the target's tokens in context"
+
+
+#: The family's own way of writing prompts (mmke's canonical protocol).
+OWN_FORMAT = PromptFormat("the family's own: its chat template, else its plain format")
+
+
 @dataclass
 class Encoded:
     """A processed batch before labels: model inputs plus where each token came from in the text.
@@ -98,12 +132,27 @@ class Family:
     def image_placeholder(self, processor: Any) -> str:
         return str(processor.image_token)
 
-    def format_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
-        """The model's text up to where the answer starts (the assistant turn when there is one)."""
+    def image_text(self, processor: Any, has_image: bool, suffix: str | None = None) -> str:
+        """What stands for the image in a written prompt ("" when the image enters another way),
+        followed by ``suffix`` (default: the family's ``image_suffix``)."""
+        if not has_image:
+            return ""
+        return self.image_placeholder(processor) + (self.image_suffix if suffix is None else suffix)
+
+    def format_prompt(
+        self, processor: Any, prompt: str, has_image: bool, fmt: PromptFormat | None = None
+    ) -> str:
+        """The model's text up to where the answer starts (the assistant turn when there is one).
+
+        ``fmt`` with a template writes it as a paper's code does instead of the family's own way
+        (its chat template, else ``plain_format``).
+        """
+        if fmt is not None and fmt.template is not None:
+            image = self.image_text(processor, has_image, fmt.image_suffix)
+            return fmt.template.format(image=image, prompt=prompt)
         if self.chat_template(processor):
             return self._templated(processor, prompt, has_image)
-        image = self.image_placeholder(processor) + self.image_suffix if has_image else ""
-        return self.plain_format.format(image=image, prompt=prompt)
+        return self.plain_format.format(image=self.image_text(processor, has_image), prompt=prompt)
 
     def _templated(self, processor: Any, prompt: str, has_image: bool) -> str:
         content: list[dict[str, str]] = [{"type": "image"}] if has_image else []

@@ -38,9 +38,8 @@ class Blip2(Family):
         qformer=("qformer",),
     )
 
-    def format_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
-        # image query tokens are inserted as ids in preprocess, before BOS
-        return self.plain_format.format(prompt=prompt)
+    def image_text(self, processor: Any, has_image: bool, suffix: str | None = None) -> str:
+        return ""  # image query tokens are inserted as ids in preprocess, before BOS
 
     def preprocess(
         self,

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from torch import nn
 
-from mmke.models.families._base import Encoded, Family, LayoutSpec
+from mmke.models.families._base import Encoded, Family, LayoutSpec, PromptFormat
 from mmke.registry import register_family
 
 
@@ -54,11 +54,16 @@ class CausalLM(Family):
 
         return AutoModelForCausalLM
 
-    def format_prompt(self, processor: Any, prompt: str, has_image: bool) -> str:
-        if self.chat_template(processor):
+    def image_text(self, processor: Any, has_image: bool, suffix: str | None = None) -> str:
+        return ""
+
+    def format_prompt(
+        self, processor: Any, prompt: str, has_image: bool, fmt: PromptFormat | None = None
+    ) -> str:
+        if (fmt is None or fmt.template is None) and self.chat_template(processor):
             messages = [{"role": "user", "content": prompt}]
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return prompt
+        return super().format_prompt(processor, prompt, has_image, fmt)
 
     def preprocess(
         self,
