@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests._runs import small_run
 
 from mmke.errors import ConfigError
 from mmke.eval import probe_result
@@ -28,7 +29,6 @@ from mmke.models.tiny import tiny_model
 from mmke.report import compare_runs
 from mmke.report.tables import IncomparableError
 from mmke.types import ImageRef, Probe, ProbeKind, Sample
-from tests._runs import small_run
 
 QUESTION, TARGET = "what is the capital of france?", "paris and rome"
 IMAGE = ImageRef("red.png")

@@ -3,7 +3,7 @@
 A ``Scorer`` is one protocol's whole scoring convention (the config's ``scoring=``): the prompt
 format per model family, which tokens are the target (for scoring and for training the edit
 alike: a model encodes with the scorer bound to it), what each score keeps, how a locality probe
-compares the edited model with the unedited one, and how values are averaged. ``mmke`` is
+compares the edited model with the unedited one. ``mmke`` is
 mmke's canonical definition; ``vlkeb``, ``mmke_bench`` and ``easyedit`` follow those projects'
 code (reference: anchors_spec.md; each class names the functions it follows). A protocol's
 known bugs that shape published numbers are offered as named ``emulations``, off by default.
@@ -172,7 +172,7 @@ class Forward(Protocol):
 class Scorer:
     """A paper protocol's scoring: the prompt format per family, which tokens are the target (for
     scoring and for training the edit alike: the model encodes with its bound scorer), what a
-    score keeps, how locality compares the edited model with the unedited one, and averaging.
+    score keeps, how locality compares the edited model with the unedited one.
 
     ``in_context`` in ``locality`` says the edit lives in the prompt (IKE): some anchors score that
     path differently from edits that change weights.
@@ -205,11 +205,6 @@ class Scorer:
 
     def locality_rule(self, in_context: bool = False) -> str:
         return "top-1 agreement over the answer span"
-
-    def averaging(self, method: str) -> str:
-        """How a method's probe values become its table value: "macro" (per case, then over cases)
-        or "micro" (over every token of every case)."""
-        return "macro"
 
     def comparable_group(self, family: str, emulate: Sequence[str] = ()) -> str:
         """Results with equal keys may share a table: same protocol and version, same emulations,
@@ -293,8 +288,9 @@ class Vlkeb(Scorer):
     BPE the first id is then the bare word, not the in-context " word". Locality, trainer path
     (``MultimodalTrainer.edit_step``): rank-wise top-k ids (text k=1, image k=10) at every logit
     position, the last included; IKE path (``compute_icl_multimodal_edit_quality``): the answer
-    span only, pre without demonstrations. Macro averages, except KE (``pl.metrics.Accuracy``
-    accumulates over tokens: micro).
+    span only, pre without demonstrations. Macro averages (``RunningStatAverager``). Not followed:
+    VLKEB's KE code pools every token of every case (``pl.metrics.Accuracy``, a micro average);
+    mmke averages KE per case like every other method.
     """
 
     name: ClassVar[str] = "vlkeb"
@@ -333,9 +329,6 @@ class Vlkeb(Scorer):
                 "rank-wise top-k ids (text k=1, image k=10) over the answer span; pre without demonstrations"
             )
         return "rank-wise top-k ids (text k=1, image k=10) at every logit position"
-
-    def averaging(self, method: str) -> str:
-        return "micro" if method == "ke" else "macro"
 
 
 @register_scorer("mmke_bench", help="MMKE-Bench (a VLKEB fork): VLKEB's inputs, labels and locality")

@@ -239,18 +239,32 @@ def main_table(summary: RunSummary, section: str = "metrics") -> ReportTable | N
         group_columns=1,
         best_columns=tuple(range(2, 2 + len(keys))),
         reference_rows=tuple(reference),
-        note=_main_note(section),
+        note=_main_note(section, groups),
         meta={"keys": keys},
     )
 
 
-def _main_note(section: str) -> str:
+def _main_note(section: str, groups: Sequence[GroupSummary]) -> str:
+    locality = _locality_rules(groups)
     if section == "exact_match":
-        return "Exact match: all target tokens right. Locality: agreement with the unedited model."
+        return (
+            f"Exact match: all target tokens right. Locality ({locality}): agreement with the unedited model."
+        )
     return (
-        "Token accuracy, macro mean over cases. Locality: agreement of top-1 tokens with the "
-        "unedited model. Best edited value per model in bold; 'unedited' is the base model."
+        f"Token accuracy, macro mean over cases. Locality: {locality}, against the unedited model. "
+        "Best edited value per model in bold; 'unedited' is the base model."
     )
+
+
+def _locality_rules(groups: Sequence[GroupSummary]) -> str:
+    """How the groups' locality was computed, from their provenance (each rule once, with its methods)."""
+    rules: dict[str, list[str]] = {}
+    for g in groups:
+        rule = g.provenance.locality if g.provenance is not None else "top-1 agreement over the answer span"
+        rules.setdefault(rule, []).append(str(g.method))
+    if len(rules) == 1:
+        return next(iter(rules))
+    return "; ".join(f"{', '.join(dict.fromkeys(methods))}: {rule}" for rule, methods in rules.items())
 
 
 def edit_type_table(summary: RunSummary) -> ReportTable | None:
