@@ -308,3 +308,13 @@ def test_an_emulation_of_another_protocol_is_refused() -> None:
         load_config(None, ["emulate=[ft_stale_pre]"])
     assert "\n" not in str(e.value)
     assert load_config(None, ["scoring=vlkeb", "emulate=[ft_stale_pre]"]).emulate == ("ft_stale_pre",)
+
+
+def test_a_trained_editor_is_keyed_by_the_protocols_inputs(store) -> None:  # type: ignore[no-untyped-def]
+    from mmke.methods.mend import MEND
+
+    editor, lvlm = MEND(), under("llava", "mmke", store)
+    own = editor.cache_path(lvlm)
+    assert editor.trained_identity(lvlm) == editor.identity()
+    lvlm.bind_scorer(scorer_named("vlkeb"))  # trained on VLKEB's texts and target-alone labels
+    assert editor.cache_path(lvlm) != own and "prompt_format" in editor.trained_identity(lvlm)

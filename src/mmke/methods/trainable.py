@@ -36,6 +36,7 @@ from mmke.errors import ConfigError, MmkeError
 from mmke.io import atomic_path, write_atomic
 from mmke.methods.base import Editor, EditorNotReadyError
 from mmke.models.base import LVLM
+from mmke.models.families import OWN_FORMAT
 from mmke.types import EditCase
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,17 @@ class TrainableEditor(Editor[C], Generic[C]):
         out = {k: v for k, v in asdict(self.config).items() if k not in RUN_ONLY_FIELDS}
         return {k: v for k, v in out.items() if not (k in ADDED_LATER and ADDED_LATER[k] == v)}
 
+    def trained_identity(self, model: LVLM) -> dict[str, Any]:
+        """``identity`` plus, under a paper protocol's inputs, that protocol's prompt format: an
+        editor trained on other texts and labels (VLKEB trains MEND on the target alone) is another."""
+        out = self.identity()
+        if model.prompt_format != OWN_FORMAT:
+            out["prompt_format"] = asdict(model.prompt_format)
+        return out
+
     def cache_path(self, model: LVLM) -> Path:
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+        identity = self.trained_identity(model)
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return cache_dir() / "editors" / model_fingerprint(model)[:16] / f"{self.name}-{digest}"
 
     def find_saved(self, model: LVLM) -> Path | None:
@@ -207,14 +217,14 @@ class TrainableEditor(Editor[C], Generic[C]):
     def _matches(self, model: LVLM, path: Path) -> bool:
         meta = _read_meta(path / META)
         return meta.get("fingerprint") == model_fingerprint(model) and meta.get("identity") == _jsonable(
-            self.identity()
+            self.trained_identity(model)
         )
 
     def save(self, model: LVLM, nets: nn.Module, out: Path, summary: Mapping[str, Any]) -> None:
         meta = {
             "format": FORMAT_VERSION,
             "method": self.name,
-            "identity": _jsonable(self.identity()),
+            "identity": _jsonable(self.trained_identity(model)),
             "fingerprint": model_fingerprint(model),
             **summary,
         }
