@@ -47,13 +47,13 @@ def test_topk_rankwise_is_rank_order_not_set_overlap() -> None:
 
 def test_probe_result_scores_target_kinds_from_the_post_score() -> None:
     r = probe_result(probe(ProbeKind.RELIABILITY), score([1, 2, 3, 4], [1, 2, 0, 0]))
-    assert r == ProbeResult("reliability", None, None, 0.5, 0.0, 1.5, None, None, None)
+    assert r == ProbeResult("reliability", None, None, 0.5, 0.0, 1.5, None, None, None, n_tokens=4)
 
 
 def test_probe_result_locality_is_agreement_with_pre() -> None:
     pre, post = score([5, 5, 5, 5], [7, 8, 9, 10]), score([5, 5, 5, 5], [7, 8, 9, 0])
     r = probe_result(probe(ProbeKind.TEXT_LOCALITY), post, pre)
-    assert (r.token_accuracy, r.exact_match, r.agreement) == (0.75, 0.0, 0.75)
+    assert (r.token_accuracy, r.exact_match, r.agreement, r.n_tokens) == (0.75, 0.0, 0.75, 4)
     same = probe_result(probe(ProbeKind.IMAGE_LOCALITY), pre, pre)
     assert (same.token_accuracy, same.exact_match) == (1.0, 1.0)
     with pytest.raises(ValueError, match="pre-edit"):

@@ -318,3 +318,29 @@ def test_a_trained_editor_is_keyed_by_the_protocols_inputs(store) -> None:  # ty
     assert editor.trained_identity(lvlm) == editor.identity()
     lvlm.bind_scorer(scorer_named("vlkeb"))  # trained on VLKEB's texts and target-alone labels
     assert editor.cache_path(lvlm) != own and "prompt_format" in editor.trained_identity(lvlm)
+
+
+def test_vlkeb_pools_kes_tokens_over_cases_as_its_lightning_accuracy_does(setup, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    world, _ = setup
+    store, summary = small_run(
+        setup,
+        tmp_path / "r",
+        "methods=[ke,noop]",
+        "limit=4",
+        "scoring=vlkeb",
+        "method_options.ke.train_steps=2",
+        f"benchmark_options.train={world / 'cases_train.jsonl'}",
+    )
+    records = [r for r in store.records() if r.run.method == "ke" and r.ok]
+    assert records and all(r.run.provenance.averaging == "micro" for r in records)
+    for kind in ("reliability", "text_locality", "image_locality"):
+        probes = [p for r in records for p in r.probes if p.kind == kind]
+        assert all(p.n_tokens for p in probes)
+        pooled = sum(p.token_accuracy * p.n_tokens for p in probes) / sum(p.n_tokens for p in probes)
+        (group,) = [g for g in summary.groups if g.method == "ke" and g.edit_type == "all"]
+        assert group.metrics[kind] == pytest.approx(pooled, abs=1e-6)
+    (ke,) = [g for g in summary.groups if g.method == "ke" and g.edit_type == "all"]
+    macro = {k: sum(r.metrics[k] for r in records) / len(records) for k in ("reliability", "image_locality")}
+    assert any(ke.metrics[k] != pytest.approx(v, abs=1e-6) for k, v in macro.items())  # the two differ here
+    (noop,) = [g for g in summary.groups if g.method == "noop" and g.edit_type == "all"]
+    assert noop.provenance.averaging == "macro"

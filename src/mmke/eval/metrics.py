@@ -55,6 +55,9 @@ class MetricSpec:
     fn: MetricFn = field(compare=False, repr=False)
     aggregate: str = MACRO
     parent: str | None = None
+    #: The same metric over many cases' probes pooled by their ``n_tokens`` (a micro average, as
+    #: VLKEB's KE code computes); None: the metric is only ever macro-averaged.
+    pooled: MetricFn | None = field(default=None, compare=False, repr=False)
 
 
 def metric(
@@ -67,11 +70,12 @@ def metric(
     help: str,
     aggregate: str = MACRO,
     parent: str | None = None,
+    pooled: MetricFn | None = None,
 ) -> Callable[[MetricFn], MetricFn]:
     """Register the decorated pure function as metric ``key`` (see ``MetricSpec``)."""
 
     def add(fn: MetricFn) -> MetricFn:
-        spec = MetricSpec(key, label, name, paper, help, tuple(reads), fn, aggregate, parent)
+        spec = MetricSpec(key, label, name, paper, help, tuple(reads), fn, aggregate, parent, pooled)
         register_metric(key, help=f"{label}: {help}")(spec)
         return fn
 
@@ -89,22 +93,38 @@ def probe_mean(
     kind: ProbeKind,
     hop: int | None = None,
     attack: AttackType | None = None,
+    pooled: bool = False,
 ) -> float | None:
-    """The mean ``measure`` over the probes of ``kind`` (of one ``hop`` / ``attack`` when given)."""
-    vals = [
-        getattr(r, measure)
+    """The mean ``measure`` over the probes of ``kind`` (of one ``hop`` / ``attack`` when given);
+    ``pooled``: each probe weighed by its ``n_tokens`` (when every probe has one)."""
+    chosen = [
+        r
         for r in results
         if r.kind == kind.value
         and (hop is None or r.hop == hop)
         and (attack is None or r.attack == attack.value)
     ]
-    return _mean(vals) if vals else None
+    if not chosen:
+        return None
+    vals = [float(getattr(r, measure)) for r in chosen]
+    weights = [r.n_tokens for r in chosen]
+    if pooled and all(w is not None for w in weights):
+        return math.fsum(v * w for v, w in zip(vals, weights, strict=True)) / math.fsum(weights)  # type: ignore[misc]
+    return _mean(vals)
+
+
+def _probe_metric(
+    key: str, kind: ProbeKind, hop: int | None = None, attack: AttackType | None = None, **spec: Any
+) -> None:
+    """Register a mean over probes (of one hop / attack type) with its token-pooled form."""
+    where = {"kind": kind, "hop": hop, "attack": attack}
+    metric(key, reads=(kind,), pooled=partial(probe_mean, **where, pooled=True), **spec)(
+        partial(probe_mean, **where)
+    )
 
 
 def _mean_of(kind: ProbeKind, label: str, name: str, paper: str, help: str) -> None:
-    metric(kind.value, label=label, name=name, paper=paper, reads=(kind,), help=help)(
-        partial(probe_mean, kind=kind)
-    )
+    _probe_metric(kind.value, kind, label=label, name=name, paper=paper, help=help)
 
 
 # The headline metrics, in VLKEB Table 2 / MedMKEB column order.
@@ -162,15 +182,16 @@ _mean_of(
     "edit prompt under an adversarial rewording (all attack types)",
 )
 for _hop in range(1, 5):
-    metric(
+    _probe_metric(
         f"portability_hop{_hop}",
+        ProbeKind.PORTABILITY,
+        hop=_hop,
         label=f"Port-{_hop}",
         name=f"Portability of {_hop}-hop questions",
         paper="VLKEB",
-        reads=(ProbeKind.PORTABILITY,),
         help=f"portability of {_hop}-hop questions",
         parent="portability",
-    )(partial(probe_mean, kind=ProbeKind.PORTABILITY, hop=_hop))
+    )
 for _attack, _short in {
     AttackType.PSEUDO_AUTHORITY: "Authority",
     AttackType.FEATURE_CONFUSION: "Confusion",
@@ -179,15 +200,16 @@ for _attack, _short in {
     AttackType.VAGUE_WORDING: "Vague",
 }.items():
     _words = _attack.value.replace("_", " ")
-    metric(
+    _probe_metric(
         f"robustness_{_attack.value}",
+        ProbeKind.ROBUSTNESS,
+        attack=_attack,
         label=f"Rob-{_short}",
         name=f"Robustness under {_words}",
         paper="MedMKEB",
-        reads=(ProbeKind.ROBUSTNESS,),
         help=f"robustness under {_words}",
         parent="robustness",
-    )(partial(probe_mean, kind=ProbeKind.ROBUSTNESS, attack=_attack))
+    )
 
 
 # ---------------------------------------------------------------- per probe
@@ -212,12 +234,23 @@ def probe_result(
             raise ValueError(f"{kind.value} probe needs the pre-edit score to measure agreement")
         if scorer is None:
             from mmke.models.scoring import CANONICAL as scorer
-        agree = scorer.locality(kind.value, post, pre, in_context)
+        agree, compared = scorer.locality(kind.value, post, pre, in_context)
         exact = 1.0 if agree == 1.0 else 0.0
-        return ProbeResult(kind.value, probe.hop, attack, agree, exact, post.nll, agree, generated, gen_match)
+        return ProbeResult(
+            kind.value, probe.hop, attack, agree, exact, post.nll, agree, generated, gen_match, compared
+        )
     exact = 1.0 if post.exact_match else 0.0
     return ProbeResult(
-        kind.value, probe.hop, attack, post.token_accuracy, exact, post.nll, None, generated, gen_match
+        kind.value,
+        probe.hop,
+        attack,
+        post.token_accuracy,
+        exact,
+        post.nll,
+        None,
+        generated,
+        gen_match,
+        post.n_tokens,
     )
 
 
@@ -328,9 +361,24 @@ def relative_change(post: Mapping[str, float], base: Mapping[str, float]) -> dic
     return out
 
 
+def _pooled(records: Sequence[CaseRecord]) -> dict[str, float]:
+    """Token-pooled means over the records' probes (VLKEB's KE: ``pl.metrics.Accuracy`` counts
+    every compared id of every case); a metric without a pooled form keeps its macro mean."""
+    out = _macro(r.metrics for r in records)
+    probes = [p for r in records for p in r.probes]
+    for spec in metric_specs():
+        if spec.pooled is not None and spec.key in out:
+            value = spec.pooled(probes, "token_accuracy")
+            if value is not None:
+                out[spec.key] = value
+    return out
+
+
 def _group(ident: dict[str, Any], records: Sequence[CaseRecord]) -> GroupSummary:
     ok = [r for r in records if r.ok]
-    metrics = _macro(r.metrics for r in ok)
+    provenance = _shared(r.run.provenance for r in records)
+    micro = provenance is not None and provenance.averaging == "micro"
+    metrics = _pooled(ok) if micro else _macro(r.metrics for r in ok)
     base = _macro(r.base for r in ok)
     return GroupSummary(
         **ident,
@@ -343,7 +391,7 @@ def _group(ident: dict[str, Any], records: Sequence[CaseRecord]) -> GroupSummary
         # from the unrounded means, so a tiny base is not rounded to 0 first
         portability_relative_change=relative_change(metrics, base),
         efficiency=_rounded(_macro(r.efficiency for r in ok)),
-        provenance=_shared(r.run.provenance for r in records),
+        provenance=provenance,
     )
 
 

@@ -135,6 +135,9 @@ class ProbeResult:
     agreement: float | None = None
     generated: str | None = None
     generated_match: float | None = None
+    #: How many ids the value averages over (target tokens; for locality, the compared ids):
+    #: a token-pooled (micro) average weighs the probe by it. None in records before it.
+    n_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,9 @@ class CaseRecord:
     def to_dict(self) -> dict[str, Any]:
         out = {**asdict(self), "schema": RECORD_SCHEMA}
         _put_provenance(out["run"], self.run.provenance)
+        for probe in out["probes"]:  # as an older record was read, byte for byte
+            if probe["n_tokens"] is None:
+                del probe["n_tokens"]
         return out
 
     def to_json(self) -> str:

@@ -91,6 +91,7 @@ class Session:
             scorer=self.model.prompt_format.labels,
             prompt_format=f"{family}: {self.model.prompt_format.describe}",
             locality=sc.locality_rule(editor.in_context),
+            averaging=sc.averaging(method),
             emulate=emulate,
             comparable_group=sc.comparable_group(family, emulate),
         )

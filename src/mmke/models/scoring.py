@@ -198,10 +198,25 @@ class Scorer:
         logits = model.logits(batch)  # (N, V)
         return score_answers(logits, batch.answer_labels, batch.answer_lengths, topk)
 
-    def locality(self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False) -> float:
+    def locality(
+        self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
+    ) -> tuple[float, int]:
         """How far the edited model (``post``) still agrees with the unedited one (``pre``) on a
-        locality probe of ``kind`` ("text_locality" / "image_locality"); 1.0 is untouched."""
-        return agreement(pre.argmax_ids, post.argmax_ids)
+        locality probe of ``kind`` ("text_locality" / "image_locality"), 1.0 being untouched, and
+        how many ids that compared (what a token-pooled average weighs it by)."""
+        pre_ids, post_ids = self.compared(kind, post, pre, in_context)
+        return agreement(pre_ids, post_ids), int(pre_ids.numel())
+
+    def compared(
+        self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre- and post-edit ids this protocol's locality compares, element by element."""
+        return pre.argmax_ids, post.argmax_ids
+
+    def averaging(self, method: str) -> str:
+        """How ``method``'s probe values become its table value: "macro" (each case's mean, then
+        the mean over cases) or "micro" (every compared token of every case pooled)."""
+        return "macro"
 
     def locality_rule(self, in_context: bool = False) -> str:
         return "top-1 agreement over the answer span"
@@ -288,9 +303,8 @@ class Vlkeb(Scorer):
     BPE the first id is then the bare word, not the in-context " word". Locality, trainer path
     (``MultimodalTrainer.edit_step``): rank-wise top-k ids (text k=1, image k=10) at every logit
     position, the last included; IKE path (``compute_icl_multimodal_edit_quality``): the answer
-    span only, pre without demonstrations. Macro averages (``RunningStatAverager``). Not followed:
-    VLKEB's KE code pools every token of every case (``pl.metrics.Accuracy``, a micro average);
-    mmke averages KE per case like every other method.
+    span only, pre without demonstrations. Macro averages (``RunningStatAverager``), except KE,
+    whose code pools every compared token of every case (``pl.metrics.Accuracy``: micro).
     """
 
     name: ClassVar[str] = "vlkeb"
@@ -313,15 +327,16 @@ class Vlkeb(Scorer):
     def score_batch(self, model: Forward, batch: Batch, topk: int) -> list[ItemScore]:
         return _full_topk(model, batch, topk)
 
-    def locality(self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False) -> float:
+    def compared(
+        self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = PAPER_K[kind]
         if in_context:  # icl_multimodal_loc_logits: the last len(answer) shifted positions
-            return topk_rankwise(pre.topk_ids[:, :k], post.topk_ids[:, :k])
-        pre_top, post_top = _need_context(post, pre, self.name)
+            return pre.topk_ids[:, :k], post.topk_ids[:, :k]
         # Equal lengths for every weight edit; a method that scores through another text (SERAC's
         # counterfactual model) is aligned on the shared tail, which ends at the same answer token.
-        pre_top, post_top = trailing(pre_top, post_top)  # (n, k) each
-        return topk_rankwise(pre_top[:, :k], post_top[:, :k])
+        pre_top, post_top = trailing(*_need_context(post, pre, self.name))  # (n, k) each
+        return pre_top[:, :k], post_top[:, :k]
 
     def locality_rule(self, in_context: bool = False) -> str:
         if in_context:
@@ -329,6 +344,9 @@ class Vlkeb(Scorer):
                 "rank-wise top-k ids (text k=1, image k=10) over the answer span; pre without demonstrations"
             )
         return "rank-wise top-k ids (text k=1, image k=10) at every logit position"
+
+    def averaging(self, method: str) -> str:
+        return "micro" if method == "ke" else "macro"
 
 
 @register_scorer("mmke_bench", help="MMKE-Bench (a VLKEB fork): VLKEB's inputs, labels and locality")
@@ -406,10 +424,12 @@ class EasyEdit(Scorer):
     def score_batch(self, model: Forward, batch: Batch, topk: int) -> list[ItemScore]:
         return _full_topk(model, batch, topk)
 
-    def locality(self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False) -> float:
+    def compared(
+        self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = PAPER_K[kind]
         pre_top, post_top = trailing(*_need_context(post, pre, self.name))  # (n, k) each
-        return topk_rankwise(pre_top[:, :k], post_top[:, :k])
+        return pre_top[:, :k], post_top[:, :k]
 
     def locality_rule(self, in_context: bool = False) -> str:
         return (

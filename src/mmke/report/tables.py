@@ -23,7 +23,7 @@ from rich.table import Table
 from mmke.errors import ConfigError, MmkeError
 from mmke.eval import metrics as _metrics
 from mmke.eval.metrics import MetricSpec, metric_specs
-from mmke.eval.records import GroupSummary, RunSummary
+from mmke.eval.records import GroupSummary, Provenance, RunSummary
 from mmke.types import ProbeKind
 
 Cell = str | int | float | None
@@ -245,22 +245,27 @@ def main_table(summary: RunSummary, section: str = "metrics") -> ReportTable | N
 
 
 def _main_note(section: str, groups: Sequence[GroupSummary]) -> str:
-    locality = _locality_rules(groups)
+    locality = _rules(groups, lambda p: p.locality, "top-1 agreement over the answer span")
     if section == "exact_match":
         return (
             f"Exact match: all target tokens right. Locality ({locality}): agreement with the unedited model."
         )
+    averaging = _rules(groups, lambda p: AVERAGING[p.averaging], AVERAGING["macro"])
     return (
-        f"Token accuracy, macro mean over cases. Locality: {locality}, against the unedited model. "
+        f"Token accuracy, {averaging}. Locality: {locality}, against the unedited model. "
         "Best edited value per model in bold; 'unedited' is the base model."
     )
 
 
-def _locality_rules(groups: Sequence[GroupSummary]) -> str:
-    """How the groups' locality was computed, from their provenance (each rule once, with its methods)."""
+#: How a group's values were averaged, in words (``Provenance.averaging``).
+AVERAGING = {"macro": "macro mean over cases", "micro": "every compared token of every case pooled"}
+
+
+def _rules(groups: Sequence[GroupSummary], rule_of: Callable[[Provenance], str], unrecorded: str) -> str:
+    """One provenance rule of the groups in words: once when all share it, else per method."""
     rules: dict[str, list[str]] = {}
     for g in groups:
-        rule = g.provenance.locality if g.provenance is not None else "top-1 agreement over the answer span"
+        rule = rule_of(g.provenance) if g.provenance is not None else unrecorded
         rules.setdefault(rule, []).append(str(g.method))
     if len(rules) == 1:
         return next(iter(rules))
