@@ -76,11 +76,22 @@ def test_list_metrics_shows_every_metric_with_its_paper_name_and_aggregation(
     assert ["text_generality", "T-Gen (VLKEB)"] in [r[:2] for r in rows]
 
 
-@pytest.mark.parametrize("kind", ["scorers", "protocols"])
-def test_list_scorers_and_protocols(
-    kind: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_list_protocols(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["list", "protocols"]) == 0
+    names = [r[0] for r in _table_rows(capsys.readouterr().out)]
+    assert names == registry.protocols.names()
+
+
+def test_list_scorers_says_what_each_follows_and_emulates(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "400")
-    assert main(["list", kind]) == 0
-    names = [r[0] for r in _table_rows(capsys.readouterr().out)]
-    assert names == getattr(registry, kind).names()
+    assert main(["list", "scorers"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["mmke (v1)", "vlkeb (v2)", "mmke_bench (v1)", "easyedit (v1)"]
+    by_name = {r[0].split()[0]: r for r in rows}
+    assert (
+        by_name["vlkeb"][1].startswith("VLKEB/VLKEB main@10951b7") and by_name["vlkeb"][2] == "ft_stale_pre"
+    )
+    assert by_name["easyedit"][2] == "pre_after_edit" and by_name["mmke"][2] == "–"

@@ -405,3 +405,37 @@ def test_the_resolved_values_are_what_the_run_records(setup: tuple[Path, Path], 
         "hparams": str(path),
         "steps": 2,
     }
+
+
+def test_the_cli_writes_the_resolved_values_into_config_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mmke.cli import main
+
+    fixtures = Path(__file__).parent / "fixtures" / "formats"
+    base = [
+        "run",
+        "--benchmark",
+        f"vlkeb:{fixtures / 'vlkeb' / 'eval_multihop.json'}",
+        "--image-root",
+        str(fixtures / "images"),
+        "--model",
+        "world",
+        "methods=[ft_llm]",
+        f"method_options.ft_llm.hparams={FIXTURES / 'vlkeb_ft_llava.yaml'}",
+        f"out={tmp_path}",
+    ]
+    # the file's layer 31 is checked against the loaded 4-layer model, written out or not
+    assert main([*base, "--run-id", "a"]) != 0
+    assert "inner_params names llm layer 31, but the model has 4" in capsys.readouterr().err
+    assert main([*base, "method_options.ft_llm.layers=[-1]", "--run-id", "b"]) == 0
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["method_options"]["ft_llm"]
+    assert saved == {
+        "hparams": str(FIXTURES / "vlkeb_ft_llava.yaml"),
+        "layers": [-1],
+        "lr": 1e-4,
+        "site": "llm",
+        "steps": 10,
+        "weight_decay": 0.01,
+    }
+    assert main(["run", "--resume", str(tmp_path / "b")]) == 0  # the written-out values resolve again

@@ -344,3 +344,10 @@ def test_vlkeb_pools_kes_tokens_over_cases_as_its_lightning_accuracy_does(setup,
     assert any(ke.metrics[k] != pytest.approx(v, abs=1e-6) for k, v in macro.items())  # the two differ here
     (noop,) = [g for g in summary.groups if g.method == "noop" and g.edit_type == "all"]
     assert noop.provenance.averaging == "macro"
+
+
+def test_an_emulation_outside_its_editing_protocol_is_refused() -> None:
+    from mmke.config import load_config
+
+    with pytest.raises(ConfigError, match="re-enacts a bug of single editing, not of protocol=lifelong"):
+        load_config(None, ["scoring=vlkeb", "emulate=[ft_stale_pre]", "protocol=lifelong"])

@@ -233,6 +233,16 @@ def _metric_listing() -> Listing:
     return ("key", "paper name", "aggregation", "meaning"), rows
 
 
+def _scorer_listing() -> Listing:
+    from mmke.registry import scorers
+
+    helps, rows = dict(scorers.describe()), []
+    for name in scorers.declared():
+        sc = scorers.get(name)
+        rows.append((f"{name} (v{sc.version})", sc.follows, ", ".join(sc.emulations) or "–", helps[name]))
+    return ("scoring=", "follows", "emulate=", "what"), rows
+
+
 def _listings() -> dict[str, Callable[[], Listing]]:
     """What ``mmke list`` can show, in the order it shows everything."""
     return {
@@ -240,7 +250,7 @@ def _listings() -> dict[str, Callable[[], Listing]]:
         "models": _model_listing,
         "methods": _registered("methods"),
         "metrics": _metric_listing,
-        "scorers": _registered("scorers"),
+        "scorers": _scorer_listing,
         "protocols": _registered("protocols"),
     }
 
@@ -318,6 +328,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mmke.config import load_config
     from mmke.eval.executors import executor_for
     from mmke.eval.job import preflight
+    from mmke.eval.runner import with_hparams
     from mmke.eval.store import RunStore
 
     executor = executor_for(args.executor, args.workers, args.ray_address)
@@ -329,7 +340,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             cfg = _resumed_config(store, args.config, given)
             bench = preflight(cfg)
         else:
-            cfg = load_config(args.config, given)
+            cfg = with_hparams(load_config(args.config, given))  # config.yaml keeps what files resolved to
             bench = preflight(cfg)  # nothing is created on disk before this passes
             store = RunStore.create(Path(cfg.out), args.run_id, cfg.to_dict())
             held.enter_context(store.locked(discard_if_empty=True))

@@ -114,6 +114,11 @@ class RunConfig:
                     f"emulate={name!r}: scoring={self.scoring} offers these emulations: {offered}"
                     f"{_did_you_mean(name, list(known))}"
                 )
+            if known[name].protocols and self.protocol not in known[name].protocols:
+                raise ConfigError(
+                    f"emulate={name!r} re-enacts a bug of {', '.join(known[name].protocols)} editing, "
+                    f"not of protocol={self.protocol}"
+                )
         _check_choice("dtype", self.dtype, DTYPES)
         for name in self.edit_types or ():
             _check_choice("edit_types", name, tuple(e.value for e in EditType))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from mmke.eval.protocols import Protocol as EditProtocol
 from mmke.eval.records import CaseRecord, EditText, Provenance, ResumeKey, RunBlock
 from mmke.eval.store import RunStore
 from mmke.methods.base import EditCollapsed, Edited, Editor, EditorNotReadyError
+from mmke.methods.hparams import KEY as HPARAMS_KEY
 from mmke.methods.hparams import Hparams, expand
 from mmke.models import LVLM
 from mmke.models._loading import bundled_or_path
@@ -266,7 +267,7 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
                 writes = s.protocol.writes(case)
                 if not writes:
                     return
-                if step.edit > 0 and s.protocol.name == "single" and s.emulating("ft_stale_pre", method):
+                if step.edit > 0 and s.emulating("ft_stale_pre", method):
                     stale[step.edit] = _stale_pre(s, editor, step.edit)
                 try:
                     applied.append(_apply(s, editor, writes, step.edit, stack))
@@ -298,6 +299,9 @@ def _stale_pre(s: Session, editor: Editor, index: int) -> list[ItemScore]:
     try:
         edited, _ = _apply(s, editor, s.protocol.writes(s.cases[index - 1]), index - 1, stack)
         scored = edited.score([case.probes[i] for i in where], batch_size=s.cfg.batch_size)
+    except (EditCollapsed, MmkeError) as e:  # no edit was left behind to go stale: pre is clean
+        log.warning("%s %s: ft_stale_pre: the previous edit failed (%s)", editor.name, case.case_id, e)
+        return pre
     finally:
         for handle in reversed(stack):
             handle.restore()
@@ -343,13 +347,26 @@ def method_options(
     user = cfg.method_options.get(method, {})
     options, hparams = expand(method, user)
     if hparams is not None and layout is not None:
-        hparams.check_layers(layout, user)
+        # a value equal to the file's came from it (``with_hparams`` wrote it out): check it too
+        own = [k for k, v in user.items() if k not in hparams.options or hparams.options[k] != v]
+        hparams.check_layers(layout, own)
     return {**presets.get(method, {}), **options}
 
 
 def method_hparams(cfg: RunConfig, method: str) -> Hparams | None:
     """The anchor hparams file the user gave ``method``, as translated (None without one)."""
     return expand(method, cfg.method_options.get(method, {}))[1]
+
+
+def with_hparams(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with each method's anchor hparams file read into its options (the path kept beside
+    them), so a run's ``config.yaml`` holds the values the file resolved to; resolving that again
+    gives the same options."""
+    resolved = {}
+    for method, user in cfg.method_options.items():
+        options, hparams = expand(method, user)
+        resolved[method] = options if hparams is None else {**options, HPARAMS_KEY: user[HPARAMS_KEY]}
+    return replace(cfg, method_options=resolved)
 
 
 def editor_for(s: Session, method: str) -> Editor:

@@ -3,7 +3,8 @@
 The answer tokens are found from character offsets of the full prompt+target encoding, never by
 tokenising the target alone: for byte-level BPE " Paris" and "Paris" are different ids, and
 only the in-context one is what the model must predict. ``tail_labels`` builds the papers'
-labels instead (target tokenised alone, at the end), for ``scoring="vlkeb"``.
+labels instead (target tokenised alone, at the end), for the paper protocols whose
+format says so (``PromptFormat.target_alone``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol, overload
+from typing import ClassVar, Protocol, overload
 
 import torch
 
@@ -159,13 +159,12 @@ class Emulation:
 
     help: str
     methods: tuple[str, ...] = ()  # the methods it touches; empty: every method
+    protocols: tuple[str, ...] = ()  # the editing protocols it exists under; empty: every one
 
 
 class Forward(Protocol):
-    """What a scorer needs of a model: its tokenizer and its logits for an encoded batch."""
+    """What a scorer needs of a model: its logits for an encoded batch."""
 
-    @property
-    def tokenizer(self) -> Any: ...
     def logits(self, batch: Batch, answer_only: bool = True) -> torch.Tensor: ...
 
 
@@ -180,9 +179,9 @@ class Scorer:
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
-    #: The code whose definitions this scorer follows (shown by ``mmke list scorers`` and the README).
+    #: The code whose definitions this scorer follows (repository@commit and its functions).
     follows: ClassVar[str] = ""
-    #: The family's own format, where the protocol's code has none for it.
+    #: How the protocol's code writes each family it supports (family name -> format).
     formats: ClassVar[Mapping[str, PromptFormat]] = MappingProxyType({})
     emulations: ClassVar[Mapping[str, Emulation]] = MappingProxyType({})
     #: The label rule for families the protocol has no format for (they keep their own prompts).
@@ -319,6 +318,7 @@ class Vlkeb(Scorer):
                 "FT's pre-edit locality comes from the model still holding the previous case's edit"
                 " (VLKEB FT.edit restores only at the start of the next edit; edit_step scores pre first)",
                 ("ft_llm", "ft_vision", "ft_projector"),
+                ("single",),
             )
         }
     )
@@ -416,6 +416,7 @@ class EasyEdit(Scorer):
                 '"pre" is scored after the edit for methods that change the model in place, so their'
                 " locality is 1 (MultimodalEditor.edit's single-edit branch; EasyEdit issue 659)",
                 ("mend", "lora", "grace", "wise"),
+                ("single",),
             )
         }
     )
