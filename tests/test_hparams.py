@@ -25,6 +25,18 @@ from mmke.models.tiny import tiny_model
 from mmke.registry import methods
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hparams"
+#: EasyEdit's WISE files for LLaVA-OneVision and BLIP-2 set the same values.
+WISE_EXPECTED = {
+    "layer": 23,
+    "lr": 1.0,
+    "steps": 10,
+    "mask_ratio": 0.2,
+    "norm_constraint": 1.0,
+    "alpha": 5.0,
+    "beta": 20.0,
+    "gamma": 10.0,
+    "act_ratio": 0.4,
+}
 
 #: fixture, method, options it must set (exactly), option the tiny model needs from the user.
 CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
@@ -145,33 +157,13 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     (
         "easyedit_wise_llavaov.yaml",
         "wise",
-        {
-            "layer": 23,
-            "lr": 1.0,
-            "steps": 10,
-            "mask_ratio": 0.2,
-            "norm_constraint": 1.0,
-            "alpha": 5.0,
-            "beta": 20.0,
-            "gamma": 10.0,
-            "act_ratio": 0.4,
-        },
+        WISE_EXPECTED,
         {"layer": -1},
     ),
     (
         "easyedit_wise_blip2.yaml",
         "wise",
-        {
-            "layer": 23,
-            "lr": 1.0,
-            "steps": 10,
-            "mask_ratio": 0.2,
-            "norm_constraint": 1.0,
-            "alpha": 5.0,
-            "beta": 20.0,
-            "gamma": 10.0,
-            "act_ratio": 0.4,
-        },
+        WISE_EXPECTED,
         {"layer": -1},
     ),
     (

@@ -265,6 +265,25 @@ class InContext(Scorer):
 #: Text-locality k and image-locality k of the anchors' top-k comparison.
 PAPER_K: Mapping[str, int] = MappingProxyType({"text_locality": 1, "image_locality": 10})
 
+
+class AllPositions(Scorer):
+    """What the anchors' scorers share: labels are the target tokenised alone at the last
+    positions, every position's top-k is kept, and locality is the rank-wise match of top-k ids
+    (text k=1, image k=10) over the full sequences, aligned on their trailing min length."""
+
+    target_alone: ClassVar[bool] = True
+
+    def score_batch(self, model: Forward, batch: Batch, topk: int) -> list[ItemScore]:
+        return _full_topk(model, batch, topk)
+
+    def compared(
+        self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k = PAPER_K[kind]
+        pre_top, post_top = trailing(*_need_context(post, pre, self.name))  # (n, k) each
+        return pre_top[:, :k], post_top[:, :k]
+
+
 #: VLKEB main's inputs (VLKEB/VLKEB@10951b7 ``CaptionDataset.collate_fn`` builds "{prompt} {target}"
 #: with no template for every model; each model wrapper then places the image).
 VLKEB_FORMATS: Mapping[str, PromptFormat] = MappingProxyType(
@@ -293,7 +312,7 @@ VLKEB_FORMATS: Mapping[str, PromptFormat] = MappingProxyType(
     "vlkeb", help="VLKEB (main, multihop, edit_onehop branches): its inputs, labels and locality"
 )
 @dataclass(frozen=True)
-class Vlkeb(Scorer):
+class Vlkeb(AllPositions):
     """VLKEB's protocol, as its code computes it.
 
     Inputs as ``VLKEB_FORMATS``. Labels (for scoring and for training the edit, as ``FT.edit`` and
@@ -322,21 +341,16 @@ class Vlkeb(Scorer):
             )
         }
     )
-    target_alone: ClassVar[bool] = True
-
-    def score_batch(self, model: Forward, batch: Batch, topk: int) -> list[ItemScore]:
-        return _full_topk(model, batch, topk)
 
     def compared(
         self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        k = PAPER_K[kind]
         if in_context:  # icl_multimodal_loc_logits: the last len(answer) shifted positions
+            k = PAPER_K[kind]
             return pre.topk_ids[:, :k], post.topk_ids[:, :k]
         # Equal lengths for every weight edit; a method that scores through another text (SERAC's
         # counterfactual model) is aligned on the shared tail, which ends at the same answer token.
-        pre_top, post_top = trailing(*_need_context(post, pre, self.name))  # (n, k) each
-        return pre_top[:, :k], post_top[:, :k]
+        return super().compared(kind, post, pre)
 
     def locality_rule(self, in_context: bool = False) -> str:
         if in_context:
@@ -393,7 +407,7 @@ EASYEDIT_FORMATS: Mapping[str, PromptFormat] = MappingProxyType(
     "easyedit", help="EasyEdit HEAD's multimodal editor: its inputs, labels and trailing top-k locality"
 )
 @dataclass(frozen=True)
-class EasyEdit(Scorer):
+class EasyEdit(AllPositions):
     """EasyEdit HEAD's multimodal evaluation (``MultimodalEditor.edit``), as its code computes it.
 
     Inputs and labels as ``EASYEDIT_FORMATS`` (it has no LLaVA-1.5). Token accuracy is the mean
@@ -420,17 +434,6 @@ class EasyEdit(Scorer):
             )
         }
     )
-    target_alone: ClassVar[bool] = True
-
-    def score_batch(self, model: Forward, batch: Batch, topk: int) -> list[ItemScore]:
-        return _full_topk(model, batch, topk)
-
-    def compared(
-        self, kind: str, post: ItemScore, pre: ItemScore, in_context: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        k = PAPER_K[kind]
-        pre_top, post_top = trailing(*_need_context(post, pre, self.name))  # (n, k) each
-        return pre_top[:, :k], post_top[:, :k]
 
     def locality_rule(self, in_context: bool = False) -> str:
         return (
