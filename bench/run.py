@@ -11,7 +11,9 @@ For each (model, method) it runs
 checks both give the same metric values, and prints cases/s of each and their ratio, mmke's time
 over the floor (each edit's own compute + one batched forward of its case's probes), and peak
 memory: the process's peak RSS above its resting RSS with the model loaded, against the snapshot
-of the edited parameters. ``--workers`` adds 1 vs 2 local worker processes on a world run.
+of the edited parameters. ``--workers`` adds 1 vs 2 local worker processes on a world run;
+``--generation`` times the main job's methods with ``evaluation=[teacher_forced,generation]``
+against teacher forcing alone (goal: at most 1.5x). Every other timing here is teacher-forced.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from mmke.models import LVLM
 from mmke.models.gguf import smollm2_dir
 from mmke.types import EditCase
 
-GOALS = {"speedup": 5.0, "floor": 1.25, "memory": 1.2, "workers": 1.7}
+GOALS = {"speedup": 5.0, "floor": 1.25, "memory": 1.2, "workers": 1.7, "generation": 1.5}
+TEACHER_FORCED = ("teacher_forced",)
 #: A run scores the unedited model once and every method reuses it; the main job runs this many.
 MAIN_JOB_METHODS = len(RunConfig().methods)
 
@@ -219,6 +222,22 @@ def workers_ratio(limit: int, out: Path) -> dict[str, float]:
     return times
 
 
+def generation_ratio(limit: int, out: Path) -> dict[str, float]:
+    """The main job (every default method) on ``limit`` world cases, teacher-forced only and with
+    free generation beside it, both in one process from a cold start."""
+    times = {}
+    for name, evaluation in (
+        ("teacher_forced", TEACHER_FORCED),
+        ("+generation", ("teacher_forced", "generation")),
+    ):
+        cfg = RunConfig(limit=limit, evaluation=evaluation)
+        store = RunStore.create(out, None, cfg.to_dict())
+        start = time.perf_counter()
+        run(cfg, store)
+        times[name] = time.perf_counter() - start
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=24, help="world cases per method")
@@ -227,16 +246,21 @@ def main() -> None:
     p.add_argument("--workers", action="store_true", help="also time 1 process vs 2 worker processes")
     p.add_argument("--only-workers", action="store_true", help="only the workers timing")
     p.add_argument("--workers-limit", type=int, default=60, help="world cases for the workers timing")
+    p.add_argument("--generation", action="store_true", help="also time the main job with free generation")
+    p.add_argument("--only-generation", action="store_true", help="only the generation timing")
+    p.add_argument("--generation-limit", type=int, default=24, help="world cases for the generation timing")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("MMKE_BENCH_THREADS", torch.get_num_threads())))
     out = Path(tempfile.mkdtemp(prefix="mmke-bench-"))
     if args.only_workers:
         args.workers, args.methods, args.smollm_cases = True, "", 0
+    if args.only_generation:
+        args.generation, args.methods, args.smollm_cases = True, "", 0
     bench = load_benchmark("world")
     rows = []
-    cfg = RunConfig(limit=args.cases)
+    cfg = RunConfig(limit=args.cases, evaluation=TEACHER_FORCED)  # the anchors' loop only teacher-forces
     cases = select_cases(bench.cases, args.cases, None)
-    world = LVLM.load("world") if not args.only_workers else None
+    world = LVLM.load("world") if args.methods else None
     # the model's own method presets apply, as in `mmke run`
     for method in filter(None, args.methods.split(",")):
         rows.append(compare("world", world, method, replace(cfg, methods=(method,)), bench, cases, out))
@@ -271,6 +295,14 @@ def main() -> None:
             f"\nmain job on {args.workers_limit} world cases, every default method: "
             f"1 process {times['1 process']:.1f} s, 2 workers {times['2 workers']:.1f} s: "
             f"{ratio:.2f}x (goal >= {GOALS['workers']}x)"
+        )
+    if args.generation:
+        times = generation_ratio(args.generation_limit, out)
+        ratio = times["+generation"] / times["teacher_forced"]
+        print(
+            f"\nmain job on {args.generation_limit} world cases, every default method: teacher-forced "
+            f"{times['teacher_forced']:.1f} s, with free generation {times['+generation']:.1f} s: "
+            f"{ratio:.2f}x (goal <= {GOALS['generation']}x)"
         )
     if rows:
         median = statistics.median(r["speedup"] for r in rows)

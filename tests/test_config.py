@@ -42,7 +42,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     cfg = load_config(path, ["limit=50", "generate=true", "method_options.ft_llm.steps=20", "gaps=10,20"])
     assert cfg.limit == 50  # override beats the file
     assert cfg.methods == ("ike",) and cfg.seed == 3  # the file beats the defaults
-    assert cfg.generate is True and cfg.gaps == (10, 20)
+    assert cfg.evaluation == ("teacher_forced", "generation") and cfg.gaps == (10, 20)  # the old flag
     assert cfg.method_options == {"ft_llm": {"steps": 20, "lr": 0.1}}  # dotted keys merge
 
 
@@ -60,7 +60,7 @@ def test_override_value_forms() -> None:
         ({"limt": 5}, [], "unknown config key 'limt' in .*run.yaml; did you mean 'limit'?"),
         ({}, ["protocl=single"], "unknown config key 'protocl' in overrides; did you mean 'protocol'?"),
         ({}, ["metods.x=1"], "unknown config key 'metods'.*did you mean 'methods'?"),
-        ({}, ["limit.x=1"], "benchmark_options.<setting>=value take dotted keys"),
+        ({}, ["limit.x=1"], "judge_options.<setting>=value take dotted keys"),
         ({}, ["limit"], "expected key=value"),
         ({}, ["protocol=sequental"], "protocol='sequental': expected one of .*did you mean 'sequential'?"),
         ({}, ["scoring=vlkb"], "did you mean 'vlkeb'?"),
@@ -121,7 +121,7 @@ def test_describe_fields_covers_every_setting() -> None:
     by_name = {r[0]: r for r in rows}
     assert by_name["limit"][1:3] == ("int | None", "null")
     assert by_name["gaps"][1:3] == ("tuple[int, ...]", "[10, 20, 50, 100]")
-    assert by_name["generate"][1:3] == ("bool", "false")
+    assert by_name["evaluation"][1:3] == ("tuple[str, ...]", "[teacher_forced, generation]")
 
 
 def test_benchmark_options_take_dotted_keys_and_refuse_a_non_mapping() -> None:
@@ -129,3 +129,18 @@ def test_benchmark_options_take_dotted_keys_and_refuse_a_non_mapping() -> None:
     assert cfg.benchmark_options == {"hop": 2, "train": "t.json"}
     with pytest.raises(ConfigError, match="benchmark_options"):
         load_config(None, ["benchmark_options=3"])
+
+
+def test_evaluation_settings_are_checked() -> None:
+    assert load_config(None, []).evaluation == ("teacher_forced", "generation")  # the main job's default
+    assert load_config(None, ["generate=false"]).evaluation == ("teacher_forced",)  # an old run's flag
+    for overrides, message in [
+        (["evaluation=[generation]"], "teacher_forced is always part of it"),
+        (["evaluation=[teacher_forced,judge]"], "judge grades generated answers; add generation"),
+        (["evaluation=[teacher_forced,generation,judge]"], "name one, e.g. judge=local:smollm2"),
+        (["evaluation=[teacher_forced,guess]"], "evaluation='guess': expected one of"),
+        (["max_new_tokens=0"], "max_new_tokens=0: must be at least 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(None, overrides)
+        assert "\n" not in str(e.value)

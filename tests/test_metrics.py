@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmke.errors import UnknownNameError
-from mmke.eval import CaseRecord, ProbeResult, metric_specs, probe_result, score_case, string_match, summarize
+from mmke.eval import CaseRecord, ProbeResult, metric_specs, probe_result, score_case, summarize
 from mmke.eval.metrics import CaseScores, case_values
 from mmke.models.scoring import ItemScore, agreement, scorer_named, topk_rankwise
 from mmke.registry import metrics as metric_registry
@@ -89,13 +89,6 @@ def test_hop_and_attack_metrics_break_their_headline_down() -> None:
         "robustness": 0.0,
         "robustness_pseudo_authority": 0.0,
     }
-
-
-def test_string_match_normalises_and_accepts_a_word_prefix() -> None:
-    assert string_match("The Paris.", "paris") == 1.0
-    assert string_match("paris is the capital", "Paris") == 1.0
-    assert string_match("parisian", "paris") == 0.0
-    assert string_match("", "paris") == 0.0
 
 
 def test_every_contract_key_is_described_and_registered() -> None:

@@ -45,6 +45,7 @@ from mmke.report.tables import (
     declared_order,
     edit_type_table,
     efficiency_table,
+    generation_table,
     hop_keys,
     latex_escape,
     main_table,
@@ -117,6 +118,9 @@ def _group(
         exact_match={k: round(v / 2, 4) for k, v in metrics.items()},
         base=_base(),
         portability_relative_change=metric_module.relative_change(metrics, _base()),
+        # free generation finds half of what teacher forcing credits (single editing only)
+        generated={k: round(v / 2, 4) for k, v in metrics.items()} if protocol == "single" else {},
+        base_generated={k: 0.05 for k in KEYS} if protocol == "single" else {},
         efficiency={
             "edit_seconds": (0.41, 0.02)[method],
             "score_seconds": 0.05,
@@ -140,6 +144,8 @@ def _record(method: int, index: int, protocol: str = "single", status: str = "ok
     probes = (
         ProbeResult("reliability", None, None, 1.0, 1.0, 0.1, None, "paris <b>", 1.0),
         ProbeResult("portability", 2, None, 0.5, 0.0, 2.0, None, "berlin", 0.0),
+        # every target token right when fed, but the model's own answer is another
+        ProbeResult("image_generality", None, None, 1.0, 1.0, 0.1, None, "rome, surely", 0.0),
     )
     return CaseRecord(
         run=RunBlock(model=MODEL, method=METHODS[method], protocol=protocol, seed=0),
@@ -271,7 +277,12 @@ def test_rich_table_renders() -> None:
 
 def test_plots_are_png_and_skip_without_data(tmp_path: Path) -> None:
     paths = make_plots(_summary(), tmp_path / "plots")
-    assert {p.name for p in paths} == {"portability_hops.png", "sequential.png", "efficiency.png"}
+    assert {p.name for p in paths} == {
+        "portability_hops.png",
+        "sequential.png",
+        "efficiency.png",
+        "generation_gap.png",
+    }
     for p in paths:
         assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert make_plots(RunSummary(RunInfo(), ()), tmp_path / "none") == []
@@ -280,12 +291,21 @@ def test_plots_are_png_and_skip_without_data(tmp_path: Path) -> None:
 def test_report_html_is_self_contained(run_dir: Path) -> None:
     page = write_report(run_dir).read_text()
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("data:image/png;base64,") == 4
     assert "NaN logits after 30 edits" in page and "1 unreadable line" in page
     assert f"{run_dir / 'cases.jsonl'}:15: not a JSON record" in page  # the cut line, named
     assert "Where was person 0 born?" in page and "paris &lt;b&gt;" in page
     assert "Port-1" in page and "Vague" in page and "Collapsed" in page
-    for name in ("main.md", "main.csv", "main.tex", "portability_hops.tex", "generation.md", "tables.json"):
+    assert "Teacher forcing says yes, generation says no" in page and "rome, surely" in page
+    assert "12 probe(s) with every target token right under teacher forcing" in page
+    for name in (
+        "main.md",
+        "main.csv",
+        "main.tex",
+        "portability_hops.tex",
+        "teacher_vs_generated.md",
+        "tables.json",
+    ):
         assert (run_dir / "tables" / name).is_file()
     assert (run_dir / "plots" / "sequential.png").is_file()
 
@@ -429,3 +449,20 @@ def test_an_old_run_reads_back_byte_identically() -> None:
         assert CaseRecord.from_json(line, f"old_run/cases.jsonl:{n}").to_json() == line
     text = (OLD_RUN / "summary.json").read_text(encoding="utf-8")
     assert RunSummary.from_json(text).to_json() == text
+
+
+def test_teacher_forced_vs_generated_table() -> None:
+    table = generation_table(_summary())
+    assert table is not None and table.columns[:3] == ("Model", "Method", "Answered")
+    rows = {(r[1], r[2]): r for r in table.rows}
+    assert set(rows) == {
+        ("unedited", "teacher-forced"),
+        ("unedited", "generated"),
+        *((m, e) for m in METHODS for e in ("teacher-forced", "generated", "gap (gen − tf)")),
+    }
+    rel = table.columns.index("Rel")
+    assert rows[("ft_llm", "teacher-forced")][rel] == pytest.approx(99.12)
+    assert rows[("ft_llm", "generated")][rel] == pytest.approx(49.56)
+    assert rows[("ft_llm", "gap (gen − tf)")][rel] == pytest.approx(-49.56)
+    teacher_only = replace(_summary(), groups=tuple(replace(g, generated={}) for g in _summary().groups))
+    assert generation_table(teacher_only) is None

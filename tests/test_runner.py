@@ -162,11 +162,19 @@ def test_bad_config_and_unknown_method_are_one_line(
     assert "\n" not in err and "unknown method 'fft'" in err
 
 
-def test_generate_keeps_raw_text_and_a_string_match(setup: Setup, tmp_path: Path) -> None:
-    store, _ = small_run(setup, tmp_path, "methods=[noop]", "generate=true", "limit=2")
-    probes = [p for r in store.records() for p in r.probes]
+def test_generation_keeps_raw_text_a_match_and_pre_answers_for_locality(setup: Setup, tmp_path: Path) -> None:
+    store, summary = small_run(setup, tmp_path, "methods=[noop]", "limit=2", "max_new_tokens=6")
+    records = store.records()
+    probes = [p for r in records for p in r.probes]
     assert probes and all(isinstance(p.generated, str) for p in probes)
     assert all(p.generated_match in (0.0, 1.0) for p in probes)
+    local = [p for p in probes if p.kind in ("text_locality", "image_locality")]
+    # noop: the edited model is the unedited one, so its answers are the pre-edit answers
+    assert local and all(p.pre_generated == p.generated and p.generated_match == 1.0 for p in local)
+    assert all(r.generated and r.base_generated for r in records)
+    (noop,) = [g for g in summary.groups if g.method == "noop" and g.edit_type == "all"]
+    assert noop.generated["text_locality"] == 1.0
+    assert noop.generated["reliability"] == noop.base_generated["reliability"]
 
 
 def test_report_and_compare_commands(

@@ -494,8 +494,9 @@ def _print_summary(console: Console, summary: RunSummary) -> None:
             counts[g.edit_type] = max(counts.get(g.edit_type, 0), g.n_cases)
     if counts:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    for table in build_tables(summary)[:2]:
-        console.print(rich_table(table))
+    for table in build_tables(summary):
+        if table.name in ("main", "main_exact", "teacher_vs_generated"):
+            console.print(rich_table(table))
     for line in run_failures(summary):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     if summary.run.skipped_records:

@@ -22,6 +22,7 @@ from mmke.registry import protocols, scorers
 from mmke.types import EditType
 
 DTYPES = ("float32", "float16", "bfloat16")
+EVALUATIONS = ("teacher_forced", "generation", "judge")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -72,7 +73,25 @@ class RunConfig:
     edit_types: tuple[str, ...] | None = field(default=None, metadata=_help("only these edit types"))
     seed: int = field(default=0, metadata=_help("random seed (case order, method init)"))
     batch_size: int = field(default=32, metadata=_help("probes per forward pass"))
-    generate: bool = field(default=False, metadata=_help("also greedy-decode and string-match answers"))
+    evaluation: tuple[str, ...] = field(
+        default=("teacher_forced", "generation"),
+        metadata=_help(
+            "how probes are answered, side by side: teacher_forced (always), generation (greedy, "
+            "string match), judge (a judge model grades each generation; needs judge=)"
+        ),
+    )
+    max_new_tokens: int = field(
+        default=16, metadata=_help("generation: the token budget of an answer (never the target's length)")
+    )
+    judge: str | None = field(
+        default=None,
+        metadata=_help("judge model: local:PATH (or local:smollm2) or http:URL (OpenAI-compatible)"),
+    )
+    judge_options: dict[str, Any] = field(
+        default_factory=dict,
+        hash=False,
+        metadata=_help("judge settings, e.g. judge_options.model=NAME judge_options.api_key_env=VAR"),
+    )
     scoring: str = field(
         default="mmke",
         metadata=_help(
@@ -122,9 +141,22 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         for name in self.edit_types or ():
             _check_choice("edit_types", name, tuple(e.value for e in EditType))
+        for name in self.evaluation:
+            _check_choice("evaluation", name, EVALUATIONS)
+        if "teacher_forced" not in self.evaluation:
+            raise ConfigError(
+                f"evaluation={list(self.evaluation)}: teacher_forced is always part of it "
+                "(the other evaluations are reported beside it)"
+            )
+        if "judge" in self.evaluation and "generation" not in self.evaluation:
+            raise ConfigError("evaluation: judge grades generated answers; add generation to the list")
+        if "judge" in self.evaluation and not self.judge:
+            raise ConfigError(
+                "evaluation includes judge: name one, e.g. judge=local:smollm2 or judge=http:URL"
+            )
         if not self.methods:
             raise ConfigError("methods: name at least one method, e.g. methods=[ft_llm,ike]")
-        for name in ("batch_size", "limit"):
+        for name in ("batch_size", "limit", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: must be at least 1")
@@ -247,16 +279,28 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} {where}{_did_you_mean(key, known)}")
 
 
+def _legacy(key: str, value: Any) -> tuple[str, Any]:
+    """A setting older runs saved, as today's: ``generate: true`` was ``evaluation`` with generation."""
+    if key != "generate":
+        return key, value
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"generate={value!r}: expected true or false (today: evaluation=[teacher_forced,generation])"
+        )
+    return "evaluation", ["teacher_forced", "generation"] if value else ["teacher_forced"]
+
+
 def _merge_mapping(values: dict[str, Any], data: Mapping[str, Any], where: str) -> None:
     known = {f.name for f in fields(RunConfig)}
     for key, value in data.items():
+        key, value = _legacy(str(key), value)
         if key not in known:
             raise _unknown_key(str(key), where)
         values[key] = value
 
 
 #: Config keys whose entries ``key.sub=value`` overrides reach into.
-DOTTED = ("method_options", "benchmark_options")
+DOTTED = ("method_options", "benchmark_options", "judge_options")
 
 
 def _apply_override(values: dict[str, Any], override: str) -> None:
@@ -265,7 +309,7 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {override!r}: expected key=value, e.g. limit=50")
-    value = parse_value(raw, override)
+    key, value = _legacy(key, parse_value(raw, override))
     head, *path = key.split(".")
     if head not in {f.name for f in fields(RunConfig)}:
         raise _unknown_key(head, "in overrides")
@@ -274,8 +318,8 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
         return
     if head not in DOTTED:
         raise ConfigError(
-            f"override {key!r}: only method_options.<method>.<setting>=value and "
-            "benchmark_options.<setting>=value take dotted keys"
+            f"override {key!r}: only method_options.<method>.<setting>=value, "
+            "benchmark_options.<setting>=value and judge_options.<setting>=value take dotted keys"
         )
     node = values.setdefault(head, {})
     if not isinstance(node, dict):

@@ -92,6 +92,8 @@ class Probe:
     attack: AttackType | None = None
     options: tuple[str, ...] = ()
     onehop_edit: EditFact | None = None
+    #: Other names of the target a generated answer may give (free generation, the judge).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

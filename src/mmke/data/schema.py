@@ -55,6 +55,8 @@ def probe_to_json(probe: Probe) -> dict[str, Any]:
         out["attack"] = probe.attack.value
     if probe.options:
         out["options"] = list(probe.options)
+    if probe.aliases:
+        out["aliases"] = list(probe.aliases)
     if probe.onehop_edit is not None:
         out["onehop_edit"] = fact_to_json(probe.onehop_edit)
     return out
@@ -146,13 +148,13 @@ def _image(rec: dict[str, Any], checks: ImagePathChecks) -> ImageRef | None:
     return ImageRef(path)
 
 
-def _options(rec: dict[str, Any]) -> tuple[str, ...]:
-    opts = rec.get("options", [])
+def _options(rec: dict[str, Any], name: str = "options") -> tuple[str, ...]:
+    opts = rec.get(name, [])
     if not isinstance(opts, list) or not all(isinstance(o, str) and o.strip() for o in opts):
-        raise FieldError("field 'options' must be a list of non-empty strings")
+        raise FieldError(f"field '{name}' must be a list of non-empty strings")
     if len(opts) > MAX_LIST_ITEMS:
-        raise FieldError(f"field 'options' has {len(opts)} items (limit {MAX_LIST_ITEMS})")
-    return tuple(check_text(o, "options") for o in opts)
+        raise FieldError(f"field '{name}' has {len(opts)} items (limit {MAX_LIST_ITEMS})")
+    return tuple(check_text(o, name) for o in opts)
 
 
 def _fact(rec: Any, checks: ImagePathChecks, where: str) -> EditFact:
@@ -202,6 +204,7 @@ def _probe(rec: Any, checks: ImagePathChecks, i: int) -> Probe:
             hop=hop,
             attack=attack,
             options=_options(rec),
+            aliases=_options(rec, "aliases"),
             onehop_edit=None if onehop is None else _fact(onehop, checks, "onehop_edit"),
         )
     except FieldError as e:

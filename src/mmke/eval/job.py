@@ -11,7 +11,7 @@ from mmke.errors import ConfigError
 from mmke.eval.executors import Executor, InProcess
 from mmke.eval.metrics import summarize
 from mmke.eval.records import RunInfo, RunSummary
-from mmke.eval.runner import Progress, method_hparams, method_options, model_dir, open_cases
+from mmke.eval.runner import Progress, judge_for, method_hparams, method_options, model_dir, open_cases
 from mmke.eval.store import RunStore
 from mmke.models._loading import bundled_or_path
 
@@ -34,6 +34,7 @@ def preflight(cfg: RunConfig) -> Benchmark:
         make_config(editor.defaults, method_options(source, cfg, method), method)
         if (hparams := method_hparams(cfg, method)) is not None:
             log.info("hparams %s", hparams.describe())
+    judge_for(cfg)  # its settings, and for an endpoint that the key's variable is set
     path = bundled_or_path(cfg.model)
     check_device(cfg.device, path)
     read_config(path)

@@ -12,14 +12,13 @@ so ``mmke list`` stays cheap.
 from __future__ import annotations
 
 import math
-import re
-import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from mmke.eval.answers import answer_matches, same_answer
 from mmke.eval.records import CaseRecord, GroupSummary, ProbeResult, RunBlock, RunInfo, RunSummary
 from mmke.registry import metrics as _registry
 from mmke.registry import register_metric
@@ -222,14 +221,32 @@ def probe_result(
     scorer: Scorer | None = None,
     generated: str | None = None,
     in_context: bool = False,
+    pre_generated: str | None = None,
+    verdict: Judged | None = None,
 ) -> ProbeResult:
     """Score one probe after the edit; locality kinds need ``pre`` (the unedited model's score)
     and compare it with ``post`` as ``scorer`` does (default: mmke's canonical scorer), by its
-    rule for edits that live in the prompt when ``in_context``."""
+    rule for edits that live in the prompt when ``in_context``.
+
+    ``generated`` is the edited model's free answer: it matches the target (``answer_matches``)
+    or, for locality, the unedited model's answer ``pre_generated`` (``same_answer``).
+    ``verdict`` is the judge's grading of it.
+    """
     kind = ProbeKind(probe.kind)
     attack = None if probe.attack is None else AttackType(probe.attack).value
-    gen_match = None if generated is None else string_match(generated, probe.target)
-    if kind in LOCALITY_KINDS:
+    local = kind in LOCALITY_KINDS
+    gen_match = None
+    if generated is not None and local and pre_generated is not None:
+        gen_match = same_answer(pre_generated, generated)
+    elif generated is not None and not local:
+        gen_match = answer_matches(generated, probe.target, probe.aliases, probe.options)
+    judged = (
+        {}
+        if verdict is None
+        else {"judge_verdict": verdict.verdict, "judge_reply": verdict.reply, "judge_error": verdict.error}
+    )
+    gen = {"generated": generated, "generated_match": gen_match, **judged}
+    if local:
         if pre is None:
             raise ValueError(f"{kind.value} probe needs the pre-edit score to measure agreement")
         if scorer is None:
@@ -237,7 +254,16 @@ def probe_result(
         agree, compared = scorer.locality(kind.value, post, pre, in_context)
         exact = 1.0 if agree == 1.0 else 0.0
         return ProbeResult(
-            kind.value, probe.hop, attack, agree, exact, post.nll, agree, generated, gen_match, compared
+            kind.value,
+            probe.hop,
+            attack,
+            agree,
+            exact,
+            post.nll,
+            agree,
+            **gen,
+            n_tokens=compared,
+            pre_generated=pre_generated if generated is not None else None,
         )
     exact = 1.0 if post.exact_match else 0.0
     return ProbeResult(
@@ -248,24 +274,20 @@ def probe_result(
         exact,
         post.nll,
         None,
-        generated,
-        gen_match,
-        post.n_tokens,
+        **gen,
+        n_tokens=post.n_tokens,
     )
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse spaces (SQuAD-style normalisation)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+class Judged(Protocol):
+    """A judge's grading of one generated answer (``mmke.eval.judge.Verdict``)."""
 
-
-def string_match(generated: str, target: str) -> float:
-    """1.0 when the normalised greedy output is the target or starts with it as whole words."""
-    # Greedy decoding often runs on past the answer ("paris. it is ..."), so a word-prefix counts.
-    gen, tgt = normalize_answer(generated), normalize_answer(target)
-    return 1.0 if gen == tgt or (tgt and gen.startswith(tgt + " ")) else 0.0
+    @property
+    def verdict(self) -> str | None: ...
+    @property
+    def reply(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
 
 
 # ---------------------------------------------------------------- per case
@@ -278,10 +300,14 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def case_values(results: Sequence[ProbeResult], measure: str = "token_accuracy") -> dict[str, float]:
-    """Every registered metric's value for one case (only those whose probes the case has)."""
+    """Every registered metric's value for one case (only those whose probes the case has).
+
+    A metric sees only the probes that have ``measure`` (e.g. "judge_score": those the judge graded).
+    """
+    answered = [r for r in results if getattr(r, measure) is not None]
     out = {}
     for spec in metric_specs():
-        value = spec.fn(results, measure)
+        value = spec.fn(answered, measure)
         if value is not None:
             out[spec.key] = value
     return dict(sorted(out.items()))
@@ -290,12 +316,16 @@ def case_values(results: Sequence[ProbeResult], measure: str = "token_accuracy")
 @dataclass(frozen=True)
 class CaseScores:
     """The metric part of a case record: token-accuracy and exact-match means, the unedited
-    model's token accuracy on the same probes, and each probe's result."""
+    model's token accuracy on the same probes, each probe's result, and (when the run generates
+    or judges) the generation-match and verdict means and the unedited model's generation match."""
 
     metrics: dict[str, float]
     exact_match: dict[str, float]
     base: dict[str, float]
     probes: tuple[ProbeResult, ...]
+    generated: dict[str, float] = field(default_factory=dict)
+    judged: dict[str, float] = field(default_factory=dict)
+    base_generated: dict[str, float] = field(default_factory=dict)
 
 
 def score_case(
@@ -305,17 +335,32 @@ def score_case(
     scorer: Scorer | None = None,
     generated: Sequence[str] | None = None,
     in_context: bool = False,
+    pre_generated: Sequence[str] | None = None,
+    verdicts: Sequence[Judged] | None = None,
 ) -> CaseScores:
-    """Score a case's probes after the edit (``post``) against the unedited model (``pre``)."""
-    gens: Sequence[str | None] = generated if generated is not None else [None] * len(probes)
+    """Score a case's probes after the edit (``post``, and its free answers ``generated``) against
+    the unedited model (``pre``, ``pre_generated``); ``verdicts`` are the judge's, per probe."""
+    n = len(probes)
+    gens: Sequence[str | None] = generated if generated is not None else [None] * n
+    pre_gens: Sequence[str | None] = pre_generated if pre_generated is not None else [None] * n
+    judged: Sequence[Judged | None] = verdicts if verdicts is not None else [None] * n
     results = tuple(
-        probe_result(p, po, pr, scorer, g, in_context)
-        for p, po, pr, g in zip(probes, post, pre, gens, strict=True)
+        probe_result(p, po, pr, scorer, g, in_context, pg, v)
+        for p, po, pr, g, pg, v in zip(probes, post, pre, gens, pre_gens, judged, strict=True)
     )
     # base: the unedited model scored the same way (its locality agrees with itself, 1.0).
-    base_results = [probe_result(p, pr, pr, scorer) for p, pr in zip(probes, pre, strict=True)]
+    base_results = [
+        probe_result(p, pr, pr, scorer, pg, pre_generated=pg)
+        for p, pr, pg in zip(probes, pre, pre_gens, strict=True)
+    ]
     return CaseScores(
-        case_values(results), case_values(results, "exact_match"), case_values(base_results), results
+        case_values(results),
+        case_values(results, "exact_match"),
+        case_values(base_results),
+        results,
+        case_values(results, "generated_match"),
+        case_values(results, "judge_score"),
+        case_values(base_results, "generated_match"),
     )
 
 
@@ -392,7 +437,19 @@ def _group(ident: dict[str, Any], records: Sequence[CaseRecord]) -> GroupSummary
         portability_relative_change=relative_change(metrics, base),
         efficiency=_rounded(_macro(r.efficiency for r in ok)),
         provenance=provenance,
+        generated=_rounded(_macro(r.generated for r in ok)),
+        judged=_rounded(_macro(r.judged for r in ok)),
+        base_generated=_rounded(_macro(r.base_generated for r in ok)),
+        n_judge_failed=_judge_failures(ok),
     )
+
+
+def _judge_failures(records: Sequence[CaseRecord]) -> int | None:
+    """Probes the judge could not grade (None when nothing was judged)."""
+    probes = [
+        p for r in records for p in r.probes if p.judge_verdict is not None or p.judge_error is not None
+    ]
+    return sum(1 for p in probes if p.judge_error is not None) if probes else None
 
 
 def _shared(values: Iterable[Any]) -> Any:

@@ -73,6 +73,13 @@ class Provenance:
             raise BadRecordError(f"{where}: provenance: {e}") from None
 
 
+def _drop_unset(out: dict[str, Any], names: Sequence[str]) -> None:
+    """Leave out fields a later version added while they are unset (None or empty)."""
+    for name in names:
+        if out.get(name) in (None, {}, [], ()):
+            out.pop(name, None)
+
+
 def _put_provenance(out: dict[str, Any], provenance: Provenance | None) -> None:
     # An older result without one is written back as it was read, byte for byte.
     if provenance is None:
@@ -138,6 +145,24 @@ class ProbeResult:
     #: How many ids the value averages over (target tokens; for locality, the compared ids):
     #: a token-pooled (micro) average weighs the probe by it. None in records before it.
     n_tokens: int | None = None
+    #: Locality by generation: the unedited model's answer that ``generated`` is compared with.
+    pre_generated: str | None = None
+    #: The judge's verdict on ``generated`` (CORRECT / INCORRECT, or SAME / DIFFERENT against
+    #: ``pre_generated`` for locality), its reply, or why judging failed (then no verdict).
+    judge_verdict: str | None = None
+    judge_reply: str | None = None
+    judge_error: str | None = None
+
+    #: Fields later mmke versions added: left out of a record while unset, so older records
+    #: are written back byte for byte.
+    ADDED_LATER = ("n_tokens", "pre_generated", "judge_verdict", "judge_reply", "judge_error")
+
+    @property
+    def judge_score(self) -> float | None:
+        """1.0 for CORRECT / SAME, 0.0 for INCORRECT / DIFFERENT, None when not (or not well) judged."""
+        if self.judge_verdict is None:
+            return None
+        return 1.0 if self.judge_verdict in ("CORRECT", "SAME") else 0.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +189,14 @@ class CaseRecord:
     base: Mapping[str, float] = field(default_factory=dict)
     probes: tuple[ProbeResult, ...] = ()
     schema: str = RECORD_SCHEMA
+    #: Per-case means of the free-generation match and of the judge's verdicts (evaluation=),
+    #: and the unedited model's generation match on the same probes.
+    generated: Mapping[str, float] = field(default_factory=dict)
+    judged: Mapping[str, float] = field(default_factory=dict)
+    base_generated: Mapping[str, float] = field(default_factory=dict)
+
+    #: Sections later versions added: left out while empty (older records stay byte-identical).
+    ADDED_LATER = ("generated", "judged", "base_generated")
 
     @property
     def key(self) -> ResumeKey:
@@ -177,9 +210,9 @@ class CaseRecord:
     def to_dict(self) -> dict[str, Any]:
         out = {**asdict(self), "schema": RECORD_SCHEMA}
         _put_provenance(out["run"], self.run.provenance)
-        for probe in out["probes"]:  # as an older record was read, byte for byte
-            if probe["n_tokens"] is None:
-                del probe["n_tokens"]
+        _drop_unset(out, self.ADDED_LATER)
+        for probe in out["probes"]:
+            _drop_unset(probe, ProbeResult.ADDED_LATER)
         return out
 
     def to_json(self) -> str:
@@ -199,7 +232,7 @@ class CaseRecord:
             values["probes"] = tuple(
                 ProbeResult(**_known(ProbeResult, p, f"{where}: probe")) for p in data.get("probes") or ()
             )
-            for name in ("efficiency", "metrics", "exact_match", "base"):
+            for name in ("efficiency", "metrics", "exact_match", "base", *cls.ADDED_LATER):
                 values[name] = dict(data.get(name) or {})
             record = cls(**values)
         except TypeError as e:  # a required field missing
@@ -286,6 +319,14 @@ class GroupSummary:
     portability_relative_change: Mapping[str, float | None] = field(default_factory=dict)
     efficiency: Mapping[str, float] = field(default_factory=dict)
     provenance: Provenance | None = None
+    #: Macro means of the free-generation match and of the judge's verdicts, the unedited
+    #: model's generation match, and how many probes the judge could not grade.
+    generated: Mapping[str, float] = field(default_factory=dict)
+    judged: Mapping[str, float] = field(default_factory=dict)
+    base_generated: Mapping[str, float] = field(default_factory=dict)
+    n_judge_failed: int | None = None
+
+    ADDED_LATER = ("provenance", "generated", "judged", "base_generated", "n_judge_failed")
 
     @property
     def comparable_group(self) -> str:
@@ -302,6 +343,7 @@ class GroupSummary:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         _put_provenance(out, self.provenance)
+        _drop_unset(out, self.ADDED_LATER)
         return out
 
     @classmethod

@@ -17,11 +17,14 @@ from typing import Any, Protocol
 
 import torch
 
+from mmke.cache import cache_dir
 from mmke.config import RunConfig
 from mmke.data.benchmark import Benchmark
 from mmke.data.images import ImageStore
 from mmke.errors import BadRecordError, MmkeError
 from mmke.eval._efficiency import measure
+from mmke.eval.answers import first_answer
+from mmke.eval.judge import Judge, Question, judge_from_config
 from mmke.eval.metrics import CaseScores, behavioural_collapse, score_case
 from mmke.eval.protocols import Check, Episode, Step, protocol_named
 from mmke.eval.protocols import Protocol as EditProtocol
@@ -34,7 +37,7 @@ from mmke.models import LVLM
 from mmke.models._loading import bundled_or_path
 from mmke.models.layout import Layout
 from mmke.models.scoring import ItemScore, Scorer, scorer_named
-from mmke.types import LOCALITY_KINDS, EditCase
+from mmke.types import LOCALITY_KINDS, EditCase, Probe
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +71,22 @@ class Session:
     recorded: int = 0
     planned: int = 0
     editors: dict[str, Editor] = field(default_factory=dict)
+    #: The unedited model's free answers to every probe, by case (when the run generates).
+    pre_gen: dict[str, list[str]] = field(default_factory=dict)
     protocol: EditProtocol = field(init=False)
     scorer: Scorer = field(init=False)
+    judge: Judge | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.protocol = protocol_named(self.cfg.protocol)
         self.scorer = scorer_named(self.cfg.scoring)
         self.model.bind_scorer(self.scorer)
         self.planned = self.protocol.planned(self.cfg, len(self.cases))
+        self.judge = judge_for(self.cfg)
+
+    @property
+    def generates(self) -> bool:
+        return "generation" in self.cfg.evaluation
 
     def emulating(self, name: str, method: str) -> bool:
         """Whether the config asks to re-enact the scorer's known bug ``name`` and it touches ``method``."""
@@ -103,6 +114,8 @@ class Session:
         if missing:
             torch.manual_seed(self.cfg.seed)
             self.pre.update(score_pre(self.model, missing, self.cfg.batch_size))
+            if self.generates:
+                self.pre_gen.update(generate_pre(self.model, missing, self.cfg))
 
 
 def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Sequence[str] | None) -> tuple:
@@ -128,14 +141,33 @@ def select_cases(cases: Sequence[EditCase], limit: int | None, edit_types: Seque
 
 def score_pre(model: LVLM, cases: Sequence[EditCase], batch_size: int) -> dict[str, list[ItemScore]]:
     """Every probe of every case on the unedited model, in one batched pass (reused by all methods)."""
+    scored = list(model.score([p for c in cases for p in c.probes], batch_size=batch_size))
+    return _by_case(cases, scored)
+
+
+def generate_pre(model: LVLM, cases: Sequence[EditCase], cfg: RunConfig) -> dict[str, list[str]]:
+    """The unedited model's free answer to every probe of every case (generation locality compares
+    the edited model's answers with these), in one batched pass."""
     probes = [p for c in cases for p in c.probes]
-    scored = list(model.score(probes, batch_size=batch_size))
-    out: dict[str, list[ItemScore]] = {}
+    return _by_case(
+        cases, model.generate(probes, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    )
+
+
+def _by_case(cases: Sequence[EditCase], flat: list[Any]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
     start = 0
     for c in cases:
-        out[c.case_id] = scored[start : start + len(c.probes)]
+        out[c.case_id] = flat[start : start + len(c.probes)]
         start += len(c.probes)
     return out
+
+
+def judge_for(cfg: RunConfig) -> Judge | None:
+    """The run's judge (None unless ``evaluation`` includes judge); verdicts are cached on disk."""
+    if "judge" not in cfg.evaluation or not cfg.judge:
+        return None
+    return judge_from_config(cfg.judge, cfg.judge_options, cache_dir())
 
 
 # --- one case -----------------------------------------------------------------------------
@@ -186,14 +218,17 @@ def _score_and_record(
     cost: dict,
     pre: list[ItemScore],
     in_context: bool,
+    pre_gen: list[str] | None = None,
 ) -> bool:
     """Score one case through ``edited`` and append its record; False when the model collapsed."""
     with measure(s.model.device) as m:
         post = list(edited.score(case.probes, batch_size=s.cfg.batch_size))
         finite = all(math.isfinite(x.nll) for x in post)
-        gens = (
-            edited.generate(case.probes, batch_size=s.cfg.batch_size) if s.cfg.generate and finite else None
-        )
+        gens = None
+        if s.generates and finite:
+            gens = edited.generate(
+                case.probes, max_new_tokens=s.cfg.max_new_tokens, batch_size=s.cfg.batch_size
+            )
     cost = cost | {"score_seconds": m.seconds}
     if not finite:
         _record(
@@ -208,7 +243,12 @@ def _score_and_record(
         return False
     if s.emulating("pre_after_edit", run.method or ""):
         pre = post  # EasyEdit's single-edit "pre" pass runs on the model the edit changed in place
-    scored = score_case(case.probes, post, pre, s.scorer, gens, in_context)
+    verdicts = None
+    if s.judge is not None and gens is not None:
+        with measure(s.model.device) as m:
+            verdicts = s.judge.judge(judge_questions(case.probes, gens, pre_gen))
+        cost = cost | {"judge_seconds": m.seconds}
+    scored = score_case(case.probes, post, pre, s.scorer, gens, in_context, pre_gen, verdicts)
     if s.protocol.stream and behavioural_collapse(scored.metrics):
         why = f"behavioural collapse after edit {index}: every probe scores 0 (weights are finite)"
         _record(s, run, case, index, scored, cost, ("collapsed", why, index))
@@ -278,8 +318,10 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
                 if _key(s, method, step, check) in done:
                     continue
                 edited, cost = applied[check.through]
-                case, pre = _scored_part(s, s.cases[check.case], stale.get(check.case))
-                if not _score_and_record(s, run, edited, case, check.at, cost, pre, editor.in_context):
+                case, pre, pre_gen = _scored_part(s, s.cases[check.case], stale.get(check.case))
+                if not _score_and_record(
+                    s, run, edited, case, check.at, cost, pre, editor.in_context, pre_gen
+                ):
                     return
     finally:
         for edited in reversed(stack):  # newest first: back to the original weights exactly
@@ -312,15 +354,32 @@ def _stale_pre(s: Session, editor: Editor, index: int) -> list[ItemScore]:
 
 def _scored_part(
     s: Session, case: EditCase, pre_scores: list[ItemScore] | None = None
-) -> tuple[EditCase, list[ItemScore]]:
-    """The case with only the probes the protocol scores, and their pre-edit scores (the session's
-    unless ``pre_scores`` stands in for them)."""
+) -> tuple[EditCase, list[ItemScore], list[str] | None]:
+    """The case with only the probes the protocol scores, their pre-edit scores (the session's
+    unless ``pre_scores`` stands in for them) and the unedited model's answers to them."""
     keep = s.protocol.scored(case)
     pre = s.pre[case.case_id] if pre_scores is None else pre_scores
+    pre_gen = s.pre_gen.get(case.case_id)
     if keep is None:
-        return case, pre
+        return case, pre, pre_gen
     probes = tuple(case.probes[i] for i in keep)
-    return EditCase(case.case_id, case.edit_type, case.edit, probes), [pre[i] for i in keep]
+    part = EditCase(case.case_id, case.edit_type, case.edit, probes)
+    return part, [pre[i] for i in keep], None if pre_gen is None else [pre_gen[i] for i in keep]
+
+
+def judge_questions(
+    probes: Sequence[Probe], generated: Sequence[str], pre_generated: Sequence[str] | None
+) -> list[Question]:
+    """What the judge is asked per probe: is the answer the target (CORRECT / INCORRECT), or, for
+    locality, does it say what the unedited model said (SAME / DIFFERENT)."""
+    out = []
+    for i, (p, answer) in enumerate(zip(probes, generated, strict=True)):
+        said = first_answer(answer)  # what the string match reads too
+        if p.kind in LOCALITY_KINDS and pre_generated is not None:
+            out.append(Question("compare", p.prompt, first_answer(pre_generated[i]), said))
+        else:
+            out.append(Question("grade", p.prompt, p.target, said, p.aliases))
+    return out
 
 
 # --- the whole run ------------------------------------------------------------------------

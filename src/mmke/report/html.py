@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from mmke.errors import BadRecordError, MmkeError
-from mmke.eval.records import CaseRecord, RunBlock, RunSummary
+from mmke.eval.records import CaseRecord, ProbeResult, RunBlock, RunSummary
 from mmke.report.tables import (
     Cell,
     ReportTable,
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 EXAMPLE_CASES = 4
 MAX_MESSAGES = 20
 MAX_PROBES_SHOWN = 16
+#: Teacher-forced successes that generation misses, listed in the report (the count is of all).
+MAX_DISAGREEMENTS = 40
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d232a;margin:0;
@@ -81,7 +83,10 @@ class CaseScan:
     status: Counter = field(default_factory=Counter)  # (model, method, protocol, status) -> count
     messages: Counter = field(default_factory=Counter)  # (status, message) -> count
     examples: dict[str, list[CaseRecord]] = field(default_factory=dict)  # case id -> its records
-    generation: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # sum, n
+    #: Probes teacher forcing calls a success (every target token right) that generation misses,
+    #: up to ``MAX_DISAGREEMENTS``, and how many there were in all.
+    disagreements: list[tuple[CaseRecord, ProbeResult]] = field(default_factory=list)
+    n_disagreements: int = 0
 
     @property
     def n_unreadable(self) -> int:
@@ -124,7 +129,7 @@ def scan_cases(path: Path, n_examples: int = EXAMPLE_CASES) -> CaseScan:
             scan.messages[(record.status, record.message or "(no message)")] += 1
         if run.protocol == "single":
             _keep_example(scan, record, n_examples)
-            _add_generation(scan, record, run)
+            _add_disagreements(scan, record)
     return scan
 
 
@@ -135,40 +140,36 @@ def _keep_example(scan: CaseScan, record: CaseRecord, n_examples: int) -> None:
         scan.examples[record.case_id] = [record]
 
 
-def _add_generation(scan: CaseScan, record: CaseRecord, run: RunBlock) -> None:
-    """Per case mean of ``generated_match`` for each probe kind (macro over cases, like the metrics)."""
-    per_kind: dict[str, list[float]] = {}
+def _add_disagreements(scan: CaseScan, record: CaseRecord) -> None:
+    if not record.ok:
+        return
     for probe in record.probes:
-        if probe.generated_match is not None:
-            per_kind.setdefault(probe.kind, []).append(float(probe.generated_match))
-    for kind, values in per_kind.items():
-        total = scan.generation.setdefault((str(run.model), str(run.method), kind), [0.0, 0])
-        total[0] += sum(values) / len(values)
-        total[1] += 1
+        if probe.agreement is None and probe.exact_match == 1.0 and probe.generated_match == 0.0:
+            scan.n_disagreements += 1
+            if len(scan.disagreements) < MAX_DISAGREEMENTS:
+                scan.disagreements.append((record, probe))
 
 
-def generation_table(scan: CaseScan) -> ReportTable | None:
-    """Greedy-decoding match per probe kind, next to the teacher-forced tables (single editing)."""
-    if not scan.generation:
-        return None
-    kinds = list(dict.fromkeys(kind for _, _, kind in scan.generation))
-    pairs = list(dict.fromkeys((model, method) for model, method, _ in scan.generation))
-    rows = []
-    for model, method in pairs:
-        cells = []
-        for kind in kinds:
-            total = scan.generation.get((model, method, kind))
-            cells.append(100 * total[0] / total[1] if total else None)
-        rows.append((model, method, *cells))
-    return ReportTable(
-        name="generation",
-        title="Generated answers matching the target (greedy decoding, %)",
-        columns=("Model", "Method", *(metric_label(k) for k in kinds)),
-        rows=tuple(rows),
-        formats=("", "", *("{:.1f}" for _ in kinds)),
-        group_columns=1,
-        best_columns=tuple(range(2, 2 + len(kinds))),
-        note="Normalised string match of the decoded text; teacher forcing credits partial answers.",
+def _disagreements_html(scan: CaseScan) -> str:
+    """The probes where teacher forcing says the edit worked and the model's own answer says not."""
+    if not scan.n_disagreements:
+        return (
+            "<p>None: wherever teacher forcing got every target token right, generation matched "
+            "too (or the run did not generate).</p>"
+        )
+    rows = [
+        f"<tr><td>{escape(str(r.run.method))}</td><td>{escape(r.case_id)}</td>"
+        f"<td>{escape(metric_label(p.kind))}</td><td>{escape(r.edit.prompt)}</td><td>{escape(r.edit.target)}</td>"
+        f'<td class="gen">{escape(p.generated or "")}</td></tr>'
+        for r, p in scan.disagreements
+    ]
+    cells = ("Method", "Case", "Probe", "Edit prompt", "New target", "Generated")
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>"
+    shown = f" (the first {len(rows)})" if scan.n_disagreements > len(rows) else ""
+    return (
+        f"<p>{scan.n_disagreements} probe(s) with every target token right under teacher forcing but a "
+        f"generated answer that does not match{shown}:</p>"
+        f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
     )
 
 
@@ -208,9 +209,6 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     summary = load_summary(run_dir)
     scan = scan_cases(run_dir / "cases.jsonl")
     tables = build_tables(summary)
-    generation = generation_table(scan)
-    if generation is not None:
-        tables.append(generation)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tables(tables, out_dir / "tables")
     plots, plot_problem = _make_plots(summary, out_dir / "plots")
@@ -236,6 +234,7 @@ def _page(
             "".join(html_table(t) for t in tables) or "<p>No results in summary.json.</p>",
         ),
         ("plots", "Plots", _plots_html(plots, plot_problem)),
+        ("gap", "Teacher forcing says yes, generation says no", _disagreements_html(scan)),
         ("problems", "Collapsed and failed cases", _problems_html(scan)),
         ("examples", "Example cases", _examples_html(scan)),
         ("config", "Configuration", _config_html(run_dir, summary)),

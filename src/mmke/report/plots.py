@@ -1,5 +1,6 @@
 """Figures of a run (matplotlib ``Figure`` objects, Agg canvas, no pyplot state): portability by hop
-(VLKEB Fig. 3), metrics by sequential gap (VLKEB Fig. 4), edit latency and peak memory.
+(VLKEB Fig. 3), metrics by sequential gap (VLKEB Fig. 4), edit latency and peak memory, and the
+gap between free generation and teacher forcing.
 
 Every function takes a ``RunSummary`` and an output folder, and returns the PNG path, or None when
 the summary has no data for that figure.
@@ -17,6 +18,7 @@ from mmke.report.tables import (
     BASE_METHOD,
     SEQUENTIAL_ORDER,
     first_seen,
+    headline_keys,
     hop_keys,
     metric_label,
     metric_name,
@@ -282,6 +284,35 @@ def _fmt(value: float, fmt: str) -> str:
     return "" if math.isnan(value) else fmt.format(value)
 
 
+# ---------------------------------------------------------------- teacher-forced vs generated
+
+
+def plot_generation_gap(summary: RunSummary, out_dir: Path) -> Path | None:
+    """Per model and method: generated − teacher-forced, in points, for each metric that asks for
+    the target (how much teacher forcing overstates what the model itself answers)."""
+    groups = [g for g in select_groups(summary, "single", "all") if g.generated]
+    keys = [k for k in present_keys(groups, "generated", headline_keys()) if not _is_locality(k)]
+    if not keys:
+        return None
+    models = first_seen(groups, "model")
+    colours = _colours(keys)
+    fig = _figure(12, 4.2 * len(models))
+    axes = fig.subplots(len(models), 1, squeeze=False)
+    for row, model in enumerate(models):
+        ax, block = axes[row][0], [g for g in groups if str(g.model) == model]
+        offsets, width = _bar_offsets(len(keys))
+        xs = list(range(len(block)))
+        for offset, key in zip(offsets, keys, strict=True):
+            gaps = [_pct(g.generated, key) - _pct(g.metrics, key) for g in block]
+            ax.bar([x + offset for x in xs], gaps, width, label=metric_label(key), color=colours[key])
+        ax.axhline(0, color="k", linewidth=0.8)
+        ax.set_xticks(xs, [str(g.method) for g in block], rotation=30, ha="right")
+        ax.set_ylabel("generated − teacher-forced (points)")
+        ax.set_title(f"{model}: free generation against teacher forcing")
+        ax.legend(fontsize=8, ncol=len(keys))
+    return _save(fig, out_dir / "generation_gap.png")
+
+
 def make_plots(summary: RunSummary, out_dir: Path) -> list[Path]:
     """Every figure the summary has data for, as PNG files under ``out_dir``."""
     made = [
@@ -289,5 +320,6 @@ def make_plots(summary: RunSummary, out_dir: Path) -> list[Path]:
         plot_progression(summary, out_dir, "sequential"),
         plot_progression(summary, out_dir, "lifelong"),
         plot_efficiency(summary, out_dir),
+        plot_generation_gap(summary, out_dir),
     ]
     return [p for p in made if p is not None]

@@ -272,6 +272,55 @@ def _rules(groups: Sequence[GroupSummary], rule_of: Callable[[Provenance], str],
     return "; ".join(f"{', '.join(dict.fromkeys(methods))}: {rule}" for rule, methods in rules.items())
 
 
+#: The evaluations a teacher-forced vs generated table shows, each with its GroupSummary section.
+EVALUATION_ROWS = (("teacher-forced", "metrics"), ("generated", "generated"), ("judged", "judged"))
+
+
+def generation_table(summary: RunSummary) -> ReportTable | None:
+    """VLKEB Table 2 layout, each method's metrics answered three ways (single editing, all edit
+    types): teacher-forced token accuracy, free generation matching the target (for locality:
+    the unedited model's answer), the judge's verdicts, and the gap generated − teacher-forced."""
+    groups = select_groups(summary, "single", "all")
+    if not any(g.generated for g in groups):
+        return None
+    keys = present_keys(groups, "generated", headline_keys())
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
+    bases = _base_by_model(groups)
+    rows: list[tuple[Cell, ...]] = []
+    for model in models:
+        if model in bases and bases[model].base_generated:
+            base = bases[model]
+            for label, section in (("teacher-forced", "base"), ("generated", "base_generated")):
+                rows.append((model, BASE_METHOD, label, *(_pct(_value(base, section, k)) for k in keys)))
+        for g in _ordered([g for g in groups if str(g.model) == model], models, methods):
+            shown = [(label, section) for label, section in EVALUATION_ROWS if g.section(section)]
+            for label, section in shown:
+                rows.append((model, str(g.method), label, *(_pct(_value(g, section, k)) for k in keys)))
+            gap = [_gap(_value(g, "metrics", k), _value(g, "generated", k)) for k in keys]
+            rows.append((model, str(g.method), "gap (gen − tf)", *gap))
+    failed = sum(g.n_judge_failed or 0 for g in groups)
+    note = (
+        "Generated: greedy decoding with a fixed token budget, the first answer matched after "
+        "normalisation (aliases count); locality: the edited model's answer equals the unedited one's. "
+        "Gap in points."
+    )
+    if any(g.judged for g in groups):
+        note += f" Judged: the judge's verdicts ({failed} probe(s) it could not grade are left out)."
+    return ReportTable(
+        name="teacher_vs_generated",
+        title="Teacher-forced vs generated answers (single editing, %) — VLKEB Table 2 layout",
+        columns=("Model", "Method", "Answered", *(metric_label(k) for k in keys)),
+        rows=tuple(rows),
+        formats=("", "", "", *(PCT for _ in keys)),
+        group_columns=2,
+        note=note,
+    )
+
+
+def _gap(tf: float | None, gen: float | None) -> float | None:
+    return None if tf is None or gen is None else 100 * (gen - tf)
+
+
 def edit_type_table(summary: RunSummary) -> ReportTable | None:
     """MMKE-Bench Tables 3-5 layout with every metric the run has: rows model x edit type x method,
     the 'All' block last (``mmke_bench_table`` is the paper's exact six columns)."""
@@ -556,6 +605,7 @@ def build_tables(summary: RunSummary) -> list[ReportTable]:
     built = [
         main_table(summary),
         main_table(summary, "exact_match"),
+        generation_table(summary),
         edit_type_table(summary),
         mmke_bench_table(summary),
         portability_table(summary),

@@ -1,4 +1,5 @@
-"""Pluggable text generators for building benchmarks: rephrased questions and questions from triples.
+"""Pluggable text generators for building benchmarks: rephrased questions and questions from triples,
+and the graders' verdicts a judge model gives (``mmke.eval.judge``).
 
 A backend (rule templates, a local mmke model, an OpenAI-compatible HTTP endpoint) only maps
 requests to texts; ``generate_all`` adds, for every backend alike, output checks, retries with
@@ -28,10 +29,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Each task and the fields its requests must carry (``rephrase`` also takes an optional ``n``).
+#: Each task and the fields its requests must carry (``rephrase`` also takes an optional ``n``,
+#: ``grade`` optional ``aliases``: other accepted names of the target, joined by "; ").
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     "rephrase": ("question",),
     "question": ("subject", "relation", "answer"),
+    "grade": ("question", "target", "answer"),
+    "compare": ("question", "before", "after"),
+}
+#: The grading tasks and their two verdict words (agreeing one first); a reply must name one of them.
+VERDICTS: dict[str, tuple[str, str]] = {
+    "grade": ("CORRECT", "INCORRECT"),
+    "compare": ("SAME", "DIFFERENT"),
 }
 #: The model ``LocalGenerator`` runs unless told otherwise.
 DEFAULT_LOCAL_MODEL = "smollm2"
@@ -209,6 +218,11 @@ def output_problem(request: Request, text: str) -> str | None:
     out = text.strip()
     if not out:
         return "empty output"
+    if request.task in VERDICTS:
+        try:
+            read_verdict(request.task, out)
+        except GenerationError as e:
+            return str(e)
     if request.task == "rephrase":
         question = request.field("question")
         if _normalised(out) == _normalised(question):
@@ -222,6 +236,26 @@ def output_problem(request: Request, text: str) -> str | None:
         if not out.endswith("?"):
             return f"output is not a question: {_clip(out)!r}"
     return None
+
+
+def read_verdict(task: str, reply: str) -> str:
+    """The verdict word (upper case) a grading ``reply`` gives; ``GenerationError`` when none is clear.
+
+    The first line that names a verdict word, case-insensitive and as a whole word, decides, so a
+    judge may explain itself on later lines. That line must name exactly one of the task's two words
+    and not negate it: "CORRECT or INCORRECT?" or "not correct" is malformed, never guessed at.
+    """
+    words = VERDICTS[task]
+    named = re.compile(rf"\b({'|'.join(words)})\b", re.IGNORECASE)
+    line = next((ln.strip() for ln in reply.splitlines() if named.search(ln)), None)
+    if line is None:
+        raise GenerationError(f"reply names neither {words[0]} nor {words[1]}: {_clip(reply.strip())!r}")
+    found = {word.upper() for word in named.findall(line)}
+    if len(found) > 1:
+        raise GenerationError(f"reply names both {words[0]} and {words[1]}: {_clip(line)!r}")
+    if re.search(rf"(?:\bnot|n't|\bnever)\s+(?:the\s+)?{named.pattern}", line, re.IGNORECASE):
+        raise GenerationError(f"reply negates its verdict: {_clip(line)!r}")
+    return found.pop()
 
 
 def _normalised(text: str) -> str:
@@ -348,6 +382,10 @@ def prompt_for(request: Request) -> str:
     """The instruction (with worked examples) a model backend sends for ``request``."""
     if request.task == "rephrase":
         return _rephrase_prompt(request.field("question"), request.index)
+    if request.task == "grade":
+        return _grade_prompt(request)
+    if request.task == "compare":
+        return _compare_prompt(request)
     subject, answer = request.field("subject"), request.field("answer")
     return _question_prompt(subject, _relation_words(request.field("relation")), answer)
 
@@ -373,6 +411,111 @@ def _question_prompt(subject: str, relation: str, answer: str) -> str:
         lines += [f"Subject: {s}", f"Relation: {r}", f"Answer: {a}", f"Question: {question}", ""]
     lines += [f"Subject: {subject}", f"Relation: {relation}", f"Answer: {answer}", "Question:"]
     return "\n".join(lines)
+
+
+# --- grading prompts: a judge model's verdict on a free-generated answer ------------------------
+
+#: The system message an HTTP backend sends with a grading request (writing tasks: ``SYSTEM_PROMPT``).
+GRADER_SYSTEM_PROMPT = (
+    "You grade answers for a question-answering benchmark. Follow the grading rules you are given "
+    "and reply with the single verdict word they ask for, nothing else."
+)
+
+# The rules follow SimpleQA's grader (meaning over wording; hedging or a contradicting claim
+# fails) with two verdicts only: a free generation that attempts no answer also fails, since
+# the edited model was asked for one. Examples come in mixed verdicts so that a small judge
+# does not just copy the last one.
+_GRADE_RULES = (
+    "Decide whether the predicted answer to the question means the gold target.",
+    "- Judge meaning, not wording: other words, another spelling, an abbreviation, or a fuller or "
+    "shorter form of the same name all mean the target.",
+    "- Extra details are fine as long as they do not contradict the target.",
+    "- The answer is INCORRECT when it names something else, hedges between several candidates, "
+    "says it does not know, or adds a claim that contradicts the target.",
+    "Reply with a single word: CORRECT or INCORRECT.",
+)
+# (question, target, aliases, predicted answer, verdict)
+_GRADE_EXAMPLES = (
+    ("who wrote hamlet ?", "william shakespeare", "", "Hamlet was written by Shakespeare.", "CORRECT"),
+    ("what is the capital of australia ?", "canberra", "", "It is either Sydney or Canberra.", "INCORRECT"),
+    ("which planet is the largest ?", "jupiter", "", "saturn", "INCORRECT"),
+    ("who first walked on the moon ?", "neil armstrong", "armstrong", "Armstrong did, in 1969.", "CORRECT"),
+    ("in which city is the eiffel tower ?", "paris", "", "Paris. No wait, it is in Lyon.", "INCORRECT"),
+)
+
+_COMPARE_RULES = (
+    "Decide whether the two answers to the question say the same thing.",
+    "- Judge meaning, not wording: other words, another spelling, an abbreviation, or a fuller or "
+    "shorter form of the same name say the same thing.",
+    "- Extra details in one answer are fine as long as they do not change or contradict its answer.",
+    "- They are DIFFERENT when they give different answers, when one hedges, refuses or says it "
+    "does not know and the other does not, or when one adds a claim the other contradicts.",
+    "Reply with a single word: SAME or DIFFERENT.",
+)
+# (question, answer A, answer B, verdict)
+_COMPARE_EXAMPLES = (
+    ("what is the capital of france ?", "paris", "The capital of France is Paris.", "SAME"),
+    ("who painted the mona lisa ?", "leonardo da vinci", "michelangelo", "DIFFERENT"),
+    ("what colour is the sky ?", "blue", "I am not sure, maybe blue or grey.", "DIFFERENT"),
+    ("who wrote hamlet ?", "Shakespeare", "william shakespeare, the english playwright", "SAME"),
+)
+
+
+def _grade_prompt(request: Request) -> str:
+    lines = [*_GRADE_RULES, ""]
+    for question, target, aliases, answer, verdict in _GRADE_EXAMPLES:
+        lines += [*_grade_case(question, target, aliases, answer), f"Grade: {verdict}", ""]
+    case = _grade_case(
+        request.field("question"),
+        request.field("target"),
+        request.get("aliases") or "",
+        request.field("answer"),
+    )
+    return "\n".join([*lines, *case, "Grade:"])
+
+
+def _grade_case(question: str, target: str, aliases: str, answer: str) -> list[str]:
+    also = f" (also accepted: {_one_line_field(aliases)})" if aliases.strip() else ""
+    return [
+        f"Question: {_one_line_field(question)}",
+        f"Gold target: {_one_line_field(target)}{also}",
+        f"Predicted answer: {_one_line_field(answer)}",
+    ]
+
+
+def _compare_prompt(request: Request) -> str:
+    lines = [*_COMPARE_RULES, ""]
+    for question, first, second, verdict in _COMPARE_EXAMPLES:
+        lines += [*_compare_case(question, first, second), f"Verdict: {verdict}", ""]
+    case = _compare_case(request.field("question"), request.field("before"), request.field("after"))
+    return "\n".join([*lines, *case, "Verdict:"])
+
+
+def _compare_case(question: str, first: str, second: str) -> list[str]:
+    return [
+        f"Question: {_one_line_field(question)}",
+        f"Answer A: {_one_line_field(first)}",
+        f"Answer B: {_one_line_field(second)}",
+    ]
+
+
+def _one_line_field(text: str) -> str:
+    # An answer that runs on over lines could otherwise write its own "Grade: CORRECT" line.
+    return " ".join(text.split())
+
+
+def system_prompt_for(request: Request) -> str:
+    """The system message an HTTP backend sends with ``request``."""
+    return GRADER_SYSTEM_PROMPT if request.task in VERDICTS else SYSTEM_PROMPT
+
+
+def finish_output(request: Request, text: str) -> str:
+    """A backend's reply as kept: cleaned for the writing tasks, verbatim for the grading ones.
+
+    A grader's reply is stored as the judge gave it, explanation and all, so that a verdict can
+    be audited; ``read_verdict`` finds the verdict in it.
+    """
+    return text if request.task in VERDICTS else clean_output(text)
 
 
 _LABEL = re.compile(r"^(?:(?:rewritten|rephrased|new|reworded)?\s*question|rewritten|rephrased)\s*:\s*", re.I)
@@ -509,7 +652,7 @@ class LocalGenerator:
 
         items = [Sample(prompt_for(r), target="") for r in requests]
         texts = self._lvlm().generate(items, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        return [clean_output(t) for t in texts]
+        return [finish_output(r, t) for r, t in zip(requests, texts, strict=True)]
 
     def _lvlm(self) -> LVLM:
         if self._model is None:
@@ -591,13 +734,13 @@ class HTTPGenerator:
         body = {
             "model": self.model,
             "messages": [
-                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "system", "content": system_prompt_for(request)},
                 {"role": "user", "content": prompt_for(request)},
             ],
             "temperature": 0,
         }
         reply = self._post(json.dumps(body).encode("utf-8"))
-        return clean_output(self._content(reply))
+        return finish_output(request, self._content(reply))
 
     def _post(self, data: bytes) -> bytes:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -657,36 +800,40 @@ def generator_from_config(spec: Mapping[str, Any]) -> TextGenerator:
         raise ConfigError(f"generator backend {backend}: unknown key(s) {bad}; valid: {listed}")
     if backend == "templates":
         return TemplateGenerator()
+    where = f"generator backend {backend}"
     if backend == "local":
         return LocalGenerator(
-            _text(spec, "model", backend, DEFAULT_LOCAL_MODEL),
-            max_new_tokens=int(_positive(spec, "max_new_tokens", backend, 32)),
-            batch_size=int(_positive(spec, "batch_size", backend, 8)),
+            text_option(spec, "model", where, DEFAULT_LOCAL_MODEL),
+            max_new_tokens=int(number_option(spec, "max_new_tokens", where, 32)),
+            batch_size=int(number_option(spec, "batch_size", where, 8)),
         )
     return HTTPGenerator(
-        _text(spec, "url", backend),
-        _text(spec, "model", backend),
-        api_key_env=_text(spec, "api_key_env", backend, "") or None,
-        timeout=float(_positive(spec, "timeout", backend, 30.0, number=True)),
-        max_workers=int(_positive(spec, "max_workers", backend, 4)),
+        text_option(spec, "url", where),
+        text_option(spec, "model", where),
+        api_key_env=text_option(spec, "api_key_env", where, "") or None,
+        timeout=float(number_option(spec, "timeout", where, 30.0, real=True)),
+        max_workers=int(number_option(spec, "max_workers", where, 4)),
     )
 
 
-def _text(spec: Mapping[str, Any], key: str, backend: str, default: str | None = None) -> str:
+def text_option(spec: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+    """Setting ``key`` of ``spec`` as text (``default`` when absent); ``where`` starts the error message."""
     value = spec.get(key, default)
     if value is None:
-        raise ConfigError(f"generator backend {backend}: key {key!r} is required")
+        raise ConfigError(f"{where}: key {key!r} is required")
     if not isinstance(value, str):
-        raise ConfigError(f"generator backend {backend}: {key} must be text, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be text, got {value!r}")
     return value
 
 
-def _positive(
-    spec: Mapping[str, Any], key: str, backend: str, default: float, *, number: bool = False
+def number_option(
+    spec: Mapping[str, Any], key: str, where: str, default: float, *, real: bool = False, zero: bool = False
 ) -> float:
+    """Setting ``key`` of ``spec``: a positive integer (a real with ``real``; 0 too with ``zero``)."""
     value = spec.get(key, default)
-    kinds = (int, float) if number else (int,)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        kind = "a positive number" if number else "a positive integer"
-        raise ConfigError(f"generator backend {backend}: {key} must be {kind}, got {value!r}")
+    kinds = (int, float) if real else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0 or (value == 0 and not zero):
+        sign = "non-negative" if zero else "positive"
+        kind = f"a {sign} number" if real else f"a {sign} integer"
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r}")
     return value

@@ -1,0 +1,80 @@
+"""Free-generation answers: where an answer ends, how it is normalised, and when it matches.
+
+Greedy decoding runs for a fixed token budget (the run's ``max_new_tokens``, never the target's
+length, which would leak it), so a model usually goes on past its answer. ``first_answer`` keeps
+the first answer only: the text up to the first newline, then up to the first sentence end (a
+``.``, ``!`` or ``?`` followed by a space or the end; "3.5" is not a sentence end). An answer
+matches a target when, normalised, it is the target or starts with it as whole words; any alias
+the data gives counts as the target, and for a multiple-choice probe the option's letter does
+too. Locality by generation compares the edited model's answer with the unedited model's,
+never with a reference answer.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+#: Number words a generated answer may use for a digit target ("three" for "3").
+_UNITS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+)
+_TENS = {
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+}
+NUMBER_WORDS = {word: str(i) for i, word in enumerate(_UNITS.split(" "))} | _TENS
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_LETTER = re.compile(r"^\(?([a-e])\)?(?:[.):]|$)")
+
+
+def first_answer(text: str) -> str:
+    """The first answer in a generation: up to the first newline, then the first sentence end."""
+    line = text.strip().split("\n", 1)[0]
+    end = _SENTENCE_END.search(line)
+    return (line[: end.start()] if end else line).strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, number words as digits, no punctuation or articles, single spaces (SQuAD-style)."""
+    text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+    words = [NUMBER_WORDS.get(w, w) for w in _ARTICLES.sub(" ", text).split()]
+    return " ".join(words)
+
+
+def _starts_with(answer: str, target: str) -> bool:
+    return bool(target) and (answer == target or answer.startswith(target + " "))
+
+
+def option_of(answer: str, options: Sequence[str]) -> str | None:
+    """The option a multiple-choice answer names by its letter ("B", "(b)", "b."), if any."""
+    hit = _LETTER.match(answer.strip().lower())
+    if hit is None:
+        return None
+    index = ord(hit.group(1)) - ord("a")
+    return options[index] if index < len(options) else None
+
+
+def answer_matches(
+    generated: str, target: str, aliases: Sequence[str] = (), options: Sequence[str] = ()
+) -> float:
+    """1.0 when the first answer of ``generated`` is the target (or an alias, or, for multiple
+    choice, the target's option letter), normalised, possibly followed by more words; else 0.0."""
+    answer = first_answer(generated)
+    named = option_of(answer, options) if options else None
+    said = normalize_answer(named if named is not None else answer)
+    return 1.0 if any(_starts_with(said, normalize_answer(t)) for t in (target, *aliases)) else 0.0
+
+
+def same_answer(before: str, after: str) -> float:
+    """Generation locality: 1.0 when the edited model's first answer equals the unedited one's, normalised."""
+    return 1.0 if normalize_answer(first_answer(before)) == normalize_answer(first_answer(after)) else 0.0
