@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -164,13 +165,32 @@ class LVLM:
         """Answer-span logits (N, V), item-major in ``batch.answer_positions`` order; or all (B, T, V).
 
         For the answer span the lm head only sees the hidden states that predict answer tokens,
-        so a batch never materialises (B, T, V).
+        so a batch never materialises (B, T, V). A batch whose items share their first
+        ``batch.prefix`` tokens runs those once, as one row, and the rest per item on its cache.
         """
+        if batch.prefix:
+            return self._logits_after_prefix(batch, answer_only)
         if not answer_only:
             return self.family.forward(self.model, batch.inputs).logits  # (B, T, V)
         rows, cols = batch.answer_positions  # (N,), (N,)
         with _gather_lm_head_input(self.model.get_output_embeddings(), batch.labels.shape, rows, cols - 1):
             return self.family.forward(self.model, batch.inputs).logits  # (N, V)
+
+    def _logits_after_prefix(self, batch: Batch, answer_only: bool) -> torch.Tensor:
+        cut, inputs = batch.prefix, batch.inputs
+        size = inputs["input_ids"].shape[0]
+        head = {k: v[:1, :cut] if k in TOKEN_INPUTS else v[:1] for k, v in inputs.items()}
+        first = self.family.forward(self.model, head, cache=True)  # one row: the shared tokens
+        cache = first.cache
+        cache.batch_repeat_interleave(size)
+        rest = {"input_ids": inputs["input_ids"][:, cut:], "attention_mask": inputs["attention_mask"]}
+        if not answer_only:
+            tail = self.family.forward(self.model, rest, cache=cache).logits  # (B, T - cut, V)
+            return torch.cat([first.logits.expand(size, -1, -1), tail], dim=1)  # (B, T, V)
+        rows, cols = batch.answer_positions  # (N,), (N,)
+        shape = torch.Size((size, inputs["input_ids"].shape[1] - cut))
+        with _gather_lm_head_input(self.model.get_output_embeddings(), shape, rows, cols - 1 - cut):
+            return self.family.forward(self.model, rest, cache=cache).logits  # (N, V)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean over items of each item's mean target NLL (differentiable; a scalar)."""
@@ -187,11 +207,45 @@ class LVLM:
         out: list[ItemScore | None] = [None] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                batch = self.encode([items[i] for i in chunk])
-                scores = self.scorer.score_batch(self, batch, topk)
-                for i, s in zip(chunk, scores, strict=True):
-                    out[i] = s
+                for group, shared in self._prefix_groups([items[i] for i in chunk]):
+                    batch = self.encode([items[chunk[i]] for i in group])
+                    if shared:
+                        batch = replace(batch, prefix=self._shared_prefix(batch))
+                    scores = self.scorer.score_batch(self, batch, topk)
+                    for i, s in zip(group, scores, strict=True):
+                        out[chunk[i]] = s
         return ScoredBatch(tuple(s for s in out if s is not None))
+
+    # --- a shared prefix, computed once ---------------------------------------------------
+
+    def _prefix_groups(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
+        """The batches to score ``items`` in, as index lists, each with whether its items share a
+        prefix worth running once: one batch, unless they share a long prompt prefix (IKE's
+        demonstrations, SERAC's retrieved edit) the family can reuse; then one batch per image,
+        whose items share that prefix's keys and values, image included."""
+        whole = [(list(range(len(items))), False)]
+        if not self.family.reuses_prefix or len(items) < 2:
+            return whole
+        if _shared_start([it.prompt for it in items]) < MIN_SHARED_PROMPT:
+            return whole
+        groups: dict[ImageRef | None, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.image, []).append(i)
+        return [(g, len(g) > 1) for g in groups.values()]
+
+    def _shared_prefix(self, batch: Batch) -> int:
+        """How many leading tokens every item of ``batch`` shares and a forward can run once: equal
+        ids, none of them padding, before every item's first answer token's logit, and with every
+        image token inside them (their states depend on the image); 0 when too few to matter."""
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # (B, T) each
+        same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)  # (T,)
+        cut = int(same.int().cumprod(0).sum())
+        _, cols = batch.answer_positions  # (N,)
+        cut = min(cut, int(cols.min()) - 1)
+        token = self.family.image_token(self.processor)
+        if token is not None and bool((ids[:, cut:] == self.tokenizer.convert_tokens_to_ids(token)).any()):
+            return 0
+        return cut if cut >= MIN_SHARED_TOKENS else 0
 
     # --- generation -----------------------------------------------------------------------
 
@@ -251,6 +305,21 @@ class LVLM:
     def _by_length(self, items: Sequence[Item]) -> list[int]:
         """Indices grouped image/text and sorted by text length, so batches pad little."""
         return sorted(range(len(items)), key=lambda i: (items[i].image is not None, len(items[i].prompt)))
+
+
+#: Prompts share a prefix worth computing once from this many characters (IKE's demonstrations),
+#: and a batch runs it once from this many tokens.
+MIN_SHARED_PROMPT = 64
+MIN_SHARED_TOKENS = 16
+#: The inputs that run along the tokens (cut with them); the others (pixels) belong to the image.
+TOKEN_INPUTS = ("input_ids", "attention_mask")
+
+
+def _shared_start(texts: Sequence[str]) -> int:
+    """How many leading characters all ``texts`` share (those of the first and last in sort order)."""
+    first, last = min(texts), max(texts)
+    pairs = zip(first, last, strict=False)  # the shorter one ends it
+    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(first), len(last)))
 
 
 def _chunks(order: list[int], size: int) -> Iterator[list[int]]:

@@ -35,6 +35,8 @@ class Batch:
     texts: tuple[str, ...] = ()
     offsets: torch.Tensor | None = field(default=None, repr=False)  # (B, T, 2), on the CPU
     text_lengths: tuple[int, ...] = ()
+    #: Leading tokens every item shares (ids and image): a forward runs them once (``LVLM.logits``).
+    prefix: int = 0
 
     @property
     def size(self) -> int:

@@ -102,6 +102,9 @@ class Family:
     plain_format: ClassVar[str] = "USER: {image}{prompt} ASSISTANT:"
     #: What ``{image}`` expands to in ``plain_format`` (the processor's image token followed by this).
     image_suffix: ClassVar[str] = "\n"
+    #: Whether a batch's shared leading tokens can run once and the rest continue from their
+    #: cache (``forward(..., cache=)``): decoders whose positions follow the token index.
+    reuses_prefix: ClassVar[bool] = False
 
     # --- loading --------------------------------------------------------------------------
 
@@ -131,6 +134,10 @@ class Family:
 
     def image_placeholder(self, processor: Any) -> str:
         return str(processor.image_token)
+
+    def image_token(self, processor: Any) -> str | None:
+        """The token that stands for image features in the ids (None for a text-only family)."""
+        return str(processor.image_token) if self.multimodal else None
 
     def image_text(self, processor: Any, has_image: bool, suffix: str | None = None) -> str:
         """What stands for the image in a written prompt ("" when the image enters another way),
@@ -194,8 +201,14 @@ class Family:
 
     # --- running --------------------------------------------------------------------------
 
-    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-        return model(**inputs, use_cache=False)
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], cache: Any = None) -> Any:
+        """The model's outputs for ``inputs``; ``cache``: True to return the keys and values of
+        these tokens, or a cache of earlier tokens to continue from (families that ``reuses_prefix``)."""
+        if cache is None:
+            return model(**inputs, use_cache=False)
+        if cache is True:
+            return model(**inputs, use_cache=True)
+        return model(**inputs, cache=cache, use_cache=True)
 
     def generate(self, model: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
         """New token ids only, (B, N) (left-padded inputs)."""

@@ -67,7 +67,8 @@ class Blip2(Family):
         offsets = torch.tensor(pad_rows(spans, (0, 0), padding_side))  # (B, T, 2)
         return Encoded(inputs, offsets, [len(t) for t in texts])
 
-    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], cache: Any = None) -> Any:
+        # no prefix reuse (reuses_prefix is off): the query outputs are spliced in by the model
         if "pixel_values" not in inputs:  # BLIP-2's forward needs images; text runs the LM alone
             return model.language_model(**inputs, use_cache=False)
         return model(**inputs, use_cache=False)

@@ -27,6 +27,7 @@ class CausalLM(Family):
     """A text-only decoder (Llama, Qwen2, SmolLM2, GPT-2, OPT, ...); image items are an error."""
 
     name = "causal_lm"
+    reuses_prefix = True
     multimodal = False
     plain_format = "{prompt}"
     layout_spec = LayoutSpec(

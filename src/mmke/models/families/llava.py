@@ -15,6 +15,7 @@ class Llava(Family):
     """LLaVA-1.5 style: CLIP vision tower + MLP projector + Llama/Mistral/Vicuna decoder."""
 
     name = "llava"
+    reuses_prefix = True
     architectures = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
     layout_spec = LayoutSpec(
