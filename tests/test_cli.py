@@ -95,3 +95,36 @@ def test_list_scorers_says_what_each_follows_and_emulates(
         by_name["vlkeb"][1].startswith("VLKEB/VLKEB main@10951b7") and by_name["vlkeb"][2] == "ft_stale_pre"
     )
     assert by_name["easyedit"][2] == "pre_after_edit" and by_name["mmke"][2] == "–"
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2", "qwen2_vl", "qwen2_5_vl", "idefics3", "causal_lm"])
+def test_build_tiny_model_saves_the_tests_model_offline(
+    family: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from mmke.models import LVLM
+    from mmke.models.tiny import tiny_model
+
+    out = tmp_path / family
+    assert main(["build", "tiny-model", family, "--out", str(out)]) == 0
+    assert f"wrote {out}: {family}" in capsys.readouterr().out
+    loaded, built = LVLM.load(out), tiny_model(family)
+    assert loaded.family.name == built.family.name and (out / "README.md").is_file()
+    for (name, a), (_, b) in zip(
+        loaded.model.state_dict().items(), built.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert main(["build", "tiny-model", family, "--out", str(out)]) != 0  # never over a folder in use
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_a_prompt_longer_than_the_model_is_one_line() -> None:
+    from mmke.errors import BadRecordError
+    from mmke.models.tiny import tiny_model
+    from mmke.types import Sample
+
+    lvlm = tiny_model("causal_lm")
+    with pytest.raises(BadRecordError, match=r"item 0: \d+ tokens, more than the model's 512 positions") as e:
+        lvlm.score([Sample("paris " * 600, "rome")])
+    assert "\n" not in str(e.value)

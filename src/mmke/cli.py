@@ -52,6 +52,37 @@ def _print_stats(console: Console, stats: dict, title: str) -> None:
             console.print(f"{section}: {value}")
 
 
+def _tiny_kinds() -> tuple[str, ...]:
+    from mmke.models.tiny import TINY_KINDS
+
+    return TINY_KINDS
+
+
+def cmd_build_tiny_model(args: argparse.Namespace, console: Console) -> int:
+    """Save the tiny random model the tests use for a family: a real transformers folder, offline."""
+    from mmke.models.tiny import save_tiny, tiny_model
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise MmkeError(f"{args.out} is not empty: choose a new folder for the tiny model")
+    lvlm = tiny_model(args.family, seed=args.seed)
+    save_tiny(lvlm, args.out)
+    n = sum(p.numel() for p in lvlm.model.parameters())
+    (args.out / "README.md").write_text(
+        f"# A tiny random {args.family} model\n\nBuilt by `mmke build tiny-model {args.family} --seed "
+        f"{args.seed}`: {type(lvlm.model).__name__}, {n:,} parameters, random weights. It checks a "
+        "set-up (loading, every method, the report) offline; its answers mean nothing.\n",
+        encoding="utf-8",
+    )
+    console.print(
+        f"wrote {args.out}: {args.family} ({type(lvlm.model).__name__}, {n:,} random parameters); "
+        f"try: mmke run model={args.out} limit=2 methods=[ft_llm,ike]",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
 def cmd_build_world(args: argparse.Namespace, console: Console) -> int:
     from mmke.data.world import build_world, world_stats
 
@@ -648,6 +679,15 @@ def _parser() -> argparse.ArgumentParser:
         help="reuse the vision tower of a model built with the same stage-1 recipe (skips stage 1)",
     )
     model.set_defaults(func=cmd_build_model)
+
+    tiny = bsub.add_parser(
+        "tiny-model",
+        help="a tiny random model of a family, saved offline (check a set-up before downloading)",
+    )
+    tiny.add_argument("family", choices=_tiny_kinds())
+    tiny.add_argument("--out", type=Path, required=True)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_build_tiny_model)
 
     pipe = bsub.add_parser("pipeline", help="run a build pipeline file (examples/pipelines/*.yaml)")
     pipe.add_argument("file", type=Path)

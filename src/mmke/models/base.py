@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 import mmke.models._loading as _loading
-from mmke.errors import MmkeError
+from mmke.errors import BadRecordError, MmkeError
 from mmke.models.batch import Batch, answer_labels, move_inputs, tail_labels
 from mmke.models.families import Encoded, Family
 from mmke.models.layout import Layout
@@ -282,7 +282,16 @@ class LVLM:
     # --- helpers --------------------------------------------------------------------------
 
     def _preprocess(self, texts: list[str], pictures: list[Image.Image | None], side: str) -> Encoded:
-        return self.family.preprocess(self.processor, texts, pictures, side, self._add_special_tokens)
+        enc = self.family.preprocess(self.processor, texts, pictures, side, self._add_special_tokens)
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        lengths = enc.inputs["attention_mask"].sum(dim=1).tolist()
+        for i, n in enumerate(lengths):
+            if limit is not None and n > limit:  # the position embedding would index out of range
+                raise BadRecordError(
+                    f"item {i}: {n} tokens, more than the model's {limit} positions "
+                    f"(a shorter prompt, or fewer IKE demonstrations: method_options.ike.k)"
+                )
+        return enc
 
     def _pictures(self, items: Sequence[Item]) -> list[Image.Image | None]:
         out: list[Image.Image | None] = []
