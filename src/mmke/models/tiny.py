@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from mmke.models.base import LVLM
 
 #: Every tiny model that can be built; "qwen2_5_vl" is a Qwen2.5-VL model driven by family qwen2_vl.
-TINY_KINDS = ("llava", "blip2", "qwen2_vl", "qwen2_5_vl", "idefics3", "causal_lm")
+TINY_KINDS = ("llava", "llava_next", "blip2", "qwen2_vl", "qwen2_5_vl", "idefics3", "causal_lm")
 
 _CORPUS = (
     "paris is the capital of france",
@@ -52,6 +52,7 @@ def tiny_model(kind: str, seed: int = 0) -> LVLM:
     """A tiny random model of ``kind`` (one of ``TINY_KINDS``), identical for the same seed."""
     builders: dict[str, Callable[[int], LVLM]] = {
         "llava": _llava,
+        "llava_next": _llava_next,
         "blip2": _blip2,
         "qwen2_vl": _qwen2_vl,
         "qwen2_5_vl": _qwen2_5_vl,
@@ -136,6 +137,45 @@ def _llava(seed: int) -> LVLM:
         text.pop(key)
     vision = {k: v for k, v in _vit().items() if k != "image_size"} | {"projection_dim": 32}
     return llava_from_sizes(tok, vision, text, _IMAGE, seed)
+
+
+def _llava_next(seed: int) -> LVLM:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = bpe_tokenizer(["<image>"])
+    # anyres: a 32x32 base view plus the tiles of the best of these grids
+    grids = [[_IMAGE, _IMAGE], [_IMAGE, 2 * _IMAGE], [2 * _IMAGE, _IMAGE]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": _IMAGE},
+        crop_size={"height": _IMAGE, "width": _IMAGE},
+        image_grid_pinpoints=grids,
+    )
+    processor = LlavaNextProcessor(
+        image_processor,
+        tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    text = _llama_text(tok)
+    text.pop("model_type")
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_vit(), projection_dim=32),
+        text_config=LlamaConfig(**text),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grids,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=tok.pad_token_id,
+    )
+    return LVLM(_build(LlavaNextForConditionalGeneration, config, seed), processor, "llava_next")
 
 
 def _blip2(seed: int) -> LVLM:

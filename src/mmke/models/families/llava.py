@@ -29,3 +29,14 @@ class Llava(Family):
         ),
         projector=("model.multi_modal_projector", "multi_modal_projector"),
     )
+
+
+@register_family("llava_next")
+class LlavaNext(Llava):
+    """LLaVA-NeXT (LLaVA-1.6): LLaVA's parts, images tiled at any resolution ("anyres") with a
+    learned row separator; everything mmke needs is LLaVA's. Paper: Liu et al., "LLaVA-NeXT:
+    Improved reasoning, OCR, and world knowledge", 2024."""
+
+    name = "llava_next"
+    architectures = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)
