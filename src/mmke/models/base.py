@@ -68,6 +68,7 @@ class LVLM:
         self.source: Path | None = None
         #: Where items' images are opened from (None until bound: text-only items need none).
         self.images: ImageSource | None = None
+        self._max_positions = _learned_positions(model)
         self.bind_scorer(CANONICAL)
 
     @classmethod
@@ -283,12 +284,11 @@ class LVLM:
 
     def _preprocess(self, texts: list[str], pictures: list[Image.Image | None], side: str) -> Encoded:
         enc = self.family.preprocess(self.processor, texts, pictures, side, self._add_special_tokens)
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        lengths = enc.inputs["attention_mask"].sum(dim=1).tolist()
-        for i, n in enumerate(lengths):
-            if limit is not None and n > limit:  # the position embedding would index out of range
+        limit = self._max_positions
+        for i, n in enumerate(enc.inputs["attention_mask"].sum(dim=1).tolist()):
+            if limit is not None and n > limit:  # the learned position table would index out of range
                 raise BadRecordError(
-                    f"item {i}: {n} tokens, more than the model's {limit} positions "
+                    f"item {i}: {n} tokens, more than the model's {limit} learned positions "
                     f"(a shorter prompt, or fewer IKE demonstrations: method_options.ike.k)"
                 )
         return enc
@@ -322,6 +322,15 @@ MIN_SHARED_PROMPT = 64
 MIN_SHARED_TOKENS = 16
 #: The inputs that run along the tokens (cut with them); the others (pixels) belong to the image.
 TOKEN_INPUTS = ("input_ids", "attention_mask")
+
+
+def _learned_positions(model: nn.Module) -> int | None:
+    """How many positions the language model's learned position table holds (OPT's
+    ``embed_positions``, GPT-2's ``wpe``); None for rotary positions, which have no such limit."""
+    for name, module in model.named_modules():
+        if name.endswith(("embed_positions", "wpe")) and isinstance(module, nn.Embedding):
+            return int(module.num_embeddings) - int(getattr(module, "offset", 0))
+    return None
 
 
 def _shared_start(texts: Sequence[str]) -> int:
