@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from mmke.models.base import LVLM
 
 #: Every tiny model that can be built; "qwen2_5_vl" is a Qwen2.5-VL model driven by family qwen2_vl.
-TINY_KINDS = ("llava", "llava_next", "blip2", "qwen2_vl", "qwen2_5_vl", "idefics3", "causal_lm")
+TINY_KINDS = ("llava", "llava_next", "blip2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "causal_lm")
 
 _CORPUS = (
     "paris is the capital of france",
@@ -56,6 +56,7 @@ def tiny_model(kind: str, seed: int = 0) -> LVLM:
         "blip2": _blip2,
         "qwen2_vl": _qwen2_vl,
         "qwen2_5_vl": _qwen2_5_vl,
+        "qwen3_vl": _qwen3_vl,
         "idefics3": _idefics3,
         "causal_lm": _causal_lm,
     }
@@ -290,6 +291,29 @@ def _qwen2_5_vl(seed: int) -> LVLM:
     vision |= {"window_size": 16, "fullatt_block_indexes": [1]}
     config = Qwen2_5_VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
     return LVLM(_build(Qwen2_5_VLForConditionalGeneration, config, seed), processor, "qwen2_vl")
+
+
+def _qwen3_vl(seed: int) -> LVLM:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from mmke.models.families.qwen2_vl import Qwen3VL
+
+    qwen2 = _qwen_processor()
+    processor = Qwen3VL.image_only_processor(qwen2.image_processor, qwen2.tokenizer, qwen2.chat_template)
+    tok = processor.tokenizer
+    text = _qwen_text(tok)
+    text["rope_parameters"] |= {"mrope_interleaved": True}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": _WIDTH,
+    }
+    vision |= {"patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision |= {"deepstack_visual_indexes": [1], "num_position_embeddings": 64}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    return LVLM(_build(Qwen3VLForConditionalGeneration, config, seed), processor, "qwen3_vl")
 
 
 def _idefics3(seed: int) -> LVLM:
