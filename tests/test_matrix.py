@@ -24,7 +24,16 @@ from mmke.types import EditCase
 from test_methods import assert_state, make_case, state
 from test_methods import store as store  # the image fixture
 
-FAMILIES = ("llava", "llava_next", "blip2", "qwen2_vl", "qwen3_vl", "idefics3", "causal_lm")
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "blip2",
+    "qwen2_vl",
+    "qwen3_vl",
+    "idefics3",
+    "causal_lm",
+)
 
 #: method -> settings for tiny models. Methods with a train step get a small train split below.
 SETTINGS: dict[str, dict[str, Any]] = {

@@ -21,7 +21,17 @@ from transformers import PreTrainedTokenizerFast
 from mmke.models.base import LVLM
 
 #: Every tiny model that can be built; "qwen2_5_vl" is a Qwen2.5-VL model driven by family qwen2_vl.
-TINY_KINDS = ("llava", "llava_next", "blip2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "causal_lm")
+TINY_KINDS = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "blip2",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "causal_lm",
+)
 
 _CORPUS = (
     "paris is the capital of france",
@@ -53,6 +63,7 @@ def tiny_model(kind: str, seed: int = 0) -> LVLM:
     builders: dict[str, Callable[[int], LVLM]] = {
         "llava": _llava,
         "llava_next": _llava_next,
+        "llava_onevision": _llava_onevision,
         "blip2": _blip2,
         "qwen2_vl": _qwen2_vl,
         "qwen2_5_vl": _qwen2_5_vl,
@@ -177,6 +188,47 @@ def _llava_next(seed: int) -> LVLM:
         pad_token_id=tok.pad_token_id,
     )
     return LVLM(_build(LlavaNextForConditionalGeneration, config, seed), processor, "llava_next")
+
+
+def _llava_onevision(seed: int) -> LVLM:
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from mmke.models.families.llava import ImageOnlyLlavaOnevisionProcessor
+
+    tok = bpe_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>")
+    grids = [[_IMAGE, _IMAGE], [_IMAGE, 2 * _IMAGE], [2 * _IMAGE, _IMAGE]]
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": _IMAGE, "width": _IMAGE}, image_grid_pinpoints=grids
+    )
+    # ChatML with the image as OneVision's own placeholder
+    template = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+    processor = ImageOnlyLlavaOnevisionProcessor(
+        image_processor,
+        tok,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=template,
+    )
+    text = _llama_text(tok, bos_token_id=None)
+    text.pop("model_type")
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**_vit()),
+        text_config=Qwen2Config(**text),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=grids,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    return LVLM(_build(LlavaOnevisionForConditionalGeneration, config, seed), processor, "llava_onevision")
 
 
 def _blip2(seed: int) -> LVLM:

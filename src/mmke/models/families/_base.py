@@ -105,13 +105,29 @@ class Family:
     #: Whether a batch's shared leading tokens can run once and the rest continue from their
     #: cache (``forward(..., cache=)``): decoders whose positions follow the token index.
     reuses_prefix: ClassVar[bool] = False
+    #: The family's processor without its video half, for folders whose AutoProcessor would need
+    #: torchvision for videos mmke never processes (None: AutoProcessor always).
+    image_only_processor: ClassVar[type[Any] | None] = None
 
     # --- loading --------------------------------------------------------------------------
 
     def load_processor(self, path: Path) -> Any:
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except (ImportError, ValueError, TypeError, OSError) as e:
+            if self.image_only_processor is None:
+                raise
+            first: Exception = e  # e.g. the video processor needs torchvision
+        else:
+            if self.image_only_processor is None or hasattr(processor, "image_processor"):
+                return processor
+            first = ValueError("AutoProcessor found no image processor")
+        try:
+            return self.image_only_processor.from_pretrained(path, local_files_only=True)
+        except (ImportError, ValueError, TypeError, OSError):
+            raise first from None
 
     def model_class(self, config: Any) -> type[nn.Module]:
         """The transformers class to instantiate: the config's own architecture when we drive it."""

@@ -7,8 +7,7 @@ template; the answer follows ``<|im_start|>assistant\\n`` with no separator.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -45,8 +44,7 @@ class Qwen2VL(Family):
     """Qwen2-VL / Qwen2.5-VL: native-resolution ViT, patch merger, Qwen2 decoder with M-RoPE."""
 
     name = "qwen2_vl"
-    #: The processor built from a folder whose AutoProcessor needs the video half (torchvision).
-    image_only_processor: ClassVar[type[Any]] = ImageOnlyQwen2VLProcessor
+    image_only_processor = ImageOnlyQwen2VLProcessor
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     model_types = ("qwen2_vl", "qwen2_5_vl")
     plain_format = "{image}{prompt}"
@@ -60,25 +58,6 @@ class Qwen2VL(Family):
 
     def image_placeholder(self, processor: Any) -> str:
         return f"<|vision_start|>{processor.image_token}<|vision_end|>"
-
-    def load_processor(self, path: Path) -> Any:
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-        try:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        except (ImportError, ValueError, TypeError, OSError) as e:
-            # The video processor needs torchvision; we only ever process images.
-            first: Exception = e
-        else:
-            if hasattr(processor, "image_processor"):
-                return processor
-            first = ValueError("AutoProcessor found no image processor")
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (ImportError, ValueError, TypeError, OSError):
-            raise first from None
-        return self.image_only_processor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 
 @register_family("qwen3_vl")
