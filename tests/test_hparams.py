@@ -25,6 +25,17 @@ from mmke.models.tiny import tiny_model
 from mmke.registry import methods
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hparams"
+#: VLKEB's SERAC file for LLaVA and EasyEdit's for BLIP-2 set the same values.
+SERAC_EXPECTED = {
+    "train_lr": 1e-5,
+    "train_seed": 0,
+    "cedit": 0.1,
+    "iedit": 0.1,
+    "cloc": 1.0,
+    "train_steps": 50000,
+    "train_batch": 1,
+    "grad_clip": 100.0,
+}
 #: EasyEdit's WISE files for LLaVA-OneVision and BLIP-2 set the same values.
 WISE_EXPECTED = {
     "layer": 23,
@@ -69,31 +80,13 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     (
         "vlkeb_serac_llava.yaml",
         "serac",
-        {
-            "train_lr": 1e-5,
-            "train_seed": 0,
-            "cedit": 0.1,
-            "iedit": 0.1,
-            "cloc": 1.0,
-            "train_steps": 50000,
-            "train_batch": 1,
-            "grad_clip": 100.0,
-        },
+        SERAC_EXPECTED,
         {},
     ),
     (
         "easyedit_serac_blip2.yaml",
         "serac",
-        {
-            "train_lr": 1e-5,
-            "train_seed": 0,
-            "cedit": 0.1,
-            "iedit": 0.1,
-            "cloc": 1.0,
-            "train_steps": 50000,
-            "train_batch": 1,
-            "grad_clip": 100.0,
-        },
+        SERAC_EXPECTED,
         {},
     ),
     (

@@ -151,6 +151,10 @@ def _llava(seed: int) -> LVLM:
     return llava_from_sizes(tok, vision, text, _IMAGE, seed)
 
 
+#: anyres (LLaVA-NeXT, -OneVision): a base view plus the tiles of the best of these grids.
+ANYRES_GRIDS = [[_IMAGE, _IMAGE], [_IMAGE, 2 * _IMAGE], [2 * _IMAGE, _IMAGE]]
+
+
 def _llava_next(seed: int) -> LVLM:
     from transformers import (
         CLIPVisionConfig,
@@ -162,12 +166,10 @@ def _llava_next(seed: int) -> LVLM:
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tok = bpe_tokenizer(["<image>"])
-    # anyres: a 32x32 base view plus the tiles of the best of these grids
-    grids = [[_IMAGE, _IMAGE], [_IMAGE, 2 * _IMAGE], [2 * _IMAGE, _IMAGE]]
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": _IMAGE},
         crop_size={"height": _IMAGE, "width": _IMAGE},
-        image_grid_pinpoints=grids,
+        image_grid_pinpoints=ANYRES_GRIDS,
     )
     processor = LlavaNextProcessor(
         image_processor,
@@ -182,7 +184,7 @@ def _llava_next(seed: int) -> LVLM:
         vision_config=CLIPVisionConfig(**_vit(), projection_dim=32),
         text_config=LlamaConfig(**text),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=grids,
+        image_grid_pinpoints=ANYRES_GRIDS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         pad_token_id=tok.pad_token_id,
@@ -204,9 +206,8 @@ def _llava_onevision(seed: int) -> LVLM:
     from mmke.models.families.llava import ImageOnlyLlavaOnevisionProcessor
 
     tok = bpe_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>")
-    grids = [[_IMAGE, _IMAGE], [_IMAGE, 2 * _IMAGE], [2 * _IMAGE, _IMAGE]]
     image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": _IMAGE, "width": _IMAGE}, image_grid_pinpoints=grids
+        size={"height": _IMAGE, "width": _IMAGE}, image_grid_pinpoints=ANYRES_GRIDS
     )
     # ChatML with the image as OneVision's own placeholder
     template = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
@@ -224,7 +225,7 @@ def _llava_onevision(seed: int) -> LVLM:
         text_config=Qwen2Config(**text),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         video_token_id=tok.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=grids,
+        image_grid_pinpoints=ANYRES_GRIDS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
