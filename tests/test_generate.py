@@ -187,7 +187,7 @@ def test_http_request_shape_and_key(server: FakeServer, monkeypatch: pytest.Monk
     http = HTTPGenerator(server.url + "/", "tiny-gpt", api_key_env="FAKE_LLM_KEY", max_workers=2)
     outs = http.generate(_rephrase("who wrote hamlet ?", "what is x ?", "where is y ?"))
     assert outs == [f"could you say {q}" for q in ("who wrote hamlet ?", "what is x ?", "where is y ?")]
-    assert http.name == "http:tiny-gpt" and "sk-test" not in repr(http)
+    assert http.name == f"http:tiny-gpt@{server.url}" and "sk-test" not in repr(http)
     hit = server.hits[0]
     assert hit["path"] == "/v1/chat/completions"
     assert hit["headers"]["Authorization"] == "Bearer sk-test-123"

@@ -292,7 +292,7 @@ def test_cache_second_run_and_new_judge_ask_nothing(server: FakeJudge, tmp_path:
     judge = http_judge(server, tmp_path)
     assert judge.judge(questions) == first and judge.judge(questions[::-1]) == first[::-1]
     assert len(server.hits) == asked
-    assert judge.cache.path == tmp_path / "judge" / "http_judge-model.jsonl"
+    assert judge.cache.path == tmp_path / "judge" / f"{safe_name(judge.name)}.jsonl"
     # failures are not cached: a re-run asks for them again
     judge.judge([grade("broken")])
     judge.judge([grade("broken")])
@@ -319,7 +319,7 @@ def test_api_key_is_sent_but_never_stored_or_logged(
     assert files and not [p for p in files if KEY.encode() in p.read_bytes()]
     assert not [r for r in caplog.records if KEY in r.getMessage() or KEY in str(r.exc_info)]
     assert KEY not in repr(judge) and KEY not in judge.name and KEY not in str(verdicts)
-    assert judge.name == "http:judge-model" and "judge-model" in repr(judge)
+    assert judge.name == f"http:judge-model@{server.url}" and "judge-model" in repr(judge)
 
 
 # --- local models --------------------------------------------------------------------------------
@@ -382,7 +382,10 @@ def test_config_builds_each_backend(tmp_path: Path, tiny_dir: Path, monkeypatch:
     monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
     options = {"model": "m", "api_key_env": "JUDGE_TEST_KEY", "timeout": 5, "max_workers": 2, "retries": 0}
     judge = judge_from_config("http:https://api.example.com/v1/", options, tmp_path)
-    assert judge.name == "http:m" and judge.retries == 0
+    assert judge.name == "http:m@https://api.example.com/v1" and judge.retries == 0
+    # the endpoint keeps two servers' replies apart; credentials in the URL stay out of the name
+    other = judge_from_config("http:https://u:pw@other.example.com/v1", options, tmp_path)
+    assert other.name == "http:m@https://other.example.com/v1" and other.cache.path != judge.cache.path
     assert judge.generator.url == "https://api.example.com/v1/chat/completions"  # type: ignore[attr-defined]
     assert judge.generator.timeout == 5.0 and judge.generator.max_workers == 2  # type: ignore[attr-defined]
     local = judge_from_config(f"local:{tiny_dir}", {"max_new_tokens": 3}, tmp_path)

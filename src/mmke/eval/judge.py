@@ -98,7 +98,8 @@ class Judge:
 
     @property
     def name(self) -> str:
-        """Backend and model (``http:gpt-4o-mini``, ``local:smollm2``): what replies are cached under."""
+        """Backend, model and endpoint (``http:gpt-4o-mini@https://api.openai.com/v1``, ``local:smollm2``):
+        what replies are cached under."""
         return self.generator.name
 
     def __repr__(self) -> str:  # the generator's own repr may say more than a record should

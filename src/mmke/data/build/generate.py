@@ -15,6 +15,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -682,6 +683,12 @@ def _model_label(model: object) -> str:
 # --- backend: an OpenAI-compatible HTTP endpoint ---------------------------------------------
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` without any user:password@ before its host."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 class HTTPGenerator:
     """Chat completions from any OpenAI-compatible server (``POST {base_url}/chat/completions``).
 
@@ -704,7 +711,9 @@ class HTTPGenerator:
         self.model = model
         self.timeout = timeout
         self.max_workers = max_workers
-        self.name = f"http:{model}"
+        # the endpoint is part of the name outputs are cached under: one model name served by two
+        # servers (a local vLLM and a hosted API) may answer differently; credentials in it are not
+        self.name = f"http:{model}@{_without_credentials(base_url.rstrip('/'))}"
         self._api_key = api_key if api_key is not None else _key_from_env(api_key_env)
 
     def __repr__(self) -> str:  # no key in reprs, tracebacks or logs
