@@ -179,17 +179,13 @@ class LVLM:
 
     def _logits_after_prefix(self, batch: Batch, answer_only: bool) -> torch.Tensor:
         cut, inputs = batch.prefix, batch.inputs
-        size = inputs["input_ids"].shape[0]
-        head = {k: v[:1, :cut] if k in TOKEN_INPUTS else v[:1] for k, v in inputs.items()}
-        first = self.family.forward(self.model, head, cache=True)  # one row: the shared tokens
-        cache = first.cache
-        cache.batch_repeat_interleave(size)
+        first, cache, which = self._run_prefix(inputs, cut, batch.prefix_rows)
         rest = {"input_ids": inputs["input_ids"][:, cut:], "attention_mask": inputs["attention_mask"]}
         if not answer_only:
             tail = self.family.forward(self.model, rest, cache=cache).logits  # (B, T - cut, V)
-            return torch.cat([first.logits.expand(size, -1, -1), tail], dim=1)  # (B, T, V)
+            return torch.cat([first.logits[which], tail], dim=1)  # (B, T, V)
         rows, cols = batch.answer_positions  # (N,), (N,)
-        shape = torch.Size((size, inputs["input_ids"].shape[1] - cut))
+        shape = torch.Size((batch.size, inputs["input_ids"].shape[1] - cut))
         with _gather_lm_head_input(self.model.get_output_embeddings(), shape, rows, cols - 1 - cut):
             return self.family.forward(self.model, rest, cache=cache).logits  # (N, V)
 
@@ -208,45 +204,67 @@ class LVLM:
         out: list[ItemScore | None] = [None] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                for group, shared in self._prefix_groups([items[i] for i in chunk]):
-                    batch = self.encode([items[chunk[i]] for i in group])
-                    if shared:
-                        batch = replace(batch, prefix=self._shared_prefix(batch))
+                for group, shares in self._prefix_groups([items[i] for i in chunk]):
+                    asked = [items[chunk[i]] for i in group]
+                    batch = self.encode(asked)
+                    if shares:
+                        _, cols = batch.answer_positions  # (N,): every answer token's logit follows the cut
+                        cut, rows = self._shared_cut(batch.inputs, int(cols.min()) - 1, asked)
+                        batch = replace(batch, prefix=cut, prefix_rows=rows)
                     scores = self.scorer.score_batch(self, batch, topk)
                     for i, s in zip(group, scores, strict=True):
                         out[chunk[i]] = s
         return ScoredBatch(tuple(s for s in out if s is not None))
 
-    # --- a shared prefix, computed once ---------------------------------------------------
+    # --- a shared prefix, computed once per image -----------------------------------------
 
     def _prefix_groups(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
-        """The batches to score ``items`` in, as index lists, each with whether its items share a
-        prefix worth running once: one batch, unless they share a long prompt prefix (IKE's
-        demonstrations, SERAC's retrieved edit) the family can reuse; then one batch per image,
-        whose items share that prefix's keys and values, image included."""
+        """The batches to run ``items`` in, as index lists, each with whether its items may share
+        a prefix worth running once: one batch, unless they share a long prompt prefix (IKE's
+        demonstrations, SERAC's retrieved edit) the family can reuse; then one batch of the items
+        with an image and one of those without (their tokens line up only within each)."""
         whole = [(list(range(len(items))), False)]
         if not self.family.reuses_prefix or len(items) < 2:
             return whole
-        if _shared_start([it.prompt for it in items]) < MIN_SHARED_PROMPT:
+        if shared_start([it.prompt for it in items]) < MIN_SHARED_PROMPT:
             return whole
-        groups: dict[ImageRef | None, list[int]] = {}
+        groups: dict[bool, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(it.image, []).append(i)
+            groups.setdefault(it.image is not None, []).append(i)
         return [(g, len(g) > 1) for g in groups.values()]
 
-    def _shared_prefix(self, batch: Batch) -> int:
-        """How many leading tokens every item of ``batch`` shares and a forward can run once: equal
-        ids, none of them padding, before every item's first answer token's logit, and with every
-        image token inside them (their states depend on the image); 0 when too few to matter."""
-        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # (B, T) each
-        same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)  # (T,)
-        cut = int(same.int().cumprod(0).sum())
-        _, cols = batch.answer_positions  # (N,)
-        cut = min(cut, int(cols.min()) - 1)
+    def _shared_cut(
+        self, inputs: dict[str, torch.Tensor], limit: int, items: Sequence[Item]
+    ) -> tuple[int, tuple[int, ...]]:
+        """How many leading tokens of right-padded ``inputs`` a forward can run once per image, and
+        per item the row its image runs in (the first item with it): equal ids, or image slots in
+        every item (filled by each item's own image), none of them padding, at most ``limit`` (the
+        logits after the cut must all be computed), with every image token inside them (their
+        states depend on the image); (0, ()) when too few to matter, or when an input other than
+        the tokens (pixels) is not one row per item."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (B, T) each
+        if any(v.shape[0] != ids.shape[0] for k, v in inputs.items() if k not in TOKEN_INPUTS):
+            return 0, ()
         token = self.family.image_token(self.processor)
-        if token is not None and bool((ids[:, cut:] == self.tokenizer.convert_tokens_to_ids(token)).any()):
-            return 0
-        return cut if cut >= MIN_SHARED_TOKENS else 0
+        slot = ids == (self.tokenizer.convert_tokens_to_ids(token) if token is not None else -1)  # (B, T)
+        same = ((ids == ids[:1]).all(dim=0) | slot.all(dim=0)) & mask.bool().all(dim=0)  # (T,)
+        cut = min(int(same.int().cumprod(0).sum()), limit)
+        if cut < MIN_SHARED_TOKENS or bool(slot[:, cut:].any()):
+            return 0, ()
+        first: dict[ImageRef | None, int] = {}
+        return cut, tuple(first.setdefault(it.image, b) for b, it in enumerate(items))
+
+    def _run_prefix(
+        self, inputs: dict[str, torch.Tensor], cut: int, rows: Sequence[int]
+    ) -> tuple[Any, Any, torch.Tensor]:
+        """The first ``cut`` tokens run once per distinct row of ``rows``: those outputs, their
+        cache expanded to every item, and per item its row among the outputs (B,)."""
+        runs = sorted(set(rows))  # one row per distinct image
+        which = torch.tensor([runs.index(r) for r in rows], device=self.device)  # (B,)
+        head = {k: v[runs, :cut] if k in TOKEN_INPUTS else v[runs] for k, v in inputs.items()}
+        first = self.family.forward(self.model, head, cache=True)
+        first.cache.batch_select_indices(which)
+        return first, first.cache, which
 
     # --- generation -----------------------------------------------------------------------
 
@@ -257,13 +275,20 @@ class LVLM:
         max_new_tokens: int = 16,
         batch_size: int = 32,
     ) -> list[str]:
-        """Greedy continuations of each item's prompt (targets ignored): the new text only."""
+        """Greedy continuations of each item's prompt (targets ignored): the new text only.
+
+        Items that share a long prompt prefix (IKE's demonstrations) run it once per image, as in
+        ``score``, and decode from its cache."""
         out: list[str] = [""] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                texts = self._decode_batch([items[i] for i in chunk], max_new_tokens)
-                for i, text in zip(chunk, texts, strict=True):
-                    out[i] = text
+                for group, shares in self._prefix_groups([items[i] for i in chunk]):
+                    asked = [items[chunk[i]] for i in group]
+                    texts = self._decode_shared(asked, max_new_tokens) if shares else None
+                    if texts is None:
+                        texts = self._decode_batch(asked, max_new_tokens)
+                    for i, text in zip(group, texts, strict=True):
+                        out[chunk[i]] = text
         return out
 
     def _decode_batch(self, items: Sequence[Item], max_new_tokens: int) -> list[str]:
@@ -279,6 +304,57 @@ class LVLM:
             pad_token_id=self.tokenizer.pad_token_id,
         )  # (B, N)
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _decode_shared(self, items: Sequence[Item], max_new_tokens: int) -> list[str] | None:
+        """Greedy decoding of ``items`` whose prompts share a prefix, run once per image; None when
+        their tokens share too little. The prompts are right-padded, so every item keeps positions
+        0..n-1 and its new tokens take n, n+1, ... (explicit position ids skip the padding, which
+        the attention mask hides), as when it is decoded alone."""
+        enc = self._preprocess([self.prompt_text(it) for it in items], self._pictures(items), "right")
+        inputs = move_inputs(enc.inputs, self.device, self.dtype)
+        mask = inputs["attention_mask"]  # (B, T)
+        lengths = mask.sum(dim=1)  # (B,)
+        cut, rows = self._shared_cut(inputs, int(lengths.min()) - 1, items)
+        if not cut:
+            return None
+        _, cache, _ = self._run_prefix(inputs, cut, rows)
+        size, width = mask.shape
+        stops = self._stop_ids()
+        stop = torch.tensor(sorted(stops), device=self.device, dtype=torch.long)  # (S,)
+        pad = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops, default=0)
+        )
+        rest = {
+            "input_ids": inputs["input_ids"][:, cut:],
+            "attention_mask": mask,
+            "position_ids": torch.arange(cut, width, device=self.device).expand(size, -1),  # (B, T - cut)
+        }
+        logits = self.family.forward(self.model, rest, cache=cache).logits  # (B, T - cut, V)
+        step = logits[torch.arange(size), lengths - 1 - cut]  # (B, V): after each item's last token
+        new: list[torch.Tensor] = []
+        done = torch.zeros(size, dtype=torch.bool, device=self.device)  # (B,)
+        for n in range(max_new_tokens):
+            token = step.argmax(dim=-1).masked_fill(done, pad)  # (B,)
+            new.append(token)
+            done |= torch.isin(token, stop)
+            if bool(done.all()) or n == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + n + 1)
+            nxt = {
+                "input_ids": token[:, None],
+                "attention_mask": mask,
+                "position_ids": (lengths + n)[:, None],
+            }
+            step = self.family.forward(self.model, nxt, cache=cache).logits[:, -1]  # (B, V)
+        return self.tokenizer.batch_decode(torch.stack(new, dim=1), skip_special_tokens=True)
+
+    def _stop_ids(self) -> set[int]:
+        """The ids greedy decoding stops at: the generation config's end-of-sequence ids (one or a
+        list), else the tokenizer's."""
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set() if eos is None else {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -333,7 +409,7 @@ def _learned_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _shared_start(texts: Sequence[str]) -> int:
+def shared_start(texts: Sequence[str]) -> int:
     """How many leading characters all ``texts`` share (those of the first and last in sort order)."""
     first, last = min(texts), max(texts)
     pairs = zip(first, last, strict=False)  # the shorter one ends it

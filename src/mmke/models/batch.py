@@ -35,8 +35,11 @@ class Batch:
     texts: tuple[str, ...] = ()
     offsets: torch.Tensor | None = field(default=None, repr=False)  # (B, T, 2), on the CPU
     text_lengths: tuple[int, ...] = ()
-    #: Leading tokens every item shares (ids and image): a forward runs them once (``LVLM.logits``).
+    #: Leading tokens every item shares but for what its image puts in its image slots: a forward
+    #: runs them once per image (``LVLM.logits``), ``prefix_rows[b]`` being the row that item b's
+    #: image is run in (the first item with that image).
     prefix: int = 0
+    prefix_rows: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
