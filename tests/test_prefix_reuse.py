@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from mmke.data.images import ImageStore
-from mmke.models import LVLM
+from mmke.models import LVLM, base
 from mmke.models.scoring import CANONICAL, scorer_named
 from mmke.models.tiny import tiny_model
 from mmke.types import ImageRef, Sample
 
-DEMOS = (
-    "New Fact: the capital of france is rome\nPrompt: the capital of france is rome\n\n"
+#: IKE's context: demonstrations, then the new fact, long enough to be worth running once.
+DEMOS = "New Fact: the capital of france is rome\nPrompt: the capital of france is rome\n\n" * 12 + (
     "New Fact: the capital of france is rome\nPrompt: "
 )
 QUESTIONS = [
@@ -23,8 +23,8 @@ QUESTIONS = [
 
 
 def items(lvlm: LVLM) -> list[Sample]:
-    """An IKE case's probes: the demonstrations before each, on three images (the same image
-    several times, another once) and on none."""
+    """An IKE case's probes: the demonstrations before each, on two images (one several times,
+    the other once) and on none."""
     image, other = (ImageRef("red.png"), ImageRef("blue.png")) if lvlm.family.multimodal else (None, None)
     asked = [Sample(DEMOS + q, t, image) for q, t in QUESTIONS]
     return [
@@ -33,6 +33,7 @@ def items(lvlm: LVLM) -> list[Sample]:
         Sample(DEMOS + "and this?", "rome", other),
         Sample(DEMOS + "and that one?", "a blue square", image),
         Sample(DEMOS + "who is it?", "nobody"),
+        Sample(DEMOS + "what is that?", "a square"),
     ]
 
 
@@ -58,7 +59,7 @@ def test_prefix_reused_scores_equal_the_scores_alone(
     asked = items(lvlm)
     cuts = spied(monkeypatch)
     together = lvlm.score(asked)
-    assert cuts and all(cut >= 16 for cut, _ in cuts)  # the demonstrations ran once per image:
+    assert cuts and all(cut > 100 for cut, _ in cuts)  # the demonstrations ran once per image:
     # the items with an image in one batch whose prefix ran in two rows, those without in one
     if kind != "llava_next":  # whose images take as many tokens as their tiles: red and blue differ
         assert sorted(rows for _, rows in cuts) == ([1, 2] if lvlm.family.multimodal else [1])
@@ -103,3 +104,25 @@ def test_generation_after_a_shared_prefix_equals_generation_alone(
     cuts.clear()
     alone = [lvlm.generate([it], max_new_tokens=6)[0] for it in asked]  # transformers' generate
     assert not cuts and together == alone and any(together)
+
+
+def test_probes_sharing_only_their_image_run_it_once_where_that_pays(
+    store: ImageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real model's image is hundreds of tokens: a case's probes of one image run it once. The
+    tiny model's image is a few tokens, so the threshold is lowered to reach it."""
+    monkeypatch.setattr(base, "MIN_SAVED_TOKENS", 1)
+    lvlm = tiny_model("llava").bind_images(store)
+    asked = [
+        Sample(q, t, ImageRef(image)) for (q, t), image in zip(QUESTIONS, ["red.png", "blue.png", "red.png"])
+    ]
+    asked += [Sample("how many?", "two", ImageRef("blue.png"))]
+    cuts = spied(monkeypatch)
+    together = lvlm.score(asked)
+    assert [rows for _, rows in cuts] == [2]  # red's and blue's tokens, each once
+    for t, it in zip(together, asked, strict=True):
+        alone = lvlm.score([it])[0]
+        assert torch.equal(t.argmax_ids, alone.argmax_ids) and t.nll == pytest.approx(alone.nll, abs=1e-5)
+    assert lvlm.generate(asked, max_new_tokens=4) == [
+        lvlm.generate([it], max_new_tokens=4)[0] for it in asked
+    ]

@@ -204,55 +204,61 @@ class LVLM:
         out: list[ItemScore | None] = [None] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                for group, shares in self._prefix_groups([items[i] for i in chunk]):
-                    asked = [items[chunk[i]] for i in group]
-                    batch = self.encode(asked)
-                    if shares:
-                        _, cols = batch.answer_positions  # (N,): every answer token's logit follows the cut
-                        cut, rows = self._shared_cut(batch.inputs, int(cols.min()) - 1, asked)
-                        batch = replace(batch, prefix=cut, prefix_rows=rows)
-                    scores = self.scorer.score_batch(self, batch, topk)
-                    for i, s in zip(group, scores, strict=True):
+                asked = [items[i] for i in chunk]
+                batch = self.encode(asked)
+                first_answer = batch.answer_mask.int().argmax(dim=1)  # (B,): its logit must follow a cut
+                for group, cut, rows in self._prefix_plan(batch.inputs, first_answer - 1, asked):
+                    part = batch if len(group) == len(asked) else self.encode([asked[i] for i in group])
+                    if cut and _row_per_item(part.inputs):
+                        part = replace(part, prefix=cut, prefix_rows=rows)
+                    for i, s in zip(group, self.scorer.score_batch(self, part, topk), strict=True):
                         out[chunk[i]] = s
         return ScoredBatch(tuple(s for s in out if s is not None))
 
     # --- a shared prefix, computed once per image -----------------------------------------
 
-    def _prefix_groups(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
-        """The batches to run ``items`` in, as index lists, each with whether its items may share
-        a prefix worth running once: one batch, unless they share a long prompt prefix (IKE's
-        demonstrations, SERAC's retrieved edit) the family can reuse; then one batch of the items
-        with an image and one of those without (their tokens line up only within each)."""
-        whole = [(list(range(len(items))), False)]
+    def _prefix_plan(
+        self, inputs: dict[str, torch.Tensor], limits: torch.Tensor, items: Sequence[Item]
+    ) -> list[tuple[list[int], int, tuple[int, ...]]]:
+        """The batches to run right-padded ``inputs`` in: index lists into ``items``, each with the
+        leading tokens its items share and a forward runs once per image, and per item the row its
+        image runs in (``_shared_cut``; 0 and () for none). ``limits[b]``: the most tokens item b
+        may share (every logit that is read must follow the cut). One batch, unless running the
+        shared tokens once saves at least ``MIN_SAVED_TOKENS`` token positions (IKE's
+        demonstrations; a real model's hundreds of image tokens, shared by a case's probes of one
+        image); then one batch of the items with an image and one of those without (their tokens
+        line up only within each), each sharing its prefix where that saves as much."""
+        everything = [(list(range(len(items))), 0, ())]
         if not self.family.reuses_prefix or len(items) < 2:
-            return whole
-        if shared_start([it.prompt for it in items]) < MIN_SHARED_PROMPT:
-            return whole
-        groups: dict[bool, list[int]] = {}
+            return everything
+        parts: dict[bool, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(it.image is not None, []).append(i)
-        return [(g, len(g) > 1) for g in groups.values()]
+            parts.setdefault(it.image is not None, []).append(i)
+        plan: list[tuple[list[int], int, tuple[int, ...]]] = []
+        for group in parts.values():
+            ids, mask = inputs["input_ids"][group], inputs["attention_mask"][group]  # (G, T) each
+            cut, rows = self._shared_cut(ids, mask, int(limits[group].min()), [items[i] for i in group])
+            saved = (len(group) - len(set(rows))) * cut  # token positions not run again
+            plan.append((group, cut, rows) if saved >= MIN_SAVED_TOKENS else (group, 0, ()))
+        return plan if any(cut for _, cut, _ in plan) else everything
 
     def _shared_cut(
-        self, inputs: dict[str, torch.Tensor], limit: int, items: Sequence[Item]
+        self, ids: torch.Tensor, mask: torch.Tensor, limit: int, items: Sequence[Item]
     ) -> tuple[int, tuple[int, ...]]:
-        """How many leading tokens of right-padded ``inputs`` a forward can run once per image, and
-        per item the row its image runs in (the first item with it): equal ids, or image slots in
-        every item (filled by each item's own image), none of them padding, at most ``limit`` (the
-        logits after the cut must all be computed), with every image token inside them (their
-        states depend on the image); (0, ()) when too few to matter, or when an input other than
-        the tokens (pixels) is not one row per item."""
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (B, T) each
-        if any(v.shape[0] != ids.shape[0] for k, v in inputs.items() if k not in TOKEN_INPUTS):
-            return 0, ()
+        """How many leading tokens of right-padded ``ids`` (B, T) a forward can run once per image,
+        and per item the row its image runs in (the first item with it): equal ids, or image slots
+        in every item (filled by each item's own image), none of them padding, at most ``limit``,
+        with every image token inside them (their states depend on the image); (0, ()) when
+        nothing would be run fewer times."""
         token = self.family.image_token(self.processor)
         slot = ids == (self.tokenizer.convert_tokens_to_ids(token) if token is not None else -1)  # (B, T)
         same = ((ids == ids[:1]).all(dim=0) | slot.all(dim=0)) & mask.bool().all(dim=0)  # (T,)
         cut = min(int(same.int().cumprod(0).sum()), limit)
-        if cut < MIN_SHARED_TOKENS or bool(slot[:, cut:].any()):
-            return 0, ()
         first: dict[ImageRef | None, int] = {}
-        return cut, tuple(first.setdefault(it.image, b) for b, it in enumerate(items))
+        rows = tuple(first.setdefault(it.image, b) for b, it in enumerate(items))
+        if cut < 1 or len(first) == len(items) or bool(slot[:, cut:].any()):
+            return 0, ()
+        return cut, rows
 
     def _run_prefix(
         self, inputs: dict[str, torch.Tensor], cut: int, rows: Sequence[int]
@@ -277,24 +283,35 @@ class LVLM:
     ) -> list[str]:
         """Greedy continuations of each item's prompt (targets ignored): the new text only.
 
-        Items that share a long prompt prefix (IKE's demonstrations) run it once per image, as in
-        ``score``, and decode from its cache."""
+        Items that share leading tokens worth running once (``_prefix_plan``) decode from their
+        cache, run once per image, as in ``score``."""
         out: list[str] = [""] * len(items)
         with torch.inference_mode():
             for chunk in _chunks(self._by_length(items), batch_size):
-                for group, shares in self._prefix_groups([items[i] for i in chunk]):
-                    asked = [items[chunk[i]] for i in group]
-                    texts = self._decode_shared(asked, max_new_tokens) if shares else None
-                    if texts is None:
-                        texts = self._decode_batch(asked, max_new_tokens)
+                asked = [items[i] for i in chunk]
+                enc = self._preprocess([self.prompt_text(it) for it in asked], self._pictures(asked), "left")
+                inputs = move_inputs(enc.inputs, self.device, self.dtype)
+                ids, mask = _right_aligned(inputs["input_ids"], inputs["attention_mask"])
+                aligned = {"input_ids": ids, "attention_mask": mask}
+                for group, cut, rows in self._prefix_plan(aligned, mask.sum(dim=1) - 1, asked):
+                    part = [asked[i] for i in group]
+                    if cut:
+                        texts = self._decode_shared(part, cut, rows, max_new_tokens)
+                    else:
+                        texts = self._decode_batch(
+                            part, max_new_tokens, inputs if len(group) == len(asked) else None
+                        )
                     for i, text in zip(group, texts, strict=True):
                         out[chunk[i]] = text
         return out
 
-    def _decode_batch(self, items: Sequence[Item], max_new_tokens: int) -> list[str]:
-        pictures = self._pictures(items)
-        enc = self._preprocess([self.prompt_text(it) for it in items], pictures, "left")
-        inputs = move_inputs(enc.inputs, self.device, self.dtype)
+    def _decode_batch(
+        self, items: Sequence[Item], max_new_tokens: int, inputs: dict[str, torch.Tensor] | None = None
+    ) -> list[str]:
+        """transformers' greedy decoding of ``items`` (left-padded; ``inputs`` when already built)."""
+        if inputs is None:
+            enc = self._preprocess([self.prompt_text(it) for it in items], self._pictures(items), "left")
+            inputs = move_inputs(enc.inputs, self.device, self.dtype)
         new = self.family.generate(
             self.model,
             inputs,
@@ -305,18 +322,19 @@ class LVLM:
         )  # (B, N)
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
-    def _decode_shared(self, items: Sequence[Item], max_new_tokens: int) -> list[str] | None:
-        """Greedy decoding of ``items`` whose prompts share a prefix, run once per image; None when
-        their tokens share too little. The prompts are right-padded, so every item keeps positions
+    def _decode_shared(
+        self, items: Sequence[Item], cut: int, rows: tuple[int, ...], max_new_tokens: int
+    ) -> list[str]:
+        """Greedy decoding of ``items`` whose first ``cut`` tokens run once per image (``rows``, as
+        ``_shared_cut`` gives them). The prompts are right-padded, so every item keeps positions
         0..n-1 and its new tokens take n, n+1, ... (explicit position ids skip the padding, which
         the attention mask hides), as when it is decoded alone."""
         enc = self._preprocess([self.prompt_text(it) for it in items], self._pictures(items), "right")
         inputs = move_inputs(enc.inputs, self.device, self.dtype)
+        if not _row_per_item(inputs):
+            return self._decode_batch(items, max_new_tokens)
         mask = inputs["attention_mask"]  # (B, T)
         lengths = mask.sum(dim=1)  # (B,)
-        cut, rows = self._shared_cut(inputs, int(lengths.min()) - 1, items)
-        if not cut:
-            return None
         _, cache, _ = self._run_prefix(inputs, cut, rows)
         size, width = mask.shape
         stops = self._stop_ids()
@@ -392,10 +410,10 @@ class LVLM:
         return sorted(range(len(items)), key=lambda i: (items[i].image is not None, len(items[i].prompt)))
 
 
-#: Prompts share a prefix worth computing once from this many characters (IKE's demonstrations),
-#: and a batch runs it once from this many tokens.
-MIN_SHARED_PROMPT = 64
-MIN_SHARED_TOKENS = 16
+#: Leading tokens shared by a batch's items run once per image when that saves this many token
+#: positions: enough to pay for the extra forward on the bundled world model (about 500 of its
+#: tokens' work), and far fewer than a real model's image takes (LLaVA-1.5: 576 tokens).
+MIN_SAVED_TOKENS = 512
 #: The inputs that run along the tokens (cut with them); the others (pixels) belong to the image.
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 
@@ -409,11 +427,18 @@ def _learned_positions(model: nn.Module) -> int | None:
     return None
 
 
-def shared_start(texts: Sequence[str]) -> int:
-    """How many leading characters all ``texts`` share (those of the first and last in sort order)."""
-    first, last = min(texts), max(texts)
-    pairs = zip(first, last, strict=False)  # the shorter one ends it
-    return next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(first), len(last)))
+def _row_per_item(inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether every input besides the tokens (pixels, image sizes) has one row per item, so the
+    rows of the items a prefix runs in can be taken from it."""
+    size = inputs["input_ids"].shape[0]
+    return all(v.shape[0] == size for k, v in inputs.items() if k not in TOKEN_INPUTS)
+
+
+def _right_aligned(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``ids`` and ``mask`` (B, T) with each row's padding moved to its end."""
+    pads = (mask == 0).int().cumprod(dim=1).sum(dim=1).tolist()  # leading pads per row
+    rows = [(i.roll(-p), m.roll(-p)) for i, m, p in zip(ids, mask, pads, strict=True)]
+    return torch.stack([i for i, _ in rows]), torch.stack([m for _, m in rows])
 
 
 def _chunks(order: list[int], size: int) -> Iterator[list[int]]:
