@@ -25,6 +25,10 @@ TINY_KINDS = (
     "llava",
     "llava_next",
     "llava_onevision",
+    "internvl",
+    "gemma3",
+    "mistral3",
+    "paligemma",
     "blip2",
     "qwen2_vl",
     "qwen2_5_vl",
@@ -64,6 +68,10 @@ def tiny_model(kind: str, seed: int = 0) -> LVLM:
         "llava": _llava,
         "llava_next": _llava_next,
         "llava_onevision": _llava_onevision,
+        "internvl": _internvl,
+        "gemma3": _gemma3,
+        "mistral3": _mistral3,
+        "paligemma": _paligemma,
         "blip2": _blip2,
         "qwen2_vl": _qwen2_vl,
         "qwen2_5_vl": _qwen2_5_vl,
@@ -87,11 +95,21 @@ def save_tiny(model: LVLM, path: str | Path) -> Path:
 # --- tokenizers ---------------------------------------------------------------------------
 
 
-def bpe_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>", pad: str = "<pad>") -> Any:
+def bpe_tokenizer(
+    specials: list[str],
+    bos: str | None = "<s>",
+    eos: str = "</s>",
+    pad: str = "<pad>",
+    named: dict[str, str] | None = None,
+) -> Any:
     """A byte-level BPE trained on a fixed corpus, wrapped as a fast HF tokenizer.
 
     ``specials`` become special tokens; BOS (when given) is prepended by the post-processor.
+    ``named`` special tokens are also attributes of the tokenizer (``tok.start_image_token`` and
+    ``tok.start_image_token_id``), where a processor reads them from (InternVL's).
     """
+    named = named or {}
+    specials = [*specials, *(t for t in named.values() if t not in specials)]
     names = [t for t in (bos, eos, pad) if t] + [s for s in specials if s not in (bos, eos, pad)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -107,7 +125,7 @@ def bpe_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
-    extra = {"image_token": "<image>"} if "<image>" in specials else {}
+    extra = ({"image_token": "<image>"} if "<image>" in specials else {}) | named
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, extra_special_tokens=extra
     )
@@ -230,6 +248,128 @@ def _llava_onevision(seed: int) -> LVLM:
         vision_feature_select_strategy="full",
     )
     return LVLM(_build(LlavaOnevisionForConditionalGeneration, config, seed), processor, "llava_onevision")
+
+
+def _internvl(seed: int) -> LVLM:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from mmke.models.families.internvl import ImageOnlyInternVLProcessor
+
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>"}
+    image_tokens |= {"context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    tok = bpe_tokenizer(["<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", named=image_tokens)
+    # a wide image is cut into up to 3 tiles of 32x32 plus a thumbnail, as InternVL tiles
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": _IMAGE, "width": _IMAGE}, crop_to_patches=True, max_patches=3
+    )
+    template = _QWEN_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+    # (32 / 8)^2 = 16 patches per tile, pixel-shuffled by 0.5 -> 4 context tokens
+    processor = ImageOnlyInternVLProcessor(image_processor, tok, image_seq_length=4, chat_template=template)
+    config = InternVLConfig(
+        vision_config=_vit(),
+        text_config=_llama_text(tok, model_type="qwen2", bos_token_id=None),
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=4,
+        downsample_ratio=0.5,
+    )
+    return LVLM(_build(InternVLForConditionalGeneration, config, seed), processor, "internvl")
+
+
+# Gemma 3's chat template, reduced to the parts a single-turn prompt uses.
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _gemma3(seed: int) -> LVLM:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    image_tokens |= {"image_token": "<image_soft_token>"}
+    tok = bpe_tokenizer(["<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>", named=image_tokens)
+    image_processor = Gemma3ImageProcessorPil(size={"height": _IMAGE, "width": _IMAGE})
+    # (32 / 8)^2 = 16 patches, average-pooled 2x2 -> 4 soft tokens
+    processor = Gemma3Processor(image_processor, tok, chat_template=_GEMMA_TEMPLATE, image_seq_length=4)
+    # a local window shorter than most prompts, so its masks are exercised
+    text = _llama_text(tok, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+    text.pop("model_type")
+    config = Gemma3Config(
+        vision_config=_vit() | {"model_type": "siglip_vision_model", "vision_use_head": False},
+        text_config=text | {"layer_types": ["sliding_attention", "full_attention"]},
+        mm_tokens_per_image=4,
+        boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id,
+    )
+    model = _build(Gemma3ForConditionalGeneration, config, seed)
+    # Gemma 3 initialises its image projection to zeros: left so, a random model would be blind to
+    # images and the vision tower would get no gradient
+    with torch.no_grad():
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        weight.normal_(std=0.2, generator=torch.Generator().manual_seed(seed))
+    return LVLM(model, processor, "gemma3")
+
+
+# Mistral Small 3.1's chat template, reduced to the parts a single-turn prompt uses.
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}[IMG]"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}[/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def _mistral3(seed: int) -> LVLM:
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from mmke.models.families.mistral3 import PilPixtralProcessor
+
+    specials = ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = bpe_tokenizer(specials)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": _IMAGE}, patch_size=8)
+    # 32x32 -> 4x4 patches of 8 px, merged 2x2 -> 2 rows of 2 [IMG] tokens
+    processor = PilPixtralProcessor(
+        image_processor, tok, patch_size=8, spatial_merge_size=2, chat_template=_MISTRAL_TEMPLATE
+    )
+    vision = _vit() | {"model_type": "pixtral", "head_dim": 16}
+    text = _llama_text(tok, model_type="mistral", head_dim=16)
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+    )
+    return LVLM(_build(Mistral3ForConditionalGeneration, config, seed), processor, "mistral3")
+
+
+def _paligemma(seed: int) -> LVLM:
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = bpe_tokenizer(["<image>"], bos="<bos>", eos="<eos>")
+    # (32 / 8)^2 = 16 patches, each one image token (no pooling)
+    image_processor = SiglipImageProcessorPil(size={"height": _IMAGE, "width": _IMAGE}, image_seq_length=16)
+    processor = PaliGemmaProcessor(image_processor, tok)  # adds PaliGemma's <loc>/<seg> tokens
+    # PaliGemma 2's Gemma 2 decoder: local and global layers, soft-capped logits
+    text = _llama_text(tok, model_type="gemma2", head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+    config = PaliGemmaConfig(
+        vision_config=_vit() | {"model_type": "siglip_vision_model", "vision_use_head": False},
+        text_config=text,
+        image_token_index=processor.image_token_id,
+        vocab_size=len(tok),
+        projection_dim=_WIDTH,
+        hidden_size=_WIDTH,
+    )
+    return LVLM(_build(PaliGemmaForConditionalGeneration, config, seed), processor, "paligemma")
 
 
 def _blip2(seed: int) -> LVLM:

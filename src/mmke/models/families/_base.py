@@ -108,6 +108,9 @@ class Family:
     #: The family's processor without its video half, for folders whose AutoProcessor would need
     #: torchvision for videos mmke never processes (None: AutoProcessor always).
     image_only_processor: ClassVar[type[Any] | None] = None
+    #: Whether the processor takes images as one list per text (Gemma 3's checks each text's
+    #: count against its placeholders) instead of one flat list for the batch.
+    images_per_text: ClassVar[bool] = False
 
     # --- loading --------------------------------------------------------------------------
 
@@ -198,7 +201,9 @@ class Family:
         add_special_tokens: bool,
     ) -> Encoded:
         """Tokenise a batch and process its images in one processor call (text-only items mixed in)."""
-        pixels = [im for im in images if im is not None]
+        pixels: list[Any] = [im for im in images if im is not None]
+        if pixels and self.images_per_text:  # [[image], [], ...]: [] for a text-only item
+            pixels = [[im] if im is not None else [] for im in images]
         # Python lists first: some processors cannot tensorise their own replacement offsets.
         enc = processor(
             text=list(texts),
@@ -210,7 +215,7 @@ class Family:
             return_text_replacement_offsets=True,
             return_token_type_ids=False,
         )
-        offsets = torch.tensor(enc.pop("offset_mapping"), dtype=torch.long)  # (B, T, 2)
+        offsets = torch.as_tensor(enc.pop("offset_mapping"), dtype=torch.long)  # (B, T, 2)
         replaced = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
         lengths = [len(t) + _growth(r) for t, r in zip(texts, replaced, strict=True)]
         return Encoded(dict(BatchFeature(dict(enc), tensor_type="pt")), offsets, lengths)
@@ -235,6 +240,26 @@ class Family:
 def _growth(replacements: list[dict[str, Any]]) -> int:
     """How many characters the processor's placeholder expansion added to one text."""
     return sum((r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]) for r in replacements)
+
+
+def token_inputs(
+    processor: Any,
+    rows: list[list[int]],
+    spans: list[list[tuple[int, int]]],
+    images: list[Image.Image | None],
+    side: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs from token rows a family built itself (image ids placed before BOS, which the
+    processor's own call cannot do): ``input_ids`` and ``attention_mask`` (B, T) padded on
+    ``side``, the batch's ``pixel_values``; and the tokens' character spans (B, T, 2)."""
+    inputs = {
+        "input_ids": torch.tensor(pad_rows(rows, processor.tokenizer.pad_token_id, side)),  # (B, T)
+        "attention_mask": torch.tensor(pad_rows([[1] * len(r) for r in rows], 0, side)),  # (B, T)
+    }
+    pixels = [im for im in images if im is not None]
+    if pixels:
+        inputs["pixel_values"] = processor.image_processor(pixels, return_tensors="pt")["pixel_values"]
+    return inputs, torch.tensor(pad_rows(spans, (0, 0), side))  # (B, T, 2)
 
 
 def pad_rows(rows: list[list[Any]], value: Any, side: str) -> list[list[Any]]:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmke.models.families._base import Encoded, Family, LayoutSpec, pad_rows
+from mmke.models.families._base import Encoded, Family, LayoutSpec, token_inputs
 from mmke.registry import register_family
 
 
@@ -58,13 +58,7 @@ class Blip2(Family):
             lead = n_query if image is not None else 0
             ids.append([image_id] * lead + list(row))
             spans.append([(0, 0)] * lead + [tuple(o) for o in offs])
-        input_ids = torch.tensor(pad_rows(ids, tok.pad_token_id, padding_side))  # (B, T)
-        mask = torch.tensor(pad_rows([[1] * len(r) for r in ids], 0, padding_side))  # (B, T)
-        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": mask}
-        pixels = [im for im in images if im is not None]
-        if pixels:
-            inputs["pixel_values"] = processor.image_processor(pixels, return_tensors="pt")["pixel_values"]
-        offsets = torch.tensor(pad_rows(spans, (0, 0), padding_side))  # (B, T, 2)
+        inputs, offsets = token_inputs(processor, ids, spans, images, padding_side)
         return Encoded(inputs, offsets, [len(t) for t in texts])
 
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], cache: Any = None) -> Any:

@@ -13,13 +13,20 @@ from PIL import Image
 from torch import nn
 
 from mmke.models.families._base import Encoded, Family, LayoutSpec, PromptFormat
-from mmke.registry import register_family
+from mmke.registry import model_families, register_family
 
 
 def _causal_model_types() -> tuple[str, ...]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return tuple(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _multimodal_model_types() -> set[str]:
+    """The model types a multimodal family drives (transformers also maps some of them, e.g.
+    ``gemma3``, to a causal-LM class)."""
+    families = (model_families.get(n) for n in model_families.names())
+    return {t for fam in families if fam.multimodal for t in fam.model_types}
 
 
 @register_family("causal_lm")
@@ -42,8 +49,10 @@ class CausalLM(Family):
 
     @property
     def model_types(self) -> tuple[str, ...]:  # type: ignore[override]
-        # transformers' own table of causal-LM model types: every one of them is text-only here
-        return _causal_model_types()
+        # transformers' own table of causal-LM model types, less those a multimodal family drives:
+        # every other one is text-only here
+        claimed = _multimodal_model_types()
+        return tuple(t for t in _causal_model_types() if t not in claimed)
 
     def load_processor(self, path: Path) -> Any:
         from transformers import AutoTokenizer
