@@ -224,6 +224,16 @@ def cmd_convert(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_convert_model(args: argparse.Namespace, console: Console) -> int:
+    """Convert an original release (MiniGPT-4, LLaVA-Med, HuatuoGPT-Vision) into a transformers folder."""
+    from mmke.models.convert import convert_model
+
+    report = convert_model(args.kind, args.src, args.out)
+    console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"try: mmke run model={args.out} limit=2 methods=[ft_llm]", markup=False, highlight=False)
+    return 0
+
+
 def _bundled_rows() -> list[tuple[str, str]]:
     from mmke.bundled import bundled_dir
     from mmke.registry import bundled_models
@@ -718,6 +728,15 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--skip-bad", action="store_true", help="leave bad records out instead of stopping")
     conv.add_argument("options", nargs="*", metavar="key=value", help="the reader's options, e.g. hop=2")
     conv.set_defaults(func=cmd_convert)
+
+    cm = sub.add_parser(
+        "convert-model",
+        help="convert an original MiniGPT-4 / LLaVA-Med / HuatuoGPT-Vision release to a transformers folder",
+    )
+    cm.add_argument("kind", help="minigpt4, llava_med or huatuogpt_vision")
+    cm.add_argument("src", type=Path, help="the folder of the original files (README: Original checkpoints)")
+    cm.add_argument("--out", type=Path, required=True, help="a new folder for the converted model")
+    cm.set_defaults(func=cmd_convert_model)
     return p
 
 

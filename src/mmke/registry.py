@@ -96,6 +96,8 @@ scorers: Registry = Registry("scorer", "mmke.models.scoring")
 protocols: Registry = Registry("protocol", "mmke.eval.protocols")
 build_steps: Registry = Registry("build step", "mmke.data.build", more_packages=("mmke.data.world",))
 bundled_models: Registry = Registry("bundled model", "mmke.bundled")
+#: Original (non-transformers) checkpoint layouts ``mmke convert-model`` reads.
+checkpoint_kinds: Registry = Registry("checkpoint kind", "mmke.models.convert")
 
 register_benchmark = benchmarks.register
 register_family = model_families.register
@@ -105,3 +107,4 @@ register_scorer = scorers.register
 register_protocol = protocols.register
 register_step = build_steps.register
 register_bundled = bundled_models.register
+register_checkpoint_kind = checkpoint_kinds.register
