@@ -529,14 +529,10 @@ def test_the_prompt_format_travels_in_the_chat_template(converted: dict[str, Pat
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_method_edits_and_restores_on_converted_model(
-    kind: str, method: str, converted: dict[str, Path], store: ImageStore, request: pytest.FixtureRequest
+    kind: str, method: str, converted: dict[str, Path], store: ImageStore
 ) -> None:
-    if method == "ft_vision" and kind in RELEASES:
-        # LLaVA-1.5 reads CLIP's second-to-last layer (vision_feature_layer -2), so the last layer
-        # FT-Vis trains gets no gradient: a gap of the method's site on every real LLaVA-1.5 (strict:
-        # this fails once the site follows the feature layer, and the mark can go)
-        reason = "ft_vision trains the last CLIP layer, whose output LLaVA-1.5 (feature layer -2) never reads"
-        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True, reason=reason))
+    # the LLaVA releases read CLIP's second-to-last layer (vision_feature_layer -2): FT-Vis edits
+    # that layer, the last one whose output reaches the language model
     model = LVLM.load(converted[kind]).bind_images(store)
     case = make_case(image="red.png")
     editor = _editor(method, model)

@@ -291,3 +291,13 @@ def test_mlp_modules_cover_the_whole_mlp_even_without_an_mlp_block(kind: str, pa
     assert trained and all(any(n.startswith(f"{m}.") for m in model.layout.mlp_modules(-1)) for n in trained)
     if kind == "blip2":  # OPT: FT-LLM trains fc1 and fc2, as the anchors' BLIP-2 configs do
         assert {n.rsplit(".", 2)[-2] for n in trained} == {"fc1", "fc2"}
+
+
+def test_vision_layers_end_at_the_feature_layer_the_model_reads() -> None:
+    """LLaVA-1.5 reads the second-to-last vision layer: the last is no edit site (no gradient)."""
+    model = tiny_model("llava")
+    every = model.layout.vision_layers()
+    model.model.config.vision_feature_layer = -2
+    assert model.layout.vision_layers() == every[:-1]
+    model.model.config.vision_feature_layer = [0, 1]  # hidden states 0 and 1: the first layer's output
+    assert model.layout.vision_layers() == every[:1]

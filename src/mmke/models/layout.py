@@ -8,6 +8,8 @@ ask for a role (``layout.mlp(-1)``) and never spell a per-version name themselve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from mmke.errors import MmkeError
@@ -81,8 +83,12 @@ class Layout:
         return self._find("vision tower", self.spec.vision_tower)
 
     def vision_layers(self) -> list[str]:
-        """Module names of the vision encoder's layers, first to last."""
-        return self._children(self._find("vision layers", self.spec.vision_layers))
+        """Module names of the vision encoder's layers whose output reaches the language model,
+        first to last: up to the config's ``vision_feature_layer`` (LLaVA-1.5 reads the
+        second-to-last layer's output, so its last layer is never used and an edit there could not
+        change an answer)."""
+        layers = self._children(self._find("vision layers", self.spec.vision_layers))
+        return layers[: _layers_used(getattr(self.model.config, "vision_feature_layer", None), len(layers))]
 
     def vision_layer(self, layer: int = -1) -> str:
         return _pick(self.vision_layers(), layer, "vision layer")
@@ -159,6 +165,16 @@ class Layout:
             if module is target:
                 return name
         raise LayoutError(f"{type(self.model).__name__}: {role} is not a submodule of the model")
+
+
+def _layers_used(feature_layer: int | Sequence[int] | None, n: int) -> int:
+    """How many of ``n`` vision layers feed hidden state ``feature_layer`` (an index into the n + 1
+    hidden states, the embeddings first; a list: the deepest of them; None: all)."""
+    if feature_layer is None:
+        return n
+    if not isinstance(feature_layer, int):
+        return max(_layers_used(f, n) for f in feature_layer)
+    return feature_layer if feature_layer >= 0 else n + 1 + feature_layer
 
 
 def _pick(names: list[str], index: int, role: str) -> str:
