@@ -25,10 +25,11 @@ from torch import nn
 
 from mmke.cli import main
 from mmke.data.images import ImageStore
-from mmke.errors import UnknownNameError
+from mmke.errors import ConfigError, UnknownNameError
 from mmke.models import LVLM
 from mmke.models.convert import ConversionError, Drop, Rule, convert_model
 from mmke.models.convert._mapping import Source, plan
+from mmke.models.scoring import scorer_named
 from mmke.models.tiny import bpe_tokenizer
 from mmke.registry import checkpoint_kinds
 from test_matrix import SETTINGS, _check_changed, _editor
@@ -694,3 +695,13 @@ def test_plan_refuses_a_target_the_model_lacks_and_names_a_missing_one() -> None
     ckpt = _Dict("a.pth", {"l.0.w": torch.ones(2)})
     with pytest.raises(ConversionError, match=r"^a\.pth: key 'l\.1\.w' is missing \(for 't\.1'\)"):
         plan([Source(ckpt, (Rule(("l.{i}.w",), "t.{i}"),))], {"t.0": torch.Size([2]), "t.1": torch.Size([2])})
+
+
+def test_a_paper_format_without_image_tokens_is_refused_for_minigpt4(
+    converted: dict[str, Path], store: ImageStore
+) -> None:
+    """VLKEB's BLIP-2 format assumes the processor puts the queries first; the converted MiniGPT-4's
+    adds none (its chat template writes them): scoring it so would drop the image, so it stops."""
+    model = LVLM.load(converted["minigpt4"]).bind_images(store).bind_scorer(scorer_named("vlkeb"))
+    with pytest.raises(ConfigError, match=r"item 0: has an image.*scoring=mmke"):
+        model.score([make_case(image="red.png").edit])

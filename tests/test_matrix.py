@@ -8,6 +8,8 @@ until it is added here.
 
 from __future__ import annotations
 
+import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ FAMILIES = (
     "mistral3",
     "paligemma",
     "blip2",
+    "instructblip",
     "qwen2_vl",
     "qwen3_vl",
     "idefics3",
@@ -93,10 +96,24 @@ def test_every_method_is_in_the_matrix() -> None:
     assert set(methods.names()) - {"noop"} <= set(SETTINGS), "add new methods to SETTINGS"
 
 
+#: ``bench/gpu_check.sh`` runs this matrix on an accelerator (MMKE_TEST_DEVICE=cuda,
+#: MMKE_TEST_DTYPE=bfloat16); unset, it runs on the CPU in float32.
+DEVICE = os.environ.get("MMKE_TEST_DEVICE", "cpu")
+DTYPE = getattr(torch, os.environ.get("MMKE_TEST_DTYPE", "float32"))
+#: How far the accelerator's pre-edit scores may be from the CPU's float32 ones: each probe's mean
+#: target NLL within this share of it (plus as much in nats), bfloat16 keeping 8 bits of mantissa.
+DEVICE_NLL_TOLERANCE = 0.05
+
+
+def on_device(model: LVLM) -> LVLM:
+    model.model.to(DEVICE, DTYPE)
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_method_edits_and_restores_on_family(method: str, family: str, store: ImageStore) -> None:
-    model = tiny_model(family).bind_images(store)
+    model = on_device(tiny_model(family)).bind_images(store)
     case = make_case(image="red.png" if model.family.multimodal else None)
     if (method, family) in NO_SITE:
         with pytest.raises(LayoutError, match=r"has no (projector|vision)"):
@@ -107,8 +124,21 @@ def test_method_edits_and_restores_on_family(method: str, family: str, store: Im
     (pre,) = model.score([case.edit])
     with editor.applied(model, case) as edited:
         (post,) = edited.score([case.edit])
+        assert math.isfinite(post.nll), f"{method}: non-finite NLL after the edit"
         _check_changed(method, pre.nll, post.nll)
     assert_state(model, before)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="compares an accelerator (MMKE_TEST_DEVICE) with the CPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_device_scores_agree_with_the_cpu(family: str, store: ImageStore) -> None:
+    cpu = tiny_model(family).bind_images(store)
+    device = on_device(tiny_model(family)).bind_images(store)
+    case = make_case(image="red.png" if cpu.family.multimodal else None)
+    probes = [case.edit, *case.probes]
+    for a, b in zip(cpu.score(probes), device.score(probes), strict=True):
+        assert math.isfinite(b.nll)
+        assert abs(a.nll - b.nll) <= DEVICE_NLL_TOLERANCE * (1 + abs(a.nll)), (family, a.nll, b.nll)
 
 
 def _check_changed(method: str, pre: float, post: float) -> None:

@@ -114,6 +114,13 @@ class RunConfig:
         default=False,
         metadata=_help("load a model folder's pickle weights (pytorch_model.bin), which can run code"),
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_help(
+            "load a model folder whose model is its own Python code (config.json auto_map, declared "
+            "by its mmke_model.yaml); that code runs with your permissions"
+        ),
+    )
 
     def validate(self) -> RunConfig:
         """Check names and ranges; returns self so it chains after construction."""

@@ -37,7 +37,7 @@ def preflight(cfg: RunConfig) -> Benchmark:
     judge_for(cfg)  # its settings, and for an endpoint that the key's variable is set
     path = bundled_or_path(cfg.model)
     check_device(cfg.device, path)
-    read_config(path)
+    read_config(path, cfg.trust_remote_code)
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise ConfigError(f"image_root={cfg.image_root!r} is not a directory")
     return open_cases(cfg)[0]

@@ -497,6 +497,7 @@ def open_session(
         dtype=cfg.dtype,
         device=cfg.device,
         allow_pickle=cfg.allow_pickle,
+        trust_remote_code=cfg.trust_remote_code,
         images=benchmark_images(bench),
     )
     s = Session(cfg, model, cfg.model, bench, cases, store, {}, progress)

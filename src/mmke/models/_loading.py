@@ -20,6 +20,7 @@ from torch import nn
 
 from mmke.errors import ModelLoadError, UnknownNameError
 from mmke.models.families import Family
+from mmke.models.families.remote import RemoteCode
 from mmke.registry import bundled_models, model_families
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def bundled_or_path(path: str | Path) -> Path:
     return bundled
 
 
-def read_config(path: Path) -> Any:
+def read_config(path: Path, trust_remote_code: bool = False) -> Any:
+    """The folder's config; a folder whose config is its own Python code only with ``trust_remote_code``."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
@@ -75,14 +77,55 @@ def read_config(path: Path) -> Any:
         raise ModelLoadError(f"{path}: no such model directory")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: not a model directory (config.json is missing)")
+    remote = remote_code(path)
+    if remote and not trust_remote_code:  # refused before transformers would ask on stdin
+        files = ", ".join(sorted({_module_file(ref) for ref in _refs(remote)}))
+        raise ModelLoadError(
+            f"{path}: its model is Python code in the folder ({files}, named by config.json's auto_map); "
+            "pass trust_remote_code=true to load it, which runs that code with your permissions"
+        )
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=bool(remote))
     except RecursionError:
         raise ModelLoadError(f"{path}: unreadable config.json (nested too deeply)") from None
     except StrictDataclassError as e:  # a field of the wrong type, e.g. "text_config": "llama"
         raise ModelLoadError(f"{path}: bad value in config.json ({_first_line(e.__cause__ or e)})") from None
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, ImportError) as e:
         raise ModelLoadError(f"{path}: unreadable config.json ({_first_line(e)})") from None
+
+
+def remote_code(path: Path) -> dict[str, Any]:
+    """config.json's ``auto_map`` when the folder's model is its own Python code: transformers does
+    not know its ``model_type`` (where it does, it loads its own code and ignores the map, as
+    transformers does); {} otherwise, or when config.json does not parse (reported where it is read).
+    Code from another repository (``repo--module.Class``) is refused: mmke loads offline."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    if not isinstance(auto_map, dict) or not auto_map or raw.get("model_type") in CONFIG_MAPPING:
+        return {}
+    for ref in _refs(auto_map):
+        if "--" in ref:
+            raise ModelLoadError(
+                f"{path}: config.json's auto_map takes {ref!r} from another repository; "
+                "put its code in the folder (mmke loads offline)"
+            )
+        _inside(path, _module_file(ref), "config.json's auto_map")
+    return auto_map
+
+
+def _refs(auto_map: dict[str, Any]) -> list[str]:
+    """Every ``module.Class`` an auto_map names (a tokenizer entry is a [slow, fast] pair)."""
+    values = [v for entry in auto_map.values() for v in (entry if isinstance(entry, list) else [entry])]
+    return [str(v) for v in values if v is not None]
+
+
+def _module_file(ref: str) -> str:
+    return ref.rpartition("--")[2].rpartition(".")[0].replace(".", "/") + ".py"
 
 
 def infer_family(config: Any, path: Path) -> Family:
@@ -104,6 +147,9 @@ def infer_family(config: Any, path: Path) -> Family:
 
 
 def resolve_family(family: str | Family | None, config: Any, path: Path) -> Family:
+    auto_map = remote_code(path)
+    if auto_map and family in (None, RemoteCode.name):  # code mmke does not know: the folder declares it
+        return RemoteCode.declared_in(path, auto_map)
     if family is None:
         return infer_family(config, path)
     try:
@@ -165,7 +211,10 @@ def load_model(
 ) -> nn.Module:
     """Check the weights, then build the model with ``from_pretrained``; pickle only when ``allow_pickle``."""
     safe = check_weights(config, path, allow_pickle)
-    cls = family.model_class(config)
+    try:  # a family refuses a config it cannot drive (BLIP-2 with Flan-T5) in a line of its own
+        cls = family.model_class(config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     # straight onto an accelerator (no CPU copy first); plain CPU loading needs no accelerate
     placement = {} if device.type == "cpu" else {"device_map": str(device)}
     # with safetensors, transformers must not fall back to a pickle file; None: its default lookup
@@ -179,6 +228,7 @@ def load_model(
             raise ModelLoadError(f"{path}: {_weights_problem(cls, e, reports)}") from None
     for report in reports:  # loaded: transformers' report (missing or unexpected keys) goes out as it was
         logging.getLogger(report.name).handle(report)
+    family.check_model(model)
     log.info("loaded %s (%s, family %s) on %s", path, cls.__name__, family.name, device)
     _warn_half_on_cpu(model, path, device)
     return model.eval()

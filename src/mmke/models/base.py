@@ -80,17 +80,20 @@ class LVLM:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
+        trust_remote_code: bool = False,
         images: ImageSource | None = None,
     ) -> LVLM:
         """Load a saved HF model directory offline; the family is inferred from its config when not given.
 
         ``path`` may also name a bundled model (``"world"``), which loads from package data. Weights
         must be safetensors unless ``allow_pickle`` (pickle files can run code when loaded); the
-        device and the weight files are checked before the model is built. ``images`` is bound
-        as by ``bind_images``.
+        device and the weight files are checked before the model is built. A folder whose model is
+        its own Python code (config.json's ``auto_map``) loads only with ``trust_remote_code``, which
+        runs that code, and is driven as its ``mmke_model.yaml`` declares. ``images`` is bound as by
+        ``bind_images``.
         """
         path = _loading.bundled_or_path(path)
-        config = _loading.read_config(path)
+        config = _loading.read_config(path, trust_remote_code)
         target = _loading.check_device(device, path)
         fam = _loading.resolve_family(family, config, path)
         processor = _loading.load_processor(fam, path)
@@ -137,10 +140,12 @@ class LVLM:
         )
 
     def full_text(self, item: Item) -> str:
-        """Prompt and target as one text: the target follows the format's separator (by default one
-        space unless whitespace is there)."""
+        """Prompt and target as one text: the target follows the format's separator, else the
+        family's ``answer_separator`` (by default one space unless whitespace is there)."""
         prefix = self.prompt_text(item)
         join = self.prompt_format.separator
+        if join is None:
+            join = self.family.answer_separator
         if join is None:
             join = "" if not prefix or prefix[-1].isspace() or item.target[:1].isspace() else " "
         return prefix + join + item.target
@@ -151,8 +156,9 @@ class LVLM:
         """Tokenise prompt+target of each item (images processed once for the batch), right-padded."""
         pictures = self._pictures(items)
         texts = [self.full_text(it) for it in items]
-        enc = self._preprocess(texts, pictures, "right")
         targets = [it.target for it in items]
+        starts = [len(text) - len(t) for text, t in zip(texts, targets, strict=True)]  # answers' first chars
+        enc = self._preprocess(texts, pictures, "right", starts)
         if self.prompt_format.target_alone:  # the papers' labels: the target tokenised on its own
             alone = [self.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
             lengths = enc.inputs["attention_mask"].sum(dim=1).tolist()  # non-pad tokens (right padding)
@@ -376,8 +382,18 @@ class LVLM:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _preprocess(self, texts: list[str], pictures: list[Image.Image | None], side: str) -> Encoded:
-        enc = self.family.preprocess(self.processor, texts, pictures, side, self._add_special_tokens)
+    def _preprocess(
+        self,
+        texts: list[str],
+        pictures: list[Image.Image | None],
+        side: str,
+        answer_starts: Sequence[int] | None = None,
+    ) -> Encoded:
+        """The family's inputs for ``texts``; ``answer_starts``: where each text's target begins
+        (None: prompts alone, as for generation)."""
+        enc = self.family.preprocess(
+            self.processor, texts, pictures, side, self._add_special_tokens, answer_starts
+        )
         limit = self._max_positions
         for i, n in enumerate(enc.inputs["attention_mask"].sum(dim=1).tolist()):
             if limit is not None and n > limit:  # the learned position table would index out of range

@@ -9,12 +9,13 @@ OPT/Qwen/GPT-2) and the family's real processor with its PIL image processor (no
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
@@ -30,6 +31,7 @@ TINY_KINDS = (
     "mistral3",
     "paligemma",
     "blip2",
+    "instructblip",
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
@@ -73,6 +75,7 @@ def tiny_model(kind: str, seed: int = 0) -> LVLM:
         "mistral3": _mistral3,
         "paligemma": _paligemma,
         "blip2": _blip2,
+        "instructblip": _instructblip,
         "qwen2_vl": _qwen2_vl,
         "qwen2_5_vl": _qwen2_5_vl,
         "qwen3_vl": _qwen3_vl,
@@ -128,6 +131,35 @@ def bpe_tokenizer(
     extra = ({"image_token": "<image>"} if "<image>" in specials else {}) | named
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, extra_special_tokens=extra
+    )
+
+
+def wordpiece_tokenizer() -> Any:
+    """A lower-casing WordPiece trained on the fixed corpus that writes ``[CLS] text [SEP]``, as
+    BERT's (InstructBLIP's Q-Former tokenizer is bert-base-uncased)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(list(_CORPUS) * 10, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
@@ -416,6 +448,38 @@ def _blip2(seed: int) -> LVLM:
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
     return LVLM(_build(Blip2ForConditionalGeneration, config, seed), processor, "blip2")
+
+
+def _instructblip(seed: int) -> LVLM:
+    from transformers import (
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = bpe_tokenizer(["<image>"])
+    qformer_tok = wordpiece_tokenizer()
+    n_query = 4
+    image_processor = BlipImageProcessorPil(size={"height": _IMAGE, "width": _IMAGE})
+    processor = InstructBlipProcessor(image_processor, tok, qformer_tok, num_query_tokens=n_query)
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(**_vit(), initializer_range=0.02),
+        qformer_config=InstructBlipQFormerConfig(
+            vocab_size=len(qformer_tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            pad_token_id=qformer_tok.pad_token_id,
+        ),
+        text_config=_llama_text(tok),  # the Vicuna releases' decoder
+        num_query_tokens=n_query,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    return LVLM(_build(InstructBlipForConditionalGeneration, config, seed), processor, "instructblip")
 
 
 def _qwen_processor() -> Any:

@@ -6,6 +6,7 @@ A family holds no state; ``LVLM`` keeps one instance next to the model and proce
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,6 +112,10 @@ class Family:
     #: Whether the processor takes images as one list per text (Gemma 3's checks each text's
     #: count against its placeholders) instead of one flat list for the batch.
     images_per_text: ClassVar[bool] = False
+    #: What joins prompt and target when the bound format has no ``separator`` of its own
+    #: (None: one space unless whitespace is there already; "" where the model answers right
+    #: after its prompt, e.g. Mistral's ``[/INST]``).
+    answer_separator: ClassVar[str | None] = None
 
     # --- loading --------------------------------------------------------------------------
 
@@ -140,6 +145,11 @@ class Family:
             if arch in self.architectures and hasattr(transformers, arch):
                 return getattr(transformers, arch)
         return transformers.AutoModelForImageTextToText
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, in one line, a loaded model this family cannot drive. The built-in families check
+        nothing (their layouts are candidates, tried when a site is asked for); a family declared
+        from a file checks that its declared parts exist."""
 
     # --- prompts --------------------------------------------------------------------------
 
@@ -199,8 +209,14 @@ class Family:
         images: list[Image.Image | None],
         padding_side: str,
         add_special_tokens: bool,
+        answer_starts: Sequence[int] | None = None,
     ) -> Encoded:
-        """Tokenise a batch and process its images in one processor call (text-only items mixed in)."""
+        """Tokenise a batch and process its images in one processor call (text-only items mixed in).
+
+        ``answer_starts[b]`` is the character index where item b's target begins in ``texts[b]``
+        (None for prompts alone, as in generation); families whose inputs treat prompt and answer
+        apart read it, the rest ignore it.
+        """
         pixels: list[Any] = [im for im in images if im is not None]
         if pixels and self.images_per_text:  # [[image], [], ...]: [] for a text-only item
             pixels = [[im] if im is not None else [] for im in images]

@@ -8,12 +8,14 @@ official processor uses, so query outputs land where the model expects them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
+from mmke.errors import ConfigError, ModelLoadError
 from mmke.models.families._base import Encoded, Family, LayoutSpec, token_inputs
 from mmke.registry import register_family
 
@@ -38,6 +40,15 @@ class Blip2(Family):
         qformer=("qformer",),
     )
 
+    def model_class(self, config: Any) -> type[nn.Module]:
+        if not getattr(config, "use_decoder_only_language_model", True):
+            text = getattr(getattr(config, "text_config", None), "model_type", "?")
+            raise ModelLoadError(
+                f"{self.name} with an encoder-decoder language model ({text}, e.g. Flan-T5) is not "
+                "supported: mmke drives the decoder-only ones (OPT, LLaMA/Vicuna)"
+            )
+        return super().model_class(config)
+
     def image_text(self, processor: Any, has_image: bool, suffix: str | None = None) -> str:
         return ""  # image query tokens are inserted as ids in preprocess, before BOS
 
@@ -48,14 +59,25 @@ class Blip2(Family):
         images: list[Image.Image | None],
         padding_side: str,
         add_special_tokens: bool,
+        answer_starts: Sequence[int] | None = None,
     ) -> Encoded:
         tok = processor.tokenizer
         enc = tok(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         n_query = processor.num_query_tokens
         image_id = tok.convert_tokens_to_ids(str(processor.image_token))
         ids, spans = [], []
-        for row, offs, image in zip(enc["input_ids"], enc["offset_mapping"], images, strict=True):
+        for i, (row, offs, image) in enumerate(
+            zip(enc["input_ids"], enc["offset_mapping"], images, strict=True)
+        ):
             lead = n_query if image is not None else 0
+            if image is not None and not lead and image_id not in row:
+                # a processor that adds no query tokens expects the text to carry them (a converted
+                # MiniGPT-4's chat template writes them inside <Img>...</Img>); without, no image
+                raise ConfigError(
+                    f"item {i}: has an image, but this prompt format writes no image tokens and the "
+                    "processor adds none, so the model would never see it (a converted MiniGPT-4 "
+                    "places them through its chat template: use scoring=mmke)"
+                )
             ids.append([image_id] * lead + list(row))
             spans.append([(0, 0)] * lead + [tuple(o) for o in offs])
         inputs, offsets = token_inputs(processor, ids, spans, images, padding_side)

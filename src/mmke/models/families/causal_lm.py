@@ -6,6 +6,7 @@ after a single space (the convention of ROME/MEMIT and EasyEdit's text editing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ class CausalLM(Family):
         images: list[Image.Image | None],
         padding_side: str,
         add_special_tokens: bool,
+        answer_starts: Sequence[int] | None = None,
     ) -> Encoded:
         enc = processor(
             list(texts),

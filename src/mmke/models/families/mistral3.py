@@ -74,7 +74,8 @@ class Mistral3(Llava):
     """Mistral 3 (Mistral Small 3.1): Pixtral encoder, patch merger + MLP projector, Mistral decoder.
 
     What differs from LLaVA: the vision layers' path, the ``[INST]`` format when a folder has no
-    chat template, and a PIL stand-in for Pixtral's processor, which needs torchvision. Positions
+    chat template, the answer right after ``[/INST]`` (no space, as the chat template writes an
+    assistant turn), and a PIL stand-in for Pixtral's processor, which needs torchvision. Positions
     follow the tokens (the 2-D RoPE is inside the vision encoder), so a shared prefix is reused.
     Paper: Agrawal et al., "Pixtral 12B", 2024.
     """
@@ -85,4 +86,5 @@ class Mistral3(Llava):
     image_only_processor = PilPixtralProcessor
     plain_format = "[INST]{image}{prompt}[/INST]"
     image_suffix = ""
+    answer_separator = ""
     layout_spec = replace(Llava.layout_spec, vision_layers=("model.vision_tower.transformer.layers",))

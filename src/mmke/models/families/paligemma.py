@@ -10,6 +10,7 @@ are tokenised apart, as the processor does with its ``suffix``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,10 +24,9 @@ from mmke.registry import register_family
 class PaliGemma(Family):
     """PaliGemma / PaliGemma 2: SigLIP tower, linear projector, Gemma decoder with a bidirectional prefix.
 
-    The answer starts after the prompt's line break (the last one in the text: a target with a
-    line break of its own would be split there). Positions count from 1 and the prefix is
-    attended both ways, so a shared prefix is not reused. Paper: Beyer et al., "PaliGemma: A
-    versatile 3B VLM for transfer", 2024.
+    The suffix starts where the answer does (``answer_starts``), so a target with line breaks of
+    its own stays whole. Positions count from 1 and the prefix is attended both ways, so a shared
+    prefix is not reused. Paper: Beyer et al., "PaliGemma: A versatile 3B VLM for transfer", 2024.
     """
 
     name = "paligemma"
@@ -51,12 +51,15 @@ class PaliGemma(Family):
         images: list[Image.Image | None],
         padding_side: str,
         add_special_tokens: bool,
+        answer_starts: Sequence[int] | None = None,
     ) -> Encoded:
         tok = processor.tokenizer
         bos = [tok.bos_token_id] if add_special_tokens else []
+        # the prefix ends where the answer starts; without answer starts (a prompt alone, as in
+        # generation) it runs through the last line break, where PaliGemma's prompts end
+        cuts = answer_starts if answer_starts is not None else [t.rfind("\n") + 1 for t in texts]
         ids, spans, types = [], [], []
-        for text, image in zip(texts, images, strict=True):
-            cut = text.rfind("\n") + 1  # the prefix ends with the prompt's line break
+        for text, image, cut in zip(texts, images, cuts, strict=True):
             prefix = tok(text[:cut], add_special_tokens=False, return_offsets_mapping=True)
             suffix = tok(text[cut:], add_special_tokens=False, return_offsets_mapping=True)
             lead = [processor.image_token_id] * (processor.image_seq_length if image is not None else 0) + bos
