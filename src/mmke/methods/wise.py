@@ -148,13 +148,24 @@ class WiseAdaptor(nn.Module):
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
         self.layer = layer
-        self.side = layer.weight.detach().float().clone()  # (O, I)
+        # the side memory an edit trained (O, I); until then the layer's own weight stands for it,
+        # so the first edit holds one copy of the weight, not two (172 MB at a 7B model's width)
+        self.own: torch.Tensor | None = None
         self.eps = math.inf  # nothing routes before the first edit
         self.live: torch.Tensor | None = None
         self.tokens: Tokens | None = None
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # score sums (B,), counts (B,)
         self.watch: RemovableHandle | None = None
         self.edits: list[WiseEdited] = []  # live handles, oldest first
+
+    @property
+    def side(self) -> torch.Tensor:
+        """The side memory (O, I), float32: the wrapped layer's weight until an edit trains its own."""
+        return self.layer.weight.detach().float() if self.own is None else self.own
+
+    @side.setter
+    def side(self, value: torch.Tensor) -> None:
+        self.own = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.live is not None:  # editing: the side memory everywhere, as EasyEdit trains it
@@ -245,7 +256,7 @@ class WiseEdited(Edited):
         model: LVLM,
         site: str,
         adaptor: WiseAdaptor,
-        before: tuple[torch.Tensor, float],
+        before: tuple[torch.Tensor | None, float],
         details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(model, details)
@@ -263,7 +274,7 @@ class WiseEdited(Edited):
         if self.adaptor.edits[-1] is not self:
             raise RuntimeError(f"wise: restore the later edits at {self.site} first (reverse order)")
         self.adaptor.edits.pop()
-        self.adaptor.side, self.adaptor.eps = self.before
+        self.adaptor.own, self.adaptor.eps = self.before
         if not self.adaptor.edits:
             _unwrap(self.model, self.site, self.adaptor)
 
@@ -297,11 +308,11 @@ class Wise(Editor[WiseConfig]):
         pool = self._pool(model)
         site = model.layout.mlp_out(self.config.layer)
         adaptor = _adaptor_at(model, site)
-        before = (adaptor.side, adaptor.eps)
+        before = (adaptor.own, adaptor.eps)
         try:
             details = self._edit(model, adaptor, case, pool)
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
-            adaptor.side, adaptor.eps = before
+            adaptor.own, adaptor.eps = before
             if not adaptor.edits:
                 _unwrap(model, site, adaptor)
             raise
