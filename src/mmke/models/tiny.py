@@ -474,6 +474,8 @@ def _instructblip(seed: int) -> LVLM:
             num_attention_heads=2,
             intermediate_size=64,
             pad_token_id=qformer_tok.pad_token_id,
+            # wide enough that the image moves the answer (at 0.02 an FT-Vis edit barely reaches it)
+            initializer_range=0.2,
         ),
         text_config=_llama_text(tok),  # the Vicuna releases' decoder
         num_query_tokens=n_query,
