@@ -110,8 +110,9 @@ def test_probes_sharing_only_their_image_run_it_once_where_that_pays(
     store: ImageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real model's image is hundreds of tokens: a case's probes of one image run it once. The
-    tiny model's image is a few tokens, so the threshold is lowered to reach it."""
+    tiny model's image is a few tokens, so the thresholds are lowered to reach it."""
     monkeypatch.setattr(base, "MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(base, "MIN_SAVED_SHARE", 0.0)
     lvlm = tiny_model("llava").bind_images(store)
     asked = [
         Sample(q, t, ImageRef(image)) for (q, t), image in zip(QUESTIONS, ["red.png", "blue.png", "red.png"])

@@ -230,7 +230,7 @@ class LVLM:
         leading tokens its items share and a forward runs once per image, and per item the row its
         image runs in (``_shared_cut``; 0 and () for none). ``limits[b]``: the most tokens item b
         may share (every logit that is read must follow the cut). One batch, unless running the
-        shared tokens once saves at least ``MIN_SAVED_TOKENS`` token positions (IKE's
+        shared tokens once saves ``MIN_SAVED_TOKENS`` token positions, and ``MIN_SAVED_SHARE`` of the batch's (IKE's
         demonstrations; a real model's hundreds of image tokens, shared by a case's probes of one
         image); then one batch of the items with an image and one of those without (their tokens
         line up only within each), each sharing its prefix where that saves as much."""
@@ -245,7 +245,8 @@ class LVLM:
             ids, mask = inputs["input_ids"][group], inputs["attention_mask"][group]  # (G, T) each
             cut, rows = self._shared_cut(ids, mask, int(limits[group].min()), [items[i] for i in group])
             saved = (len(group) - len(set(rows))) * cut  # token positions not run again
-            plan.append((group, cut, rows) if saved >= MIN_SAVED_TOKENS else (group, 0, ()))
+            worth = saved >= max(MIN_SAVED_TOKENS, int(mask.sum()) * MIN_SAVED_SHARE)
+            plan.append((group, cut, rows) if worth else (group, 0, ()))
         return plan if any(cut for _, cut, _ in plan) else everything
 
     def _shared_cut(
@@ -427,9 +428,11 @@ class LVLM:
 
 
 #: Leading tokens shared by a batch's items run once per image when that saves this many token
-#: positions: enough to pay for the extra forward on the bundled world model (about 500 of its
-#: tokens' work), and far fewer than a real model's image takes (LLaVA-1.5: 576 tokens).
+#: positions, and this share of the batch's: enough to pay for the extra forward on the bundled
+#: world model (about 500 of its tokens' work; its images are a few tokens, so only IKE's
+#: demonstrations pass), far fewer than a real model's image takes (LLaVA-1.5: 576 tokens).
 MIN_SAVED_TOKENS = 512
+MIN_SAVED_SHARE = 0.5
 #: The inputs that run along the tokens (cut with them); the others (pixels) belong to the image.
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 
