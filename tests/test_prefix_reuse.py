@@ -115,7 +115,8 @@ def test_probes_sharing_only_their_image_run_it_once_where_that_pays(
     monkeypatch.setattr(base, "MIN_SAVED_SHARE", 0.0)
     lvlm = tiny_model("llava").bind_images(store)
     asked = [
-        Sample(q, t, ImageRef(image)) for (q, t), image in zip(QUESTIONS, ["red.png", "blue.png", "red.png"])
+        Sample(q, t, ImageRef(image))
+        for (q, t), image in zip(QUESTIONS, ["red.png", "blue.png", "red.png"], strict=True)
     ]
     asked += [Sample("how many?", "two", ImageRef("blue.png"))]
     cuts = spied(monkeypatch)

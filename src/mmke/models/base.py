@@ -230,10 +230,11 @@ class LVLM:
         leading tokens its items share and a forward runs once per image, and per item the row its
         image runs in (``_shared_cut``; 0 and () for none). ``limits[b]``: the most tokens item b
         may share (every logit that is read must follow the cut). One batch, unless running the
-        shared tokens once saves ``MIN_SAVED_TOKENS`` token positions, and ``MIN_SAVED_SHARE`` of the batch's (IKE's
-        demonstrations; a real model's hundreds of image tokens, shared by a case's probes of one
-        image); then one batch of the items with an image and one of those without (their tokens
-        line up only within each), each sharing its prefix where that saves as much."""
+        shared tokens once saves ``MIN_SAVED_TOKENS`` token positions and ``MIN_SAVED_SHARE`` of
+        the batch's (IKE's demonstrations; a real model's hundreds of image tokens, shared by a
+        case's probes of one image); then one batch of the items with an image and one of those
+        without (their tokens line up only within each), each sharing its prefix where that saves
+        as much."""
         everything = [(list(range(len(items))), 0, ())]
         if not self.family.reuses_prefix or len(items) < 2:
             return everything
