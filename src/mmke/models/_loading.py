@@ -114,7 +114,7 @@ def remote_code(path: Path) -> dict[str, Any]:
                 f"{path}: config.json's auto_map takes {ref!r} from another repository; "
                 "put its code in the folder (mmke loads offline)"
             )
-        _inside(path, _module_file(ref), "config.json's auto_map")
+        inside(path, _module_file(ref), "config.json's auto_map")
     return auto_map
 
 
@@ -302,7 +302,7 @@ def _safetensors_entry(config: Any, path: Path) -> Path | None:
     named = str(getattr(config, "transformers_weights", None) or "")
     if named:
         safe = named.endswith((".safetensors", ".safetensors.index.json"))
-        return _inside(path, named, "config.json's transformers_weights") if safe else None
+        return inside(path, named, "config.json's transformers_weights") if safe else None
     return next((path / n for n in _SAFE_WEIGHTS if (path / n).is_file()), None)
 
 
@@ -327,7 +327,7 @@ def _index_shards(index: Path, path: Path) -> list[Path]:
         raise ModelLoadError(
             f"{path}: {index.name} is corrupt ({type(e).__name__}: {_first_line(e)})"
         ) from None
-    shards = [_inside(path, str(n), index.name) for n in names]
+    shards = [inside(path, str(n), index.name) for n in names]
     missing = [n for n, s in zip(names, shards, strict=True) if not s.is_file()]
     if missing:
         raise ModelLoadError(
@@ -336,11 +336,11 @@ def _index_shards(index: Path, path: Path) -> list[Path]:
     return shards
 
 
-def _inside(path: Path, name: str, where: str) -> Path:
-    """``path / name``, refused when it points outside the model directory."""
+def inside(path: Path, name: str, where: str) -> Path:
+    """``path / name``, refused when it points outside the folder ``path``."""
     file = path / name
     if not file.resolve().is_relative_to(path.resolve()):
-        raise ModelLoadError(f"{path}: {where} names {name!r}, outside the model directory")
+        raise ModelLoadError(f"{path}: {where} names {name!r}, outside the folder")
     return file
 
 

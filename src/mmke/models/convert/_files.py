@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mmke.errors import ModelLoadError
+from mmke.models import _loading
 from mmke.models.convert._mapping import ConversionError
 
 #: A folder's weight files, in the order ``from_pretrained`` looks for them.
@@ -142,10 +144,10 @@ def read_json(path: Path, src: Path) -> dict[str, Any]:
 
 def inside(folder: Path, name: str, where: str) -> Path:
     """``folder / name``, refused when it points outside ``folder``."""
-    path = folder / name
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise ConversionError(f"{folder}: {where} names {name!r}, outside the folder")
-    return path
+    try:
+        return _loading.inside(folder, name, where)
+    except ModelLoadError as e:
+        raise ConversionError(str(e)) from None
 
 
 def find_file(src: Path, patterns: tuple[str, ...], what: str) -> Path:
