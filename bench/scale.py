@@ -378,7 +378,10 @@ def main() -> None:
                     row = measure_method(label, model, dtype, depth, method)
                     rows.append(row)
                     print(
-                        f"  {method}: {row.seconds:.1f} s, peak +{row.peak_mb:.0f} MB {row.error}", flush=True
+                        f"  {method}: {row.seconds:.1f} s, peak +{row.peak_mb:.0f} MB, live edit "
+                        f"{row.held_mb:.0f} MB, snapshot {row.snapshot_mb:.0f} MB, "
+                        f"state {row.state_mb:.0f} MB {row.error}",
+                        flush=True,
                     )
                 del model
                 gc.collect()
