@@ -3,7 +3,17 @@ small world with an untrained world model for end-to-end runs."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+# transformers copies a remote-code model's modules here when it loads one (tests/test_remote_code.py);
+# read when transformers is first imported, so set before mmke imports it: a test writes nothing in ~
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="mmke-test-hf-modules-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 import pytest
 from PIL import Image
