@@ -20,7 +20,7 @@ def cfg(**kw: object) -> RunConfig:
 
 
 def test_every_protocol_is_registered_in_the_papers_order() -> None:
-    assert protocols.declared() == ["single", "sequential", "lifelong", "edit_onehop"]
+    assert protocols.declared() == ["single", "sequential", "lifelong", "edit_onehop", "batch"]
     assert isinstance(protocol_named("sequential"), Sequential)
 
 
@@ -76,6 +76,7 @@ def test_edit_onehop_writes_the_edit_then_its_facts_and_scores_portability_only(
         ("edit_onehop", {}, 7, 7),
         ("sequential", {"gaps": (2, 5, 10)}, 7, (7 - 2) + (7 - 5)),
         ("lifelong", {"checkpoints": (3, 10)}, 7, 3 + 7),
+        ("batch", {"batch_edits": 3}, 7, 7),
     ],
 )
 def test_planned_records_count_every_scoring_of_every_method(

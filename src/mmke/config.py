@@ -65,10 +65,12 @@ class RunConfig:
         metadata=_help("per-method settings, e.g. method_options.ft_llm.steps=20"),
     )
     protocol: str = field(
-        default="single", metadata=_help("single, sequential, lifelong or edit_onehop (mmke list protocols)")
+        default="single",
+        metadata=_help("single, sequential, lifelong, edit_onehop or batch (mmke list protocols)"),
     )
     gaps: tuple[int, ...] = field(default=(10, 20, 50, 100), metadata=_help("sequential: edit-to-score gaps"))
     checkpoints: tuple[int, ...] = field(default=(10, 100), metadata=_help("lifelong: scoring checkpoints"))
+    batch_edits: int = field(default=8, metadata=_help("batch: edits written in one update"))
     limit: int | None = field(default=None, metadata=_help("at most this many cases"))
     edit_types: tuple[str, ...] | None = field(default=None, metadata=_help("only these edit types"))
     seed: int = field(default=0, metadata=_help("random seed (case order, method init)"))
@@ -163,7 +165,7 @@ class RunConfig:
             )
         if not self.methods:
             raise ConfigError("methods: name at least one method, e.g. methods=[ft_llm,ike]")
-        for name in ("batch_size", "limit", "max_new_tokens"):
+        for name in ("batch_size", "limit", "max_new_tokens", "batch_edits"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: must be at least 1")

@@ -34,6 +34,7 @@ def preflight(cfg: RunConfig) -> Benchmark:
         make_config(editor.defaults, method_options(source, cfg, method), method)
         if (hparams := method_hparams(cfg, method)) is not None:
             log.info("hparams %s", hparams.describe())
+    _check_batching(cfg)
     judge_for(cfg)  # its settings, and for an endpoint that the key's variable is set
     path = bundled_or_path(cfg.model)
     check_device(cfg.device, path)
@@ -41,6 +42,22 @@ def preflight(cfg: RunConfig) -> Benchmark:
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise ConfigError(f"image_root={cfg.image_root!r} is not a directory")
     return open_cases(cfg)[0]
+
+
+def _check_batching(cfg: RunConfig) -> None:
+    """protocol=batch: refuse, in one line, the methods that cannot write several edits in one update."""
+    from mmke.registry import methods
+
+    if cfg.protocol != "batch" or cfg.batch_edits == 1:
+        return
+    refused = {m: c.batch_refusal for m in cfg.methods if not (c := methods.get(m)).batches}
+    if refused:
+        why = "; ".join(f"{m}: {reason}" for m, reason in refused.items())
+        can = ", ".join(n for n in methods.names() if methods.get(n).batches)
+        raise ConfigError(
+            f"protocol=batch batch_edits={cfg.batch_edits}: {', '.join(refused)} cannot write several "
+            f"edits in one update ({why}); methods that can: {can}"
+        )
 
 
 def run(

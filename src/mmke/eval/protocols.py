@@ -38,12 +38,22 @@ class Check:
 
 @dataclass(frozen=True)
 class Step:
-    """Edit case ``edit`` (or none), then run ``checks``; records carry ``gap`` / ``checkpoint``."""
+    """Edit case ``edit`` (or none), then run ``checks``; records carry ``gap`` / ``checkpoint``.
+
+    ``together``: further cases written in the same update as ``edit`` (the batch protocol: one
+    ``apply_many`` call, one handle).
+    """
 
     edit: int | None
     checks: tuple[Check, ...] = ()
     gap: int | None = None
     checkpoint: int | None = None
+    together: tuple[int, ...] = ()
+
+    @property
+    def edits(self) -> tuple[int, ...]:
+        """Every case this step writes, in order."""
+        return () if self.edit is None else (self.edit, *self.together)
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class Episode:
     @property
     def cases(self) -> list[int]:
         """The cases it edits or scores, ascending (those whose pre-edit scores it needs)."""
-        edited = {s.edit for s in self.steps if s.edit is not None}
+        edited = {i for s in self.steps for i in s.edits}
         return sorted(edited | {c.case for s in self.steps for c in s.checks})
 
 
@@ -183,6 +193,30 @@ class EditOneHop(Protocol):
 
     def scored(self, case: EditCase) -> tuple[int, ...] | None:
         return tuple(i for i, p in enumerate(case.probes) if p.kind == ProbeKind.PORTABILITY)
+
+
+@register_protocol(
+    "batch", help="MEMIT's setting: write batch_edits cases in one update, score each, restore"
+)
+class BatchEdit(Protocol):
+    """Cases in consecutive batches of ``batch_edits``: each batch is written in ONE update
+    (``Editor.apply_many``), every case of it is scored through that update, then it is restored.
+
+    A record's ``checkpoint`` is the number of edits its batch wrote (the last batch may be
+    smaller when ``n`` is not a multiple). A method that cannot write several edits in one update
+    is refused before the run starts rather than run as a loop of single edits.
+    """
+
+    name = "batch"
+
+    def episodes(self, cfg: RunConfig, n: int) -> list[Episode]:
+        size = cfg.batch_edits
+        out = []
+        for first in range(0, n, size):
+            cases = tuple(range(first, min(first + size, n)))
+            checks = tuple(Check(i, 0, i) for i in cases)
+            out.append(Episode((Step(first, checks, checkpoint=len(cases), together=cases[1:]),)))
+        return out
 
 
 def protocol_named(name: str) -> Protocol:

@@ -258,15 +258,23 @@ def _score_and_record(
 
 
 def _apply(
-    s: Session, editor: Editor, writes: Sequence[EditCase], index: int, stack: list[Edited]
+    s: Session,
+    editor: Editor,
+    writes: Sequence[EditCase],
+    index: int,
+    stack: list[Edited],
+    together: bool = False,
 ) -> tuple[Edited, dict]:
     """Apply ``writes`` (what editing one case writes) under the run's seed (per stream position, so
-    a resumed run matches), pushing each handle on ``stack``; returns the last handle and the summed cost."""
+    a resumed run matches), pushing each handle on ``stack``; returns the last handle and the summed cost.
+
+    ``together``: all of ``writes`` in one update (``apply_many``, one handle).
+    """
     costs = []
-    for write in writes:
+    for group in [writes] if together else [[w] for w in writes]:
         torch.manual_seed(s.cfg.seed * 1_000_003 + index)
         with measure(s.model.device) as m:
-            stack.append(editor.apply(s.model, write))
+            stack.append(editor.apply_many(s.model, group) if together else editor.apply(s.model, group[0]))
         costs.append(
             {"edit_seconds": m.seconds, "peak_memory_mb": m.peak_mb, "edited_params": stack[-1].edited_params}
         )
@@ -304,13 +312,13 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
             run = _run_block(s, method, step, provenance)
             if step.edit is not None:
                 case = s.cases[step.edit]
-                writes = s.protocol.writes(case)
+                writes = [w for i in step.edits for w in s.protocol.writes(s.cases[i])]
                 if not writes:
                     return
                 if step.edit > 0 and s.emulating("ft_stale_pre", method):
                     stale[step.edit] = _stale_pre(s, editor, step.edit)
                 try:
-                    applied.append(_apply(s, editor, writes, step.edit, stack))
+                    applied.append(_apply(s, editor, writes, step.edit, stack, bool(step.together)))
                 except (EditCollapsed, MmkeError) as e:
                     _failure_record(s, run, case, step.edit, e)
                     return

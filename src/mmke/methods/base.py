@@ -33,6 +33,10 @@ from mmke.types import EditCase, Sample
 C = TypeVar("C")
 
 
+class BatchUnsupported(ConfigError):
+    """The method cannot write several edits in one update (the batch protocol asked it to)."""
+
+
 class EditCollapsed(MmkeError):
     """An edit diverged (non-finite loss or weights); what it touched is already restored.
 
@@ -343,6 +347,20 @@ class Editor(ABC, Generic[C]):
     @abstractmethod
     def apply(self, model: LVLM, case: EditCase) -> Edited:
         """Write ``case.edit`` into ``model``; the handle scores the edited model and restores it."""
+
+    #: Whether ``apply_many`` writes several cases in ONE update (the batch protocol); a method
+    #: that cannot says why in ``batch_refusal`` rather than faking it with a loop of single edits.
+    batches: ClassVar[bool] = False
+    batch_refusal: ClassVar[str] = "it writes one edit per update"
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> Edited:
+        """Write all ``cases`` in one update; one handle scores them all and restores everything."""
+        if len(cases) == 1:
+            return self.apply(model, cases[0])
+        raise BatchUnsupported(
+            f"{self.name} cannot write {len(cases)} edits in one update: {self.batch_refusal} "
+            "(use protocol=sequential or protocol=lifelong, or batch_edits=1)"
+        )
 
     @contextmanager
     def applied(self, model: LVLM, case: EditCase) -> Iterator[Edited]:

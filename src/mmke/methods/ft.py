@@ -11,6 +11,7 @@ passed), hence our default. The site is a role resolved through ``model.layout``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class FineTune(Editor[FTConfig]):
 
     name = "ft"
     defaults = FTConfig()
+    batches = True
 
     def site_modules(self, layout: Layout) -> list[str]:
         """Module names of the configured site in this model."""
@@ -92,8 +94,12 @@ class FineTune(Editor[FTConfig]):
         return out
 
     def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
+        return self.apply_many(model, [case])
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> ParamEdited:
+        """Fine-tune on every case's edit at once: one optimisation of the mean target NLL."""
         params = self.site_params(model)
-        batch = model.encode([case.edit])  # encoded once: the edit prompt never changes
+        batch = model.encode([c.edit for c in cases])  # encoded once: the edit prompts never change
         saved = snapshot(params)
         try:
             with trainable_only(model.model, params), torch.enable_grad(), self._replay(model, params):

@@ -35,6 +35,7 @@ order), and the last one puts the original module object back.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,13 +214,18 @@ class Grace(Editor[GraceConfig]):
 
     name = "grace"
     defaults = GraceConfig()
+    batches = True
 
     def apply(self, model: LVLM, case: EditCase) -> GraceEdited:
+        return self.apply_many(model, [case])
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> GraceEdited:
+        """Every case's keys into the codebook, then all their values trained together."""
         site = model.layout.mlp_out(self.config.layer)
         adaptor = _adaptor_at(model, site)
         before = adaptor.codebook.copy()
         try:
-            batch = model.encode([case.edit])
+            batch = model.encode([c.edit for c in cases])
             keys, values, labels = _keys_and_values(model, adaptor, batch)
             book, eps = adaptor.codebook, self.config.eps
             done = [book.insert(k, v, lab, eps) for k, v, lab in zip(keys, values, labels, strict=True)]
@@ -283,10 +289,11 @@ def _keys_and_values(
     model: LVLM, adaptor: GraceAdaptor, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The wrapped layer's inputs (n, I) and outputs (n, D) at the n positions that predict the
-    edit's answer tokens (the last prompt token first), and each one's label (the id it predicts).
+    edits' answer tokens (per edit, the last prompt token first), and each one's label (the id it
+    predicts).
     """
     rows, cols = batch.answer_positions  # (N,), (N,)
-    positions = cols[rows == 0] - 1  # (n,)
-    labels = [str(int(t)) for t in batch.labels[0, positions + 1]]
-    x, y = layer_io(model, adaptor.layer, batch)  # (1, T, I), (1, T, D)
-    return x[0, positions].float(), y[0, positions].float(), labels
+    positions = cols - 1  # (N,)
+    labels = [str(int(t)) for t in batch.labels[rows, cols]]
+    x, y = layer_io(model, adaptor.layer, batch)  # (B, T, I), (B, T, D)
+    return x[rows, positions].float(), y[rows, positions].float(), labels

@@ -150,6 +150,7 @@ class IKE(Editor[IKEConfig]):
     name = "ike"
     defaults = IKEConfig()
     in_context = True
+    batches = True
 
     def __init__(
         self, config: IKEConfig | Mapping[str, Any] | None = None, *, embedder: TextEmbedder | None = None
@@ -184,6 +185,29 @@ class IKE(Editor[IKEConfig]):
     def apply(self, model: LVLM, case: EditCase) -> PromptEdited:
         prefix = self.context(case)
         return PromptEdited(model, lambda prompt: prefix + prompt, details={"context": prefix})
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> PromptEdited:
+        """Every case's fact in one context; each prompt is then asked about the batch's fact nearest to it.
+
+        The context is k demonstrations (taken in turn from each fact's nearest, without repeats),
+        every fact copied, and IKE's final ``New Fact: ...\nPrompt:`` line. That line names one
+        fact: the one whose embedding is nearest the prompt's (as IKE's demonstrations are
+        retrieved). One case gives exactly ``apply``'s context.
+        """
+        if len(cases) == 1:
+            return self.apply(model, cases[0])
+        facts = [fact_of(c) for c in cases]
+        owns = [demo(f, f) for f in facts]
+        nearest = [self._retrieve(own) for own in owns] if self.config.k > 0 else []
+        turns = dict.fromkeys(d for rank in zip(*nearest, strict=True) for d in rank)
+        common = "".join([*list(turns)[: self.config.k], *owns])
+        index = Retriever(facts, _embed(facts, self.embedder, self.config.batch_size), self.embedder)
+
+        def rewrite(prompt: str) -> str:
+            (fact,) = index.nearest(prompt, 1)
+            return f"{common}New Fact: {fact}\nPrompt: {prompt}"
+
+        return PromptEdited(model, rewrite, details={"context": common, "facts": facts})
 
     def _retrieve(self, query: str) -> list[str]:
         if self.retriever is None:

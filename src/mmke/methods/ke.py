@@ -103,6 +103,7 @@ class KE(HyperEditor[KEConfig]):
 
     name = "ke"
     defaults = KEConfig()
+    batch_refusal = "its hypernetwork maps one edit to one update"
 
     def build(self, model: LVLM) -> KENets:
         shapes = [tuple(w.shape) for w in site_weights(model, self.sites(model)).values()]

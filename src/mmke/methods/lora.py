@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,7 @@ class LoRA(Editor[LoRAConfig]):
 
     name = "lora"
     defaults = LoRAConfig()
+    batches = True
 
     def site_linears(self, layout: Layout) -> list[str]:
         """Module names of the linear layers LoRA wraps (an earlier LoRA wrapper counts as one)."""
@@ -131,7 +132,11 @@ class LoRA(Editor[LoRAConfig]):
         return names
 
     def apply(self, model: LVLM, case: EditCase) -> LoRAEdited:
-        batch = model.encode([case.edit])  # encoded once: the edit prompt never changes
+        return self.apply_many(model, [case])
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> LoRAEdited:
+        """One set of adapters trained on every case's edit at once (the mean target NLL)."""
+        batch = model.encode([c.edit for c in cases])  # encoded once: the edit prompts never change
         wrappers = {name: self._wrap(model.layout.module(name)) for name in self.site_linears(model.layout)}
         edited = LoRAEdited(model, wrappers)
         params = edited.adapter_params()

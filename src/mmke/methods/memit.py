@@ -99,6 +99,7 @@ class Memit(KeyValueEditor[MemitConfig]):
 
     name = "memit"
     defaults = MemitConfig()
+    batches = True
 
     def sites(self, model: LVLM) -> list[str]:
         return [model.layout.mlp_out(i) for i in edited_layers(model.layout.n_layers, self.config.layers)]

@@ -121,6 +121,7 @@ class MEND(HyperEditor[MENDConfig]):
 
     name = "mend"
     defaults = MENDConfig()
+    batch_refusal = "its editor network was meta-trained on one edit per update"
 
     def build(self, model: LVLM) -> MENDNets:
         shapes = [tuple(w.shape) for w in site_weights(model, self.sites(model)).values()]

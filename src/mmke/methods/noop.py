@@ -5,6 +5,7 @@ Under it locality must read 1.0 and reliability the unedited score.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mmke.methods.base import Editor, ParamEdited
@@ -24,6 +25,10 @@ class NoOp(Editor[NoOpConfig]):
 
     name = "noop"
     defaults = NoOpConfig()
+    batches = True
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> ParamEdited:
+        return ParamEdited(model, {})
 
     def apply(self, model: LVLM, case: EditCase) -> ParamEdited:
         return ParamEdited(model, {})

@@ -84,6 +84,7 @@ class Rome(KeyValueEditor[RomeConfig]):
 
     name = "rome"
     defaults = RomeConfig()
+    batch_refusal = "a rank-one update holds one fact (MEMIT is ROME's batch form)"
 
     def sites(self, model: LVLM) -> list[str]:
         return [model.layout.mlp_out(self.config.layer)]

@@ -256,9 +256,9 @@ class MemoryEntry:
 class SeracEdited(Edited):
     """A live SERAC edit: items are routed per item to the counterfactual model or the base model."""
 
-    def __init__(self, model: LVLM, editor: Serac, entry: MemoryEntry) -> None:
+    def __init__(self, model: LVLM, editor: Serac, entries: Sequence[MemoryEntry]) -> None:
         super().__init__(model, {"memory_size": len(editor.memory(model))})
-        self.editor, self.entry = editor, entry
+        self.editor, self.entries = editor, tuple(entries)
 
     def routes(self, items: Sequence[Item]) -> list[MemoryEntry | None]:
         """The live edit each item is in scope of, or None for the base model."""
@@ -299,7 +299,8 @@ class SeracEdited(Edited):
         return out
 
     def _release(self) -> None:
-        self.editor.forget(self.model, self.entry)
+        for entry in self.entries:
+            self.editor.forget(self.model, entry)
 
 
 # --- the editor ---------------------------------------------------------------------------
@@ -311,6 +312,7 @@ class Serac(TrainableEditor[SeracConfig]):
 
     name = "serac"
     defaults = SeracConfig()
+    batches = True
 
     def __init__(
         self, config: SeracConfig | Mapping[str, Any] | None = None, *, embedder: TextEmbedder | None = None
@@ -438,12 +440,17 @@ class Serac(TrainableEditor[SeracConfig]):
     # --- editing ------------------------------------------------------------------------------
 
     def apply(self, model: LVLM, case: EditCase) -> SeracEdited:
+        return self.apply_many(model, [case])
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> SeracEdited:
+        """Every case's edit into the memory at once; one handle forgets them all."""
         nets = self.nets(model)
+        edits = [c.edit for c in cases]
         with torch.no_grad():
-            key = nets.classifier.embed(*self.features(model).of([case.edit]))[0]  # (Dt + d,)
-        entry = MemoryEntry(case.edit, key)
-        self.memory(model).append(entry)
-        return SeracEdited(model, self, entry)
+            keys = nets.classifier.embed(*self.features(model).of(edits))  # (K, Dt + d)
+        entries = [MemoryEntry(edit, key) for edit, key in zip(edits, keys, strict=True)]
+        self.memory(model).extend(entries)
+        return SeracEdited(model, self, entries)
 
     def nets(self, model: LVLM) -> SeracNets:
         """The trained networks for ``model`` (``EditorNotReadyError`` when there are none)."""

@@ -285,6 +285,7 @@ class Wise(Editor[WiseConfig]):
 
     name = "wise"
     defaults = WiseConfig()
+    batches = True
 
     def __init__(self, config: WiseConfig | dict[str, Any] | None = None) -> None:
         super().__init__(config)
@@ -305,12 +306,16 @@ class Wise(Editor[WiseConfig]):
         self.irrelevant = tuple(seen)
 
     def apply(self, model: LVLM, case: EditCase) -> WiseEdited:
+        return self.apply_many(model, [case])
+
+    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> WiseEdited:
+        """Every case's edit trained into one shard of the side memory at once; each must route."""
         pool = self._pool(model)
         site = model.layout.mlp_out(self.config.layer)
         adaptor = _adaptor_at(model, site)
         before = (adaptor.own, adaptor.eps)
         try:
-            details = self._edit(model, adaptor, case, pool)
+            details = self._edit(model, adaptor, cases, pool)
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
             adaptor.own, adaptor.eps = before
             if not adaptor.edits:
@@ -333,18 +338,18 @@ class Wise(Editor[WiseConfig]):
         self,
         model: LVLM,
         adaptor: WiseAdaptor,
-        case: EditCase,
+        cases: Sequence[EditCase],
         pool: tuple[Sample, ...],
     ) -> dict[str, Any]:
-        """Train the side memory on one edit, then lower ε so that it routes; returns the details."""
+        """Train the side memory on the edits, then lower ε so that each routes; returns the details."""
         cfg, index = self.config, len(adaptor.edits)
-        batch = model.encode([case.edit])
-        prompt = _prompt_inputs(model, adaptor, batch)  # (n, I)
+        batch = model.encode([c.edit for c in cases])
+        prompt = _prompt_inputs(model, adaptor, batch)  # per edit (n_b, I)
         chosen = _pick(pool, cfg.n_irrelevant, index)
         far = _sequence_inputs(model, adaptor, model.encode(chosen))  # k x (n_i, I)
         mask = _shard(adaptor.side.shape, cfg.mask_ratio, cfg.seed + index, adaptor.side.device)
         losses, side = self._train_side(model, adaptor, batch, prompt, far, mask)
-        edit_score = float(_edit_score(adaptor, prompt, side).detach())
+        edit_score = float(_edit_scores(adaptor, prompt, side).detach().min())
         far_score = max(float(_far_score(adaptor, x, side).detach()) for x in far)
         adaptor.side, adaptor.eps = side, min(adaptor.eps, cfg.act_ratio * edit_score)
         return {
@@ -361,7 +366,7 @@ class Wise(Editor[WiseConfig]):
         model: LVLM,
         adaptor: WiseAdaptor,
         batch: Batch,
-        prompt: torch.Tensor,
+        prompt: list[torch.Tensor],
         far: list[torch.Tensor],
         mask: torch.Tensor,
     ) -> tuple[list[float], torch.Tensor]:
@@ -387,22 +392,22 @@ class Wise(Editor[WiseConfig]):
         return losses, live.detach()
 
     def _margin(
-        self, adaptor: WiseAdaptor, live: torch.Tensor, prompt: torch.Tensor, far: list[torch.Tensor]
+        self, adaptor: WiseAdaptor, live: torch.Tensor, prompt: list[torch.Tensor], far: list[torch.Tensor]
     ) -> torch.Tensor:
-        """WISE's routing loss: irrelevant scores below alpha, the edit's above beta, apart by gamma."""
+        """WISE's routing loss: irrelevant scores below alpha, each edit's above beta, apart by gamma."""
         cfg = self.config
-        edit = _edit_score(adaptor, prompt, live)  # scalar: what routes the answer
+        edit = _edit_scores(adaptor, prompt, live)  # (K,): what routes each answer
         irrelevant = torch.stack([_far_score(adaptor, x, live) for x in far])  # (k,)
         return (
             F.relu(irrelevant - cfg.alpha).mean()
-            + F.relu(cfg.beta - edit)
-            + F.relu(cfg.gamma - (edit - irrelevant)).mean()
+            + F.relu(cfg.beta - edit).mean()
+            + F.relu(cfg.gamma - (edit[:, None] - irrelevant[None])).mean()
         )
 
 
-def _edit_score(adaptor: WiseAdaptor, prompt: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-    """Δ(x_e): the mean score over the edit's prompt tokens (n, I), what routes its first answer token."""
-    return adaptor.scores(prompt, side).mean()
+def _edit_scores(adaptor: WiseAdaptor, prompts: list[torch.Tensor], side: torch.Tensor) -> torch.Tensor:
+    """Δ(x_e) per edit (K,): the mean score over its prompt tokens (n, I), what routes its answer."""
+    return torch.stack([adaptor.scores(prompt, side).mean() for prompt in prompts])
 
 
 def _far_score(adaptor: WiseAdaptor, tokens: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
@@ -462,12 +467,12 @@ def _unwrap(model: LVLM, site: str, adaptor: WiseAdaptor) -> None:
     adaptor.tokens = adaptor.carry = None
 
 
-def _prompt_inputs(model: LVLM, adaptor: WiseAdaptor, batch: Batch) -> torch.Tensor:
-    """The wrapped layer's inputs (n, I) at the edit's prompt tokens, up to the one predicting the answer."""
+def _prompt_inputs(model: LVLM, adaptor: WiseAdaptor, batch: Batch) -> list[torch.Tensor]:
+    """Per edit, the wrapped layer's inputs (n, I) at its prompt tokens, up to the one predicting it."""
     rows, cols = batch.answer_positions  # (N,), (N,)
-    first = int(cols[rows == 0].min())  # the first answer token; the token before it predicts it
-    x, _ = layer_io(model, adaptor.layer, batch)  # (1, T, I)
-    return x[0, :first].float()
+    x, _ = layer_io(model, adaptor.layer, batch)  # (B, T, I), right-padded: prompts start at 0
+    # the first answer token of each edit; the token before it predicts it
+    return [x[b, : int(cols[rows == b].min())].float() for b in range(x.shape[0])]
 
 
 def _sequence_inputs(model: LVLM, adaptor: WiseAdaptor, batch: Batch) -> list[torch.Tensor]:
