@@ -79,11 +79,11 @@ class MemitConfig(KeyValueConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.layers:
-            raise ConfigError("memit layers must name at least one layer, e.g. layers=[-2, -1]")
+            raise ConfigError(f"{self.method} layers must name at least one layer, e.g. layers=[-2, -1]")
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """One case's encoded edit, its key position and the last edited layer's target output z (D,)."""
 
     batch: Batch
@@ -126,18 +126,18 @@ class Memit(KeyValueEditor[MemitConfig]):
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
             restore_params(model.model, saved)
             raise
-        return ParamEdited(model, saved, _details(layers, targets))
+        return ParamEdited(model, saved, edit_details(layers, targets))
 
     # --- phase 2: the target z --------------------------------------------------------------
 
-    def _target(self, model: LVLM, mlp_out: nn.Module, last: str, case: EditCase) -> _Target:
+    def _target(self, model: LVLM, mlp_out: nn.Module, last: str, case: EditCase) -> Target:
         """Optimise ``delta`` at the last edited MLP's output; ``z`` = that layer's output + delta."""
         batch = model.encode([case.edit])
         position = key_position(batch, case.edit.prompt, self.config.key, case.subject)
         _, base = io_at(model, mlp_out, batch, position)  # (D,)
         delta, losses = optimise_delta(model, mlp_out, batch, position, base, self.config, self.name)
         z = hidden_at(model, last, batch, position) + delta  # (D,)
-        return _Target(batch, position, z, losses, float(delta.norm()))
+        return Target(batch, position, z, losses, float(delta.norm()))
 
     # --- phase 3: spread over the layers ----------------------------------------------------
 
@@ -146,17 +146,26 @@ class Memit(KeyValueEditor[MemitConfig]):
         model: LVLM,
         module: nn.Module,
         last: str,
-        targets: Sequence[_Target],
+        targets: Sequence[Target],
         cov: torch.Tensor,
         remaining: int,
     ) -> None:
         """Give this layer ``1 / remaining`` of what each target still misses at the last layer."""
-        keys, resids = [], []
-        for t in targets:
-            key, _ = io_at(model, module, t.batch, t.position)  # (I,) on the model as edited so far
-            keys.append(key)
-            resids.append((t.z - hidden_at(model, last, t.batch, t.position)) / remaining)  # (D,)
-        memit_update(module, torch.stack(keys), torch.stack(resids), cov, self.config.cov_lambda)
+        keys, resids = keys_and_residuals(model, module, last, targets, remaining)
+        memit_update(module, keys, resids, cov, self.config.cov_lambda)
+
+
+def keys_and_residuals(
+    model: LVLM, module: nn.Module, last: str, targets: Sequence[Target], remaining: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per target, this layer's key (n, I) on the model as edited so far, and ``1 / remaining`` of
+    what the last edited layer still misses of ``z`` (n, D)."""
+    keys, resids = [], []
+    for t in targets:
+        key, _ = io_at(model, module, t.batch, t.position)  # (I,)
+        keys.append(key)
+        resids.append((t.z - hidden_at(model, last, t.batch, t.position)) / remaining)  # (D,)
+    return torch.stack(keys), torch.stack(resids)
 
 
 # --- the update ---------------------------------------------------------------------------
@@ -204,7 +213,7 @@ def hidden_at(model: LVLM, site: str, batch: Batch, position: int) -> torch.Tens
     return seen["h"].reshape(*shape, -1)[0, position].float()  # (D,)
 
 
-def _details(layers: list[int], targets: Sequence[_Target]) -> dict[str, Any]:
+def edit_details(layers: list[int], targets: Sequence[Target]) -> dict[str, Any]:
     first = targets[0]
     return {
         "layers": layers,
