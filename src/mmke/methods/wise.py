@@ -68,11 +68,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mmke.errors import ConfigError
+from mmke.methods._irrelevant import locality_pool, usable_pool
 from mmke.methods.base import (
     EditCollapsed,
     Edited,
     Editor,
-    EditorNotReadyError,
     layer_io,
     swap_module,
     trainable_only,
@@ -80,7 +80,7 @@ from mmke.methods.base import (
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.registry import register_method
-from mmke.types import LOCALITY_KINDS, EditCase, Sample
+from mmke.types import EditCase, Sample
 
 
 @dataclass(frozen=True)
@@ -297,13 +297,7 @@ class Wise(Editor[WiseConfig]):
 
     def train(self, model: LVLM, train_cases: Sequence[EditCase]) -> None:
         """Keep the train split's locality probes (text, and image ones the model can take)."""
-        seen = dict.fromkeys(
-            Sample(p.prompt, p.target, p.image)
-            for case in train_cases
-            for p in case.probes
-            if p.kind in LOCALITY_KINDS and (p.image is None or model.family.multimodal)
-        )
-        self.irrelevant = tuple(seen)
+        self.irrelevant = locality_pool(model, train_cases)
 
     def apply(self, model: LVLM, case: EditCase) -> WiseEdited:
         return self.apply_many(model, [case])
@@ -324,15 +318,7 @@ class Wise(Editor[WiseConfig]):
         return WiseEdited(model, site, adaptor, before, details)
 
     def _pool(self, model: LVLM) -> tuple[Sample, ...]:
-        if self.irrelevant is None:
-            raise EditorNotReadyError("wise: call train(model, train_cases) before apply")
-        pool = tuple(s for s in self.irrelevant if s.image is None or model.images is not None)
-        if not pool:
-            raise EditorNotReadyError(
-                "wise: the train split gave no usable locality probes (text or image locality, "
-                "image ones need an image store bound to the model); WISE needs them as irrelevant inputs"
-            )
-        return pool
+        return usable_pool(model, self.irrelevant, self.name, "WISE needs them as irrelevant inputs")
 
     def _edit(
         self,
