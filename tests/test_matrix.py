@@ -44,6 +44,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mend": {"train_steps": 30},
     "ke": {"train_steps": 30},
     "ike": {"k": 1},
+    "alphaedit": {"v_steps": 30, "v_lr": 0.5},
+    "ultraedit": {"lr": 1e-2},
+    "tpatcher": {},
+    "visedit": {"train_steps": 30, "train_lr": 3e-3, "mid_dim": 64, "mapper_dim": 64, "samples": 8},
+    "liveedit": {"train_steps": 30, "train_lr": 1e-2},
 }
 #: prompt-only methods change what the model is asked, not the model: compare through the handle
 PROMPT_ONLY = {"ike", "noop"}

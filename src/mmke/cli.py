@@ -462,7 +462,7 @@ def _run_flags(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train_editor(args: argparse.Namespace, console: Console) -> int:
-    """Meta-train a SERAC / MEND / KE editor for one model on a benchmark's train split (resumable)."""
+    """Meta-train a trainable editor for one model on a benchmark's train split (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmke.bundled import bundled_dir
@@ -631,10 +631,10 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train-editor",
-        help="meta-train a SERAC / MEND / KE editor on a benchmark's train split (resumable)",
+        help="meta-train an editor (SERAC, MEND, KE, VisEdit, LiveEdit) on a train split (resumable)",
         description="Re-running with the same --out resumes from its last checkpoint.",
     )
-    tr.add_argument("--method", required=True, help="serac, mend or ke")
+    tr.add_argument("--method", required=True, help="serac, mend, ke, visedit or liveedit")
     tr.add_argument("--model", default=None, help="a model directory or a bundled model (default: world)")
     tr.add_argument("--benchmark", default=None, help="default: world")
     tr.add_argument(
