@@ -17,7 +17,6 @@ from mmke.methods.visedit import (
     VisEdit,
     VisualEditAdapter,
     _influence,
-    image_token_id,
 )
 from mmke.models import LVLM
 from mmke.models.tiny import tiny_model
@@ -72,7 +71,7 @@ def test_the_adapter_changes_visual_tokens_and_leaves_text_tokens_bit_identical(
     case = make_case()
     items = [case.edit]
     ids = model.encode(items).inputs["input_ids"]  # (1, T)
-    visual = ids == image_token_id(model)  # (1, T)
+    visual = ids == model.image_token_id  # (1, T)
     assert 0 < int(visual.sum()) < ids.numel()
     before = layer_output(model, editor, items)
     with editor.applied(model, case):
@@ -206,7 +205,7 @@ def test_text_only_models_edit_every_token(store: ImageStore, tmp_path: Path) ->
     editor = VisEdit(SMALL)
     cases = train_cases(model)
     editor.fit(model, cases, tmp_path)
-    assert image_token_id(model) is None
+    assert model.image_token_id is None
     before = state(model)
     (pre,) = model.score([cases[0].edit])
     with editor.applied(model, cases[0]) as edited:

@@ -10,6 +10,7 @@ handle and ``restore()`` undoes the edit exactly. Three kinds of handle cover th
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 from abc import ABC, abstractmethod
@@ -304,6 +305,27 @@ def layer_io(model: LVLM, module: nn.Module, batch: Batch) -> tuple[torch.Tensor
     if x.shape[:-1].numel() != tokens or y.shape[:-1].numel() != tokens:
         raise RuntimeError(f"layer input {tuple(x.shape)} does not line up with tokens {shape}")
     return x.reshape(*shape, -1), y.reshape(*shape, -1)  # (B, T, I), (B, T, D)
+
+
+def finite_loss(value: float, step: int, method: str) -> float:
+    """``value``, or ``EditCollapsed`` when an edit's loss became NaN or infinite at ``step``."""
+    if not math.isfinite(value):
+        raise EditCollapsed(f"{method}: loss became {value} at step {step}", step)
+    return value
+
+
+W = TypeVar("W", bound=nn.Module)
+
+
+def wrapper_at(model: LVLM, site: str, wrap: type[W]) -> W:
+    """The ``wrap`` wrapper already at ``site`` (lifelong editing: later edits join it), or a new
+    ``wrap(module)`` swapped in there."""
+    module = model.layout.module(site)
+    if isinstance(module, wrap):
+        return module
+    wrapper = wrap(module)  # type: ignore[call-arg]
+    swap_module(model.model, site, wrapper)
+    return wrapper
 
 
 def check_finite(params: Mapping[str, nn.Parameter], method: str, step: int) -> None:

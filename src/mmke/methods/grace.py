@@ -34,7 +34,6 @@ order), and the last one puts the original module object back.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,16 @@ import torch
 from torch import nn
 
 from mmke.errors import ConfigError
-from mmke.methods.base import EditCollapsed, Edited, Editor, layer_io, swap_module, trainable_only
+from mmke.methods.base import (
+    EditCollapsed,
+    Edited,
+    Editor,
+    finite_loss,
+    layer_io,
+    swap_module,
+    trainable_only,
+    wrapper_at,
+)
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.registry import register_method
@@ -222,7 +230,7 @@ class Grace(Editor[GraceConfig]):
     def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> GraceEdited:
         """Every case's keys into the codebook, then all their values trained together."""
         site = model.layout.mlp_out(self.config.layer)
-        adaptor = _adaptor_at(model, site)
+        adaptor = wrapper_at(model, site, GraceAdaptor)
         before = adaptor.codebook.copy()
         try:
             batch = model.encode([c.edit for c in cases])
@@ -257,7 +265,7 @@ class Grace(Editor[GraceConfig]):
             with trainable_only(model.model, {}), torch.enable_grad():
                 for step in range(cfg.steps):
                     loss = model.loss(batch)  # scalar: mean target NLL of the edit
-                    losses.append(_finite(float(loss.detach()), step))
+                    losses.append(finite_loss(float(loss.detach()), step, self.name))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -267,22 +275,6 @@ class Grace(Editor[GraceConfig]):
             raise EditCollapsed(f"grace: value became non-finite at step {cfg.steps}", cfg.steps)
         adaptor.codebook.set_values(slots, live.detach())
         return losses
-
-
-def _finite(value: float, step: int) -> float:
-    if not math.isfinite(value):
-        raise EditCollapsed(f"grace: loss became {value} at step {step}", step)
-    return value
-
-
-def _adaptor_at(model: LVLM, site: str) -> GraceAdaptor:
-    """The adaptor already at ``site`` (lifelong editing), or a new one swapped in there."""
-    module = model.layout.module(site)
-    if isinstance(module, GraceAdaptor):
-        return module
-    adaptor = GraceAdaptor(module)
-    swap_module(model.model, site, adaptor)
-    return adaptor
 
 
 def _keys_and_values(

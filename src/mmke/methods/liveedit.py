@@ -318,8 +318,7 @@ def split_parts(model: LVLM, batch: Batch, hidden: torch.Tensor) -> Parts:
     and its answer tokens."""
     ids = batch.inputs["input_ids"]  # (B, T)
     valid = batch.inputs.get("attention_mask", torch.ones_like(ids)).bool()  # (B, T)
-    token = model.family.image_token(model.processor)
-    image_id = model.tokenizer.convert_tokens_to_ids(token) if token is not None else None
+    image_id = model.image_token_id
     vision = (ids == image_id) & valid if image_id is not None else torch.zeros_like(valid)  # (B, T)
     answer = batch.answer_mask  # (B, T)
     t = torch.arange(ids.shape[1], device=ids.device)  # (T,)

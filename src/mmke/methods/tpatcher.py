@@ -48,7 +48,6 @@ losses (the edit loss is the mean over cases); a case the model already answers 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,10 +62,12 @@ from mmke.methods.base import (
     EditCollapsed,
     Edited,
     Editor,
+    finite_loss,
     frozen_prefix_replayed,
     layer_io,
     swap_module,
     trainable_only,
+    wrapper_at,
 )
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
@@ -261,7 +262,7 @@ class TPatcher(Editor[TPatcherConfig]):
     def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> TPatcherEdited:
         memory = self._memory_samples(model)
         site = model.layout.mlp(self.config.layer)
-        patcher = _patcher_at(model, site)
+        patcher = wrapper_at(model, site, PatchedFFN)
         try:
             added, details = self._patch(model, patcher, site, list(cases), memory)
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
@@ -322,7 +323,7 @@ class TPatcher(Editor[TPatcherConfig]):
                     act = (live.queries * live.keys).sum(-1) + live.biases  # (n,): each at its position
                     mem = memory @ live.keys.T + live.biases  # (M, n)
                     loss = _edit_nll(batch, logits) + self._patch_loss(act, mem)
-                    losses.append(_finite(float(loss.detach()), step))
+                    losses.append(finite_loss(float(loss.detach()), step, self.name))
                     if cfg.early_stop and self._done(batch, logits, act, mem):
                         return losses, True
                     opt.zero_grad(set_to_none=True)
@@ -370,22 +371,6 @@ def _activations(live: Patch, memory: torch.Tensor) -> dict[str, float]:
         act = (live.queries * live.keys).sum(-1) + live.biases  # (n,)
         mem = memory @ live.keys.T + live.biases  # (M, n)
     return {"edit_activation": float(act.min()), "memory_activation": float(mem.max())}
-
-
-def _finite(value: float, step: int) -> float:
-    if not math.isfinite(value):
-        raise EditCollapsed(f"tpatcher: loss became {value} at step {step}", step)
-    return value
-
-
-def _patcher_at(model: LVLM, site: str) -> PatchedFFN:
-    """The wrapper already at ``site`` (lifelong editing), or a new one swapped in there."""
-    module = model.layout.module(site)
-    if isinstance(module, PatchedFFN):
-        return module
-    patcher = PatchedFFN(module)
-    swap_module(model.model, site, patcher)
-    return patcher
 
 
 def _mistakes(

@@ -187,12 +187,6 @@ class VisualEditAdapter(nn.Module):
 # --- where the adapter acts -------------------------------------------------------------------
 
 
-def image_token_id(model: LVLM) -> int | None:
-    """The id marking visual tokens in ``input_ids`` (None for a text-only model: every token)."""
-    token = model.family.image_token(model.processor) if model.family.multimodal else None
-    return None if token is None else int(model.tokenizer.convert_tokens_to_ids(token))
-
-
 class AdapterSite:
     """VEAD's hooks on one model: a pre-hook on its forward reads which tokens are visual, a hook on
     the edit layer adds the live edits' updates there. ``rows`` (B,), when set, pairs each batch row
@@ -201,7 +195,7 @@ class AdapterSite:
 
     def __init__(self, model: LVLM, layer: str, adapter: VisualEditAdapter) -> None:
         self.adapter, self.layer = adapter, layer
-        self.image_id = image_token_id(model)
+        self.image_id = model.image_token_id
         self.signals: list[EditSignal] = []
         self.rows: torch.Tensor | None = None
         self.record = False
@@ -429,7 +423,7 @@ class VisEdit(TrainableEditor[VisEditConfig]):
 
     def _touches(self, model: LVLM, item: Item) -> bool:
         """Whether the adapter can change the item: it has visual tokens (text-only models: always)."""
-        return image_token_id(model) is None or item.image is not None
+        return model.image_token_id is None or item.image is not None
 
     def _rows(self, model: LVLM, cases: Sequence[EditCase], rng: random.Random) -> TrainRows:
         items: list[Item] = []

@@ -73,6 +73,7 @@ from mmke.methods.base import (
     EditCollapsed,
     Edited,
     Editor,
+    finite_loss,
     layer_io,
     swap_module,
     trainable_only,
@@ -366,7 +367,7 @@ class Wise(Editor[WiseConfig]):
             with trainable_only(model.model, {}), torch.enable_grad():
                 for step in range(cfg.steps):
                     loss = model.loss(batch) + self._margin(adaptor, live, prompt, far)
-                    losses.append(_finite(float(loss.detach()), step))
+                    losses.append(finite_loss(float(loss.detach()), step, self.name))
                     (grad,) = torch.autograd.grad(loss, live)
                     with torch.no_grad():
                         live -= cfg.lr * grad * mask  # only this edit's shard moves
@@ -401,12 +402,6 @@ def _far_score(adaptor: WiseAdaptor, tokens: torch.Tensor, side: torch.Tensor) -
     scores = adaptor.scores(tokens, side)[None]  # (1, n)
     running, _ = running_mean(scores, torch.ones_like(scores, dtype=torch.bool))  # (1, n)
     return running.max()
-
-
-def _finite(value: float, step: int) -> float:
-    if not math.isfinite(value):
-        raise EditCollapsed(f"wise: loss became {value} at step {step}", step)
-    return value
 
 
 def _clamp(live: torch.Tensor, main: torch.Tensor, bound: float | None) -> None:

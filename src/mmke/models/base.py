@@ -131,6 +131,12 @@ class LVLM:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def image_token_id(self) -> int | None:
+        """The id that marks image slots in ``input_ids`` (None when the family writes none)."""
+        token = self.family.image_token(self.processor) if self.family.multimodal else None
+        return None if token is None else int(self.tokenizer.convert_tokens_to_ids(token))
+
     # --- text -----------------------------------------------------------------------------
 
     def prompt_text(self, item: Item) -> str:
@@ -258,8 +264,8 @@ class LVLM:
         in every item (filled by each item's own image), none of them padding, at most ``limit``,
         with every image token inside them (their states depend on the image); (0, ()) when
         nothing would be run fewer times."""
-        token = self.family.image_token(self.processor)
-        slot = ids == (self.tokenizer.convert_tokens_to_ids(token) if token is not None else -1)  # (B, T)
+        image_id = self.image_token_id
+        slot = ids == (image_id if image_id is not None else -1)  # (B, T)
         same = ((ids == ids[:1]).all(dim=0) | slot.all(dim=0)) & mask.bool().all(dim=0)  # (T,)
         cut = min(int(same.int().cumprod(0).sum()), limit)
         first: dict[ImageRef | None, int] = {}
