@@ -143,13 +143,13 @@ def test_lifelong_edits_share_one_memory_and_restore_newest_first(trained) -> No
     before, site = state(model), model.layout.layer(editor.config.layer)
     original, unedited = model.layout.module(site), model.score([c.edit for c in cases])
     first = editor.apply(model, cases[0])
+    alone = first.score([cases[0].edit])  # its expert the only one live
     adaptor = model.layout.module(site)
     second = editor.apply(model, cases[1])
     third = editor.apply(model, cases[2])
     assert model.layout.module(site) is adaptor and adaptor.layer is original  # one wrapper
     assert len(adaptor.experts) == 3 and third.details["experts"] == 3
     assert first.edited_params == second.edited_params > 0
-    alone = first.score([cases[0].edit])
     # every live handle sees the whole memory; each edit still routes mostly to its own expert
     edits = [c.edit for c in cases]
     routes = first.routes(edits)
