@@ -52,7 +52,10 @@ def test_train_editor_trains_saves_and_refuses_untrainable_methods(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     assert main(["train-editor", "--method", "ft_llm"]) == 2
-    assert "ft_llm has nothing to train (trainable: ke, mend, serac)" in capsys.readouterr().err
+    assert (
+        "ft_llm has nothing to train (trainable: ke, liveedit, mend, serac, visedit)"
+        in capsys.readouterr().err
+    )
     out = tmp_path / "mend"
     args = ["train-editor", "--method", "mend", "--out", str(out), "method_options.mend.train_steps=3"]
     assert main([*args, "method_options.mend.checkpoint_every=2"]) == 0

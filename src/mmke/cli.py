@@ -536,7 +536,7 @@ def _print_summary(console: Console, summary: RunSummary) -> None:
     if counts:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for table in build_tables(summary):
-        if table.name in ("main", "main_exact", "teacher_vs_generated"):
+        if table.name in ("main", "main_exact", "teacher_vs_generated", "sequential", "lifelong", "batch"):
             console.print(rich_table(table))
     for line in run_failures(summary):
         console.print(line, markup=False, highlight=False, soft_wrap=True)

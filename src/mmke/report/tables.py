@@ -473,13 +473,21 @@ def _within_parent(key: str, parent: str) -> str:
     return spec.label.removeprefix(f"{metric_label(parent)}-")
 
 
+#: Per stepped protocol: the record field that steps, its column label and the table's title.
+STEPS = {
+    "sequential": ("gap", "Gap", "Sequential editing by gap"),
+    "lifelong": ("checkpoint", "Checkpoint", "Lifelong editing by checkpoint"),
+    "batch": ("checkpoint", "Edits per update", "Batch editing by edits per update"),
+}
+
+
 def progression_table(summary: RunSummary, protocol: str = "sequential") -> ReportTable | None:
-    """VLKEB Fig. 4 as numbers: metrics by sequential gap (or by lifelong checkpoint) per method."""
+    """VLKEB Fig. 4 as numbers: metrics per method by sequential gap, lifelong checkpoint or batch size."""
     groups = select_groups(summary, protocol, "all")
     keys = present_keys(groups, "metrics", (*SEQUENTIAL_ORDER, ProbeKind.ROBUSTNESS.value))
     if not groups or not keys:
         return None
-    step = "checkpoint" if protocol == "lifelong" else "gap"
+    step, label, title = STEPS[protocol]
     models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
     ordered = sorted(_ordered(groups, models, methods), key=lambda g: _step_rank(g, step, models, methods))
     rows = tuple(
@@ -495,9 +503,8 @@ def progression_table(summary: RunSummary, protocol: str = "sequential") -> Repo
     )
     return ReportTable(
         name=protocol,
-        title=f"{protocol.title()} editing by {step} (token accuracy, %)"
-        + (" — VLKEB Fig. 4" if protocol == "sequential" else ""),
-        columns=("Model", "Method", step.title(), *(metric_label(k) for k in keys), "N", "Collapsed"),
+        title=f"{title} (token accuracy, %)" + (" — VLKEB Fig. 4" if protocol == "sequential" else ""),
+        columns=("Model", "Method", label, *(metric_label(k) for k in keys), "N", "Collapsed"),
         rows=rows,
         formats=("", "", "{:,}", *(PCT for _ in keys), "{:,}", "{:,}"),
         group_columns=2,
@@ -519,6 +526,8 @@ def _step_rank(group: GroupSummary, step: str, models: list[str], methods: list[
 def _progression_note(protocol: str) -> str:
     if protocol == "lifelong":
         return "All cases scored after the given number of edits in the stream."
+    if protocol == "batch":
+        return "Each batch written in one update, then every case of it scored; the last may be smaller."
     return "Gap g: case s-g is scored right after edit s, so larger gaps test older edits."
 
 
@@ -612,6 +621,7 @@ def build_tables(summary: RunSummary) -> list[ReportTable]:
         robustness_table(summary),
         progression_table(summary, "sequential"),
         progression_table(summary, "lifelong"),
+        progression_table(summary, "batch"),
         efficiency_table(summary),
     ]
     return [t for t in built if t is not None]
