@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[retrieval,gguf,report,lora,ray,dev]'
 	touch $(STAMP)
 
-# The main job: 120 world cases (round-robin over all four edit types) x all 12 methods (~7 min).
+# The main job: 120 world cases (round-robin over all four edit types) x 14 methods (~8.5 min).
 run: $(STAMP)
 	$(BIN)/mmke run limit=120
 

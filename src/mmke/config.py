@@ -56,6 +56,8 @@ class RunConfig:
             "wise",
             "rome",
             "memit",
+            "alphaedit",
+            "ultraedit",
         ),
         metadata=_help("editing methods to run"),
     )
