@@ -351,6 +351,10 @@ class Editor(ABC, Generic[C]):
     defaults: ClassVar[Any]
     #: Whether the edit lives in the prompt (IKE): some paper protocols score that path apart.
     in_context: ClassVar[bool] = False
+    #: Whether ``apply_many`` writes several cases in ONE update (the batch protocol); a method
+    #: that cannot says why in ``batch_refusal`` rather than faking it with a loop of single edits.
+    batches: ClassVar[bool] = False
+    batch_refusal: ClassVar[str] = "it writes one edit per update"
 
     def __init__(self, config: C | Mapping[str, Any] | None = None) -> None:
         self.config: C = make_config(self.defaults, config, self.name)
@@ -369,11 +373,6 @@ class Editor(ABC, Generic[C]):
     @abstractmethod
     def apply(self, model: LVLM, case: EditCase) -> Edited:
         """Write ``case.edit`` into ``model``; the handle scores the edited model and restores it."""
-
-    #: Whether ``apply_many`` writes several cases in ONE update (the batch protocol); a method
-    #: that cannot says why in ``batch_refusal`` rather than faking it with a loop of single edits.
-    batches: ClassVar[bool] = False
-    batch_refusal: ClassVar[str] = "it writes one edit per update"
 
     def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> Edited:
         """Write all ``cases`` in one update; one handle scores them all and restores everything."""
