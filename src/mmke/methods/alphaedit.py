@@ -48,11 +48,10 @@ from torch import nn
 
 from mmke.errors import ConfigError
 from mmke.methods._keyvalue import KeyValueConfig, add_to_weight, mean_eigenvalue
-from mmke.methods.base import ParamEdited, check_finite, restore_params, snapshot
-from mmke.methods.memit import Memit, MemitConfig, Target, edit_details, edited_layers, keys_and_residuals
+from mmke.methods.base import ParamEdited
+from mmke.methods.memit import Memit, MemitConfig, Target, keys_and_residuals
 from mmke.models.base import LVLM
 from mmke.registry import register_method
-from mmke.types import EditCase
 
 
 @dataclass(frozen=True)
@@ -154,32 +153,25 @@ class AlphaEdit(Memit):
         super().__init__(config)
         self._spaces: dict[tuple[int, str], NullSpace] = {}  # (id(model), site) -> its null space
 
-    def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> NullSpaceEdited:
-        """Write all ``cases`` in one update (one key per case per layer); one handle restores all."""
-        if not cases:
-            raise ValueError("alphaedit apply_many needs at least one case")
-        layers = edited_layers(model.layout.n_layers, self.config.layers)
-        sites = [model.layout.mlp_out(layer) for layer in layers]
-        covs = self._stats.get(model, sites)  # before touching any weight
-        spaces = [self._space(model, site, cov) for site, cov in zip(sites, covs, strict=True)]
-        modules = [model.layout.module(site) for site in sites]
-        params = {f"{site}.weight": module.weight for site, module in zip(sites, modules, strict=True)}
-        saved = snapshot(params)
-        try:
-            last = model.layout.layer(layers[-1])
-            targets = [self._target(model, modules[-1], last, case) for case in cases]
-            written = [
-                _Written(space, self._write(model, module, last, targets, space, len(modules) - i))
-                for i, (module, space) in enumerate(zip(modules, spaces, strict=True))
-            ]
-            check_finite(params, self.name, sum(len(t.losses) for t in targets))
-        except BaseException:  # collapsed, interrupted or failed: leave the model as it was
-            restore_params(model.model, saved)
-            raise
-        for w in written:  # only a finished edit joins the accumulation
+    def _layer_states(self, model: LVLM, sites: Sequence[str]) -> list[Any]:
+        """Each edited layer's null space (with the live edits' keys), from MEMIT's statistics."""
+        covs = self._stats.get(model, sites)
+        return [self._space(model, site, cov) for site, cov in zip(sites, covs, strict=True)]
+
+    def _edited(
+        self,
+        model: LVLM,
+        saved: dict[str, torch.Tensor],
+        details: dict[str, Any],
+        states: Sequence[Any],
+        written: Sequence[Any],
+    ) -> NullSpaceEdited:
+        """Only a finished edit joins the accumulation; its handle takes its keys out again."""
+        done = [_Written(space, coords) for space, coords in zip(states, written, strict=True)]
+        for w in done:
             w.space.add(w.coords)
-        details = {**edit_details(layers, targets), "null_dims": [s.basis.shape[1] for s in spaces]}
-        return NullSpaceEdited(model, saved, written, details)
+        details = {**details, "null_dims": [s.basis.shape[1] for s in states]}
+        return NullSpaceEdited(model, saved, done, details)
 
     def _space(self, model: LVLM, site: str, cov: torch.Tensor) -> NullSpace:
         """The layer's null space, computed once per (model, layer) and kept with its live keys."""
@@ -206,12 +198,12 @@ class AlphaEdit(Memit):
         module: nn.Module,
         last: str,
         targets: Sequence[Target],
-        space: NullSpace,
+        state: Any,
         remaining: int,
     ) -> torch.Tensor:
         """This layer's share of what each target misses, written in the null space; its key coordinates."""
         keys, resids = keys_and_residuals(model, module, last, targets, remaining)
-        return null_space_update(module, keys, resids, space)
+        return null_space_update(module, keys, resids, state)
 
 
 def null_space_update(

@@ -110,23 +110,42 @@ class Memit(KeyValueEditor[MemitConfig]):
     def apply_many(self, model: LVLM, cases: Sequence[EditCase]) -> ParamEdited:
         """Write all ``cases`` in one MEMIT update (one key per case per layer); one handle restores all."""
         if not cases:
-            raise ValueError("memit apply_many needs at least one case")
+            raise ValueError(f"{self.name} apply_many needs at least one case")
         layers = edited_layers(model.layout.n_layers, self.config.layers)
         sites = [model.layout.mlp_out(layer) for layer in layers]
-        covs = self._stats.get(model, sites)  # before touching any weight
+        states = self._layer_states(model, sites)  # before touching any weight
         modules = [model.layout.module(site) for site in sites]
         params = {f"{site}.weight": module.weight for site, module in zip(sites, modules, strict=True)}
         saved = snapshot(params)
         try:
             last = model.layout.layer(layers[-1])
             targets = [self._target(model, modules[-1], last, case) for case in cases]
-            for i, (module, cov) in enumerate(zip(modules, covs, strict=True)):
-                self._spread(model, module, last, targets, cov, len(modules) - i)
+            written = [
+                self._write(model, module, last, targets, state, len(modules) - i)
+                for i, (module, state) in enumerate(zip(modules, states, strict=True))
+            ]
             check_finite(params, self.name, sum(len(t.losses) for t in targets))
         except BaseException:  # collapsed, interrupted or failed: leave the model as it was
             restore_params(model.model, saved)
             raise
-        return ParamEdited(model, saved, edit_details(layers, targets))
+        return self._edited(model, saved, edit_details(layers, targets), states, written)
+
+    # --- the hooks a variant of the update overrides (AlphaEdit) ----------------------------
+
+    def _layer_states(self, model: LVLM, sites: Sequence[str]) -> list[Any]:
+        """What each edited layer's update needs: here its keys' second moment C."""
+        return self._stats.get(model, sites)
+
+    def _edited(
+        self,
+        model: LVLM,
+        saved: dict[str, torch.Tensor],
+        details: dict[str, Any],
+        states: Sequence[Any],
+        written: Sequence[Any],
+    ) -> ParamEdited:
+        """The handle of a finished update (``written``: what each layer's ``_write`` returned)."""
+        return ParamEdited(model, saved, details)
 
     # --- phase 2: the target z --------------------------------------------------------------
 
@@ -141,18 +160,18 @@ class Memit(KeyValueEditor[MemitConfig]):
 
     # --- phase 3: spread over the layers ----------------------------------------------------
 
-    def _spread(
+    def _write(
         self,
         model: LVLM,
         module: nn.Module,
         last: str,
         targets: Sequence[Target],
-        cov: torch.Tensor,
+        state: Any,
         remaining: int,
-    ) -> None:
+    ) -> Any:
         """Give this layer ``1 / remaining`` of what each target still misses at the last layer."""
         keys, resids = keys_and_residuals(model, module, last, targets, remaining)
-        memit_update(module, keys, resids, cov, self.config.cov_lambda)
+        memit_update(module, keys, resids, state, self.config.cov_lambda)
 
 
 def keys_and_residuals(
