@@ -28,7 +28,7 @@ from mmke.errors import EditorNotReadyError as EditorNotReadyError  # part of th
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.layout import LayoutError
-from mmke.models.scoring import ScoredBatch
+from mmke.models.scoring import ItemScore, ScoredBatch
 from mmke.types import EditCase, Sample
 
 C = TypeVar("C")
@@ -139,6 +139,27 @@ class PromptEdited(Edited):
 
     def _release(self) -> None:
         pass  # nothing was changed; dropping the handle releases the rewrite
+
+
+class RoutedEdited(Edited):
+    """An edit that answers each item by a route of its own (SERAC's counterfactual model, LiveEdit's
+    expert mixtures): ``score`` and ``generate`` both go through ``_split``."""
+
+    def score(self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10) -> ScoredBatch:
+        def run(chunk: list[Item]) -> list[ItemScore]:
+            return list(self.model.score(chunk, batch_size=batch_size, topk=topk))
+
+        return ScoredBatch(tuple(self._split(items, run)))
+
+    def generate(self, items: Sequence[Item], *, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+        def run(chunk: list[Item]) -> list[str]:
+            return self.model.generate(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+        return self._split(items, run)
+
+    @abstractmethod
+    def _split(self, items: Sequence[Item], run: Callable[[list[Item]], Sequence[Any]]) -> list[Any]:
+        """``run`` (scoring or generating) on every item, each on the model as routed for it, in order."""
 
 
 class ModuleEdited(Edited):

@@ -71,11 +71,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmke.errors import ConfigError
-from mmke.methods.base import EditCollapsed, Edited, swap_module
+from mmke.methods.base import EditCollapsed, RoutedEdited, swap_module
 from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
-from mmke.models.scoring import ItemScore, ScoredBatch
 from mmke.registry import register_method
 from mmke.types import EditCase, ProbeKind
 
@@ -451,7 +450,7 @@ def mixing(model: LVLM, site: str, active: Callable[[torch.Tensor], torch.Tensor
             swap_module(model.model, site, module)
 
 
-class LiveEdited(Edited):
+class LiveEdited(RoutedEdited):
     """Live LiveEdit experts: items are routed over the whole memory at the site (every live edit);
     restore removes this handle's experts (newest first), the last one puts the layer back."""
 
@@ -473,18 +472,6 @@ class LiveEdited(Edited):
         """Per item the kept experts' indices (k,) and mixing weights (k,), or None for the unedited model."""
         self._check_live()
         return self.editor.route(self.model, self.adaptor, items)
-
-    def score(self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10) -> ScoredBatch:
-        def run(chunk: list[Item]) -> list[ItemScore]:
-            return list(self.model.score(chunk, batch_size=batch_size, topk=topk))
-
-        return ScoredBatch(tuple(self._split(items, run)))
-
-    def generate(self, items: Sequence[Item], *, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
-        def run(chunk: list[Item]) -> list[str]:
-            return self.model.generate(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-        return self._split(items, run)
 
     def _split(self, items: Sequence[Item], run: Callable[[list[Item]], Sequence[Any]]) -> list[Any]:
         """``run`` on the unrouted items together, then on each routed item with its own mixture."""

@@ -54,12 +54,11 @@ from torch import nn
 
 from mmke.embeddings import MiniLM, TextEmbedder
 from mmke.errors import ConfigError
-from mmke.methods.base import Edited, swap_module
+from mmke.methods.base import RoutedEdited, swap_module
 from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
 from mmke.models.features import pooled_image_features
-from mmke.models.scoring import ItemScore, ScoredBatch
 from mmke.registry import register_method
 from mmke.types import EditCase, EditFact, ImageRef, Probe, ProbeKind, Sample
 
@@ -253,7 +252,7 @@ class MemoryEntry:
     key: torch.Tensor
 
 
-class SeracEdited(Edited):
+class SeracEdited(RoutedEdited):
     """A live SERAC edit: items are routed per item to the counterfactual model or the base model."""
 
     def __init__(self, model: LVLM, editor: Serac, entries: Sequence[MemoryEntry]) -> None:
@@ -269,18 +268,6 @@ class SeracEdited(Edited):
         """The prompts as asked: edit-prefixed for routed items (those go to the counterfactual model)."""
         routes = self.routes(items)
         return [it if r is None else prefixed(r.edit, it) for it, r in zip(items, routes, strict=True)]
-
-    def score(self, items: Sequence[Item], *, batch_size: int = 32, topk: int = 10) -> ScoredBatch:
-        def run(chunk: list[Item]) -> list[ItemScore]:
-            return list(self.model.score(chunk, batch_size=batch_size, topk=topk))
-
-        return ScoredBatch(tuple(self._split(items, run)))
-
-    def generate(self, items: Sequence[Item], *, max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
-        def run(chunk: list[Item]) -> list[str]:
-            return self.model.generate(chunk, max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-        return self._split(items, run)
 
     def _split(self, items: Sequence[Item], run: Callable[[list[Item]], Sequence[Any]]) -> list[Any]:
         """``run`` on the base items, then on the prefixed in-scope items with the copies swapped in."""
