@@ -20,8 +20,8 @@ from mmke.methods.liveedit import (
     LiveEdit,
     LiveEditNets,
     expert_residual,
-    layer_output,
     mixing_weights,
+    read_layer,
     split_parts,
 )
 from mmke.methods.trainable import WEIGHTS
@@ -228,7 +228,7 @@ def test_parts_cut_image_query_and_answer_tokens(store: ImageStore) -> None:
         Sample("london is in", "england"),
     ]
     batch = model.encode(items)
-    hidden, _ = layer_output(model, model.layout.layer(-1), batch)
+    hidden, _ = read_layer(model, model.layout.layer(-1), batch)
     parts = split_parts(model, batch, hidden)
     assert parts.has_image.tolist() == [True, False]
     image_id = model.tokenizer.convert_tokens_to_ids(model.family.image_token(model.processor))

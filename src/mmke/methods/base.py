@@ -303,6 +303,33 @@ def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+class _Stop(Exception):
+    """Raised by a hook that has what it needs: the rest of the forward is not run."""
+
+
+def layer_output(model: LVLM, module: nn.Module, batch: Batch) -> torch.Tensor:
+    """The output (B, T, D) of decoder layer ``module`` (the residual stream) per token of ``batch``,
+    from a no-grad forward that stops right after it (nothing later changes it)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        seen["h"] = (out[0] if isinstance(out, tuple) else out).detach()  # older layers return tuples
+        raise _Stop
+
+    handle = module.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model.family.forward(model.model, batch.inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    hidden, shape = seen["h"], tuple(batch.labels.shape)  # (B, T)
+    if tuple(hidden.shape[:2]) != shape:
+        raise RuntimeError(f"layer output {tuple(hidden.shape)} does not line up with tokens {shape}")
+    return hidden
+
+
 def layer_io(model: LVLM, module: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``module``'s input (B, T, I) and output (B, T, D) per token of ``batch``, from one no-grad forward.
 

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmke.errors import ConfigError
-from mmke.methods.base import EditCollapsed, RoutedEdited, swap_module
+from mmke.methods.base import EditCollapsed, RoutedEdited, layer_output, swap_module
 from mmke.methods.trainable import TrainableEditor, TrainingConfig
 from mmke.models.base import LVLM, Item
 from mmke.models.batch import Batch
@@ -270,10 +270,6 @@ def expert_residual(
 # --- reading the layer ----------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised by the layer hook when nothing after the layer is needed."""
-
-
 @dataclass
 class Parts:
     """One encoded batch's states at the edit layer, cut per row into vision, query and answer."""
@@ -284,23 +280,21 @@ class Parts:
     has_image: torch.Tensor  # (B,)
 
 
-def layer_output(
+def read_layer(
     model: LVLM, site: str, batch: Batch, *, logits: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unedited output of layer ``site`` (B, T, D), and with ``logits`` the answer-span logits (N, V)."""
+    if not logits:
+        return layer_output(model, _inner(model, site), batch), None
     seen: dict[str, torch.Tensor] = {}
 
     def grab(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         seen["h"] = (out[0] if isinstance(out, tuple) else out).detach()
-        if not logits:
-            raise _Stop
 
     handle = _inner(model, site).register_forward_hook(grab)
     try:
         with torch.no_grad():
             out = model.logits(batch)  # (N, V)
-    except _Stop:
-        out = None
     finally:
         handle.remove()
     hidden = seen["h"]
@@ -543,7 +537,7 @@ class LiveEdit(TrainableEditor[LiveEditConfig]):
         with torch.no_grad():
             experts = []
             for batch, rows in _grouped(model, [c.edit for c in cases]):
-                parts = split_parts(model, batch, layer_output(model, site, batch)[0])
+                parts = split_parts(model, batch, read_layer(model, site, batch)[0])
                 keys = keys_of(nets, parts)
                 down, up = nets.down(parts.content), nets.up(parts.content)  # (b, r, D) each
                 idx = torch.arange(len(rows), device=down.device)
@@ -570,7 +564,7 @@ class LiveEdit(TrainableEditor[LiveEditConfig]):
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
         with torch.no_grad():
             for batch, rows in _grouped(model, items):
-                keys = keys_of(nets, split_parts(model, batch, layer_output(model, site, batch)[0]))
+                keys = keys_of(nets, split_parts(model, batch, read_layer(model, site, batch)[0]))
                 keep, sim = filtered(nets, keys, memory)  # (b, M) each
                 weights = mixing_weights(sim, keep)  # (b, M)
                 for r, k, w in zip(rows, keep, weights, strict=True):
@@ -589,7 +583,7 @@ class LiveEdit(TrainableEditor[LiveEditConfig]):
         site = self.site(model)
         groups = []
         for batch, index in _grouped(model, [item for item, _, _ in rows]):
-            hidden, pre = layer_output(model, site, batch, logits=True)
+            hidden, pre = read_layer(model, site, batch, logits=True)
             groups.append((batch, index, split_parts(model, batch, hidden), pre))
         device = model.device
         order = torch.tensor([i for _, index, _, _ in groups for i in index], device=device)

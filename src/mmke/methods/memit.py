@@ -56,7 +56,7 @@ from mmke.methods._keyvalue import (
     mean_eigenvalue,
     optimise_delta,
 )
-from mmke.methods.base import ParamEdited, check_finite, restore_params, snapshot
+from mmke.methods.base import ParamEdited, check_finite, layer_output, restore_params, snapshot
 from mmke.models.base import LVLM
 from mmke.models.batch import Batch
 from mmke.registry import register_method
@@ -217,19 +217,7 @@ def edited_layers(n_layers: int, layers: Sequence[int]) -> list[int]:
 
 def hidden_at(model: LVLM, site: str, batch: Batch, position: int) -> torch.Tensor:
     """The output (D,) of the decoder layer ``site`` (the residual stream) at ``position`` of item 0."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        seen["h"] = (out[0] if isinstance(out, tuple) else out).detach()  # older layers return tuples
-
-    handle = model.layout.module(site).register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            model.family.forward(model.model, batch.inputs)
-    finally:
-        handle.remove()
-    shape = tuple(batch.labels.shape)  # (1, T)
-    return seen["h"].reshape(*shape, -1)[0, position].float()  # (D,)
+    return layer_output(model, model.layout.module(site), batch)[0, position].float()  # (D,)
 
 
 def edit_details(layers: list[int], targets: Sequence[Target]) -> dict[str, Any]:
