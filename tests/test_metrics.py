@@ -95,6 +95,12 @@ def test_every_contract_key_is_described_and_registered() -> None:
     keys = {"reliability", "text_reliability", "image_reliability", "text_generality", "image_generality"}
     keys |= {"text_locality", "image_locality", "portability", "robustness"}
     keys |= {f"portability_hop{h}" for h in range(1, 5)} | {f"robustness_{a.value}" for a in AttackType}
+    keys |= {"in_domain_generality", "in_domain_locality", "compositional", "m_acc", "h_acc"}
+    keys |= {f"textual_edit_{k}" for k in ("reliability", "generality", "locality")}
+    keys |= {
+        f"{m}_{g}" for m in ("kgi", "kpi") for g in ("img_topk", "txt_topk", "img_last_topk", "txt_last_topk")
+    }
+    keys |= {f"{m}_hop{h}" for m in ("m_acc", "h_acc") for h in range(1, 5)}
     specs = {s.key: s for s in metric_specs()}
     assert set(specs) == keys == set(metric_registry.names())
     assert specs["text_locality"].label == "T-Loc" and specs["text_locality"].reads == (

@@ -442,7 +442,7 @@ def run_failures(summary: RunSummary) -> list[str]:
     error, and method groups whose every edit collapsed (e.g. float16 on CPU). Empty: complete."""
     lines = [f"incomplete: {m} not run ({why})" for m, why in summary.run.not_run.items()]
     for g in summary.groups:
-        if g.edit_type != "all":
+        if g.edit_type != "all" or g.task is not None:
             continue
         name = f"{g.method}" + (f" ({g.protocol})" if g.protocol != "single" else "")
         if g.n_error:
@@ -531,7 +531,7 @@ def _print_summary(console: Console, summary: RunSummary) -> None:
 
     counts: dict[str, int] = {}
     for g in summary.groups:
-        if g.edit_type != "all" and g.protocol == "single":
+        if g.edit_type != "all" and g.task is None and g.protocol == "single":
             counts[g.edit_type] = max(counts.get(g.edit_type, 0), g.n_cases)
     if counts:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

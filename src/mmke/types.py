@@ -18,10 +18,31 @@ class ProbeKind(StrEnum):
     IMAGE_LOCALITY = "image_locality"
     PORTABILITY = "portability"
     ROBUSTNESS = "robustness"
+    #: ComprehendEdit: an in-domain neighbour sample (another edit's question and image) answered
+    #: with its own answer after the edit (KGI), or an originally right sample that must keep the
+    #: unedited model's answer (KPI); ``group`` names the neighbour list.
+    IN_DOMAIN_GENERALITY = "in_domain_generality"
+    IN_DOMAIN_LOCALITY = "in_domain_locality"
+    #: CCKEB: the case's companion (textual) edit asked directly, rephrased, and an unrelated
+    #: text fact beside it; and a question that needs the main and the companion edit together.
+    TEXTUAL_EDIT_RELIABILITY = "textual_edit_reliability"
+    TEXTUAL_EDIT_GENERALITY = "textual_edit_generality"
+    TEXTUAL_EDIT_LOCALITY = "textual_edit_locality"
+    COMPOSITIONAL = "compositional"
+    #: MMQAKE: an intermediate sub-question of a multi-hop chain (``group`` = the chain,
+    #: ``variant`` = the paraphrase of the chain's final question it goes with).
+    HOP_STEP = "hop_step"
 
 
 #: Kinds whose score is agreement with the unedited model rather than the target.
-LOCALITY_KINDS = frozenset({ProbeKind.TEXT_LOCALITY, ProbeKind.IMAGE_LOCALITY})
+LOCALITY_KINDS = frozenset(
+    {
+        ProbeKind.TEXT_LOCALITY,
+        ProbeKind.IMAGE_LOCALITY,
+        ProbeKind.IN_DOMAIN_LOCALITY,
+        ProbeKind.TEXTUAL_EDIT_LOCALITY,
+    }
+)
 
 
 class EditType(StrEnum):
@@ -94,11 +115,21 @@ class Probe:
     onehop_edit: EditFact | None = None
     #: Other names of the target a generated answer may give (free generation, the judge).
     aliases: tuple[str, ...] = ()
+    #: Probes that score together: a neighbour list (ComprehendEdit's ``img_topk``…) or one
+    #: multi-hop chain (MMQAKE); ``variant`` is the paraphrase a chain's probe belongs to.
+    group: str | None = None
+    variant: int | None = None
 
 
 @dataclass(frozen=True)
 class EditCase:
-    """One edit and every probe that measures it."""
+    """One edit and every probe that measures it.
+
+    ``companions`` are further facts written right after ``edit`` whenever the case is edited
+    (CCKEB's textual edit beside its visual one), so its probes see all of them. ``task`` is the
+    benchmark's task type (MultiMedEdit's understanding / reasoning, ComprehendEdit's category,
+    MMKU-Bench's scenario); summaries and reports split by it.
+    """
 
     case_id: str
     edit_type: EditType
@@ -106,6 +137,8 @@ class EditCase:
     probes: tuple[Probe, ...]
     subject: str | None = None
     meta: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    companions: tuple[EditFact, ...] = ()
+    task: str | None = None
 
     def probes_of(self, kind: ProbeKind) -> tuple[Probe, ...]:
         return tuple(p for p in self.probes if p.kind == kind)

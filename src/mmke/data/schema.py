@@ -59,6 +59,10 @@ def probe_to_json(probe: Probe) -> dict[str, Any]:
         out["aliases"] = list(probe.aliases)
     if probe.onehop_edit is not None:
         out["onehop_edit"] = fact_to_json(probe.onehop_edit)
+    if probe.group is not None:
+        out["group"] = probe.group
+    if probe.variant is not None:
+        out["variant"] = probe.variant
     return out
 
 
@@ -73,6 +77,10 @@ def case_to_json(case: EditCase) -> dict[str, Any]:
         out["subject"] = case.subject
     if case.meta:
         out["meta"] = dict(sorted(case.meta.items()))
+    if case.companions:
+        out["companions"] = [fact_to_json(f) for f in case.companions]
+    if case.task is not None:
+        out["task"] = case.task
     return out
 
 
@@ -196,6 +204,9 @@ def _probe(rec: Any, checks: ImagePathChecks, i: int) -> Probe:
         if kind == ProbeKind.ROBUSTNESS and attack is None:
             raise FieldError("robustness probe needs 'attack'")
         onehop = rec.get("onehop_edit")
+        variant = rec.get("variant")
+        if variant is not None and (not isinstance(variant, int) or isinstance(variant, bool) or variant < 0):
+            raise FieldError(f"variant must be an integer >= 0, got {variant!r}")
         return Probe(
             kind=kind,
             prompt=_str(rec, "prompt", nonempty=True) or "",
@@ -206,6 +217,8 @@ def _probe(rec: Any, checks: ImagePathChecks, i: int) -> Probe:
             options=_options(rec),
             aliases=_options(rec, "aliases"),
             onehop_edit=None if onehop is None else _fact(onehop, checks, "onehop_edit"),
+            group=_str(rec, "group", required=False),
+            variant=variant,
         )
     except FieldError as e:
         raise FieldError(f"{where} ({rec.get('kind', '?')}): {e}") from None
@@ -227,6 +240,9 @@ def case_from_json(rec: Any, root: Path | ImagePathChecks | None = None) -> Edit
         raise FieldError("field 'meta' must be an object of strings")
     for key, value in meta.items():
         check_text(value, f"meta.{key}")
+    companions = rec.get("companions", [])
+    if not isinstance(companions, list) or len(companions) > MAX_LIST_ITEMS:
+        raise FieldError(f"field 'companions' must be a list of at most {MAX_LIST_ITEMS} edits")
     return EditCase(
         case_id=case_id,
         edit_type=_enum(EditType, _str(rec, "edit_type"), "edit type"),
@@ -234,6 +250,8 @@ def case_from_json(rec: Any, root: Path | ImagePathChecks | None = None) -> Edit
         probes=tuple(_probe(p, checks, i) for i, p in enumerate(probes)),
         subject=_str(rec, "subject", required=False),
         meta=dict(meta),
+        companions=tuple(_fact(f, checks, f"companions[{i}]") for i, f in enumerate(companions)),
+        task=_str(rec, "task", required=False, nonempty=True),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 
 #: Number words a generated answer may use for a digit target ("three" for "3").
@@ -44,11 +45,12 @@ def first_answer(text: str) -> str:
     return (line[: end.start()] if end else line).strip()
 
 
-def normalize_answer(text: str) -> str:
-    """Lower case, number words as digits, no punctuation or articles, single spaces (SQuAD-style)."""
+def normalize_answer(text: str, numbers: bool = True) -> str:
+    """Lower case, no punctuation or articles, single spaces (SQuAD-style); ``numbers``: number
+    words as digits."""
     text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
-    words = [NUMBER_WORDS.get(w, w) for w in _ARTICLES.sub(" ", text).split()]
-    return " ".join(words)
+    words = _ARTICLES.sub(" ", text).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words) if numbers else " ".join(words)
 
 
 def _starts_with(answer: str, target: str) -> bool:
@@ -78,3 +80,53 @@ def answer_matches(
 def same_answer(before: str, after: str) -> float:
     """Generation locality: 1.0 when the edited model's first answer equals the unedited one's, normalised."""
     return 1.0 if normalize_answer(first_answer(before)) == normalize_answer(first_answer(after)) else 0.0
+
+
+# ---------------------------------------------------------------- MMKU-Bench's measures
+# MMKU-Bench scores the whole generated output (no first-answer cut) against one reference, by
+# VQAEval's normalisation and whole-word containment, and by SQuAD token F1
+# (``evaluation/eval_acc_f1.py``; docs/research/issue25_mmqake_mmku_multimededit.md).
+
+_VQA_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+_VQA_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
+#: VQAEval's period rule as it runs: its look-behind is mistyped, so every "." not before a digit goes.
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_NUMBERS = {"none": "0"} | {w: d for w, d in NUMBER_WORDS.items() if int(d) <= 10}
+
+
+def vqa_normalize(text: str) -> str:
+    """VQAEval's answer processing: punctuation, periods, lower case, number words 0-10, articles."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _VQA_PUNCT:
+        glued = (p + " " in text or " " + p in text) or _VQA_COMMA_NUMBER.search(text) is not None
+        out = out.replace(p, "" if glued else " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split() if w not in ("a", "an", "the")]
+    return " ".join(words)
+
+
+def vqa_accuracy(generated: str, target: str, aliases: Sequence[str] = ()) -> float:
+    """1.0 when the target (or an alias), normalised, appears as whole words in the whole output."""
+    said = vqa_normalize(generated)
+    for gold in (target, *aliases):
+        g = vqa_normalize(gold)
+        if g and re.search(r"\b" + re.escape(g) + r"\b", said):
+            return 1.0
+    return 0.0
+
+
+def token_f1(generated: str, target: str, aliases: Sequence[str] = ()) -> float:
+    """SQuAD token F1 of the whole output against the target, the best over the target and aliases."""
+    said = normalize_answer(generated, numbers=False).split()
+    return max(_f1(said, normalize_answer(g, numbers=False).split()) for g in (target, *aliases))
+
+
+def _f1(said: list[str], gold: list[str]) -> float:
+    if not said or not gold:
+        return float(said == gold)
+    same = sum((Counter(said) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(said), same / len(gold)
+    return 2 * precision * recall / (precision + recall)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mmke.eval.answers import answer_matches, same_answer
+from mmke.eval.answers import answer_matches, same_answer, token_f1, vqa_accuracy
 from mmke.eval.records import CaseRecord, GroupSummary, ProbeResult, RunBlock, RunInfo, RunSummary
 from mmke.registry import metrics as _registry
 from mmke.registry import register_metric
@@ -93,15 +93,17 @@ def probe_mean(
     hop: int | None = None,
     attack: AttackType | None = None,
     pooled: bool = False,
+    group: str | None = None,
 ) -> float | None:
-    """The mean ``measure`` over the probes of ``kind`` (of one ``hop`` / ``attack`` when given);
-    ``pooled``: each probe weighed by its ``n_tokens`` (when every probe has one)."""
+    """The mean ``measure`` over the probes of ``kind`` (of one ``hop`` / ``attack`` / ``group`` when
+    given); ``pooled``: each probe weighed by its ``n_tokens`` (when every probe has one)."""
     chosen = [
         r
         for r in results
         if r.kind == kind.value
         and (hop is None or r.hop == hop)
         and (attack is None or r.attack == attack.value)
+        and (group is None or r.group == group)
     ]
     if not chosen:
         return None
@@ -113,10 +115,15 @@ def probe_mean(
 
 
 def _probe_metric(
-    key: str, kind: ProbeKind, hop: int | None = None, attack: AttackType | None = None, **spec: Any
+    key: str,
+    kind: ProbeKind,
+    hop: int | None = None,
+    attack: AttackType | None = None,
+    group: str | None = None,
+    **spec: Any,
 ) -> None:
-    """Register a mean over probes (of one hop / attack type) with its token-pooled form."""
-    where = {"kind": kind, "hop": hop, "attack": attack}
+    """Register a mean over probes (of one hop / attack type / group) with its token-pooled form."""
+    where = {"kind": kind, "hop": hop, "attack": attack, "group": group}
     metric(key, reads=(kind,), pooled=partial(probe_mean, **where, pooled=True), **spec)(
         partial(probe_mean, **where)
     )
@@ -211,6 +218,129 @@ for _attack, _short in {
     )
 
 
+# ComprehendEdit: KGI and KPI over the k nearest (or farthest) neighbours of each of its lists.
+_mean_of(
+    ProbeKind.IN_DOMAIN_GENERALITY,
+    "KGI",
+    "Knowledge generalization index",
+    "ComprehendEdit",
+    "in-domain neighbour samples answered with their own answer after the edit",
+)
+_mean_of(
+    ProbeKind.IN_DOMAIN_LOCALITY,
+    "KPI",
+    "Knowledge preservation index",
+    "ComprehendEdit",
+    "in-domain samples the unedited model got right: the edited model still answers as it did",
+)
+#: ComprehendEdit's neighbour lists (its record keys) and how a column names them.
+NEIGHBOUR_GROUPS = {
+    "img_topk": ("img", "nearest by image"),
+    "txt_topk": ("txt", "nearest by question"),
+    "img_last_topk": ("img-far", "farthest by image"),
+    "txt_last_topk": ("txt-far", "farthest by question"),
+}
+for _kind, _short in ((ProbeKind.IN_DOMAIN_GENERALITY, "KGI"), (ProbeKind.IN_DOMAIN_LOCALITY, "KPI")):
+    for _group, (_col, _words) in NEIGHBOUR_GROUPS.items():
+        _probe_metric(
+            f"{_short.lower()}_{_group}",
+            _kind,
+            group=_group,
+            label=f"{_short}-{_col}",
+            name=f"{_short} on the neighbours {_words}",
+            paper="ComprehendEdit",
+            help=f"{_short} on the neighbours {_words}",
+            parent=_kind.value,
+        )
+
+# CCKEB: the companion (textual) edit, and the question that needs both edits.
+_mean_of(
+    ProbeKind.TEXTUAL_EDIT_RELIABILITY,
+    "Txt-Rel",
+    "Textual edit reliability",
+    "CCKEB",
+    "the companion textual edit's question -> its new answer",
+)
+_mean_of(
+    ProbeKind.TEXTUAL_EDIT_GENERALITY,
+    "Txt-Gen",
+    "Textual edit generality",
+    "CCKEB",
+    "the companion textual edit's rephrased question -> its new answer",
+)
+_mean_of(
+    ProbeKind.TEXTUAL_EDIT_LOCALITY,
+    "Txt-Loc",
+    "Textual edit locality",
+    "CCKEB",
+    "an unrelated text fact beside the textual edit: answered as the unedited model did",
+)
+_mean_of(
+    ProbeKind.COMPOSITIONAL,
+    "CompRel",
+    "Compositional reliability",
+    "CCKEB",
+    "a question on the edit image that needs the visual and the textual edit together",
+)
+
+
+def chain_accuracy(
+    results: Sequence[ProbeResult], measure: str, *, steps: bool, hop: int | None = None
+) -> float | None:
+    """MMQAKE's M-Acc (``steps=False``) or H-Acc (``steps=True``) of one case, over its chains.
+
+    A chain is the portability probes of one ``group`` (its final question, one per paraphrase
+    ``variant``). M-Acc: the chain counts when some paraphrase's final answer is right; H-Acc: when
+    some paraphrase has its final answer and every sub-question (``HOP_STEP`` probes of that group
+    and variant) right. With a graded measure, "right" is the value, and the best paraphrase's
+    weakest answer counts. Mean over the case's chains (of one ``hop`` when given).
+    """
+    finals = [
+        r
+        for r in results
+        if r.kind == ProbeKind.PORTABILITY.value and r.group is not None and (hop is None or r.hop == hop)
+    ]
+    if not finals:
+        return None
+    parts: dict[tuple[str | None, int | None], list[float]] = defaultdict(list)
+    if steps:
+        for r in results:
+            if r.kind == ProbeKind.HOP_STEP.value:
+                parts[(r.group, r.variant)].append(float(getattr(r, measure)))
+    chains: dict[str, float] = {}
+    for r in finals:
+        value = min([float(getattr(r, measure)), *parts.get((r.group, r.variant), [])])
+        chains[str(r.group)] = max(chains.get(str(r.group), 0.0), value)
+    return _mean(chains.values())
+
+
+for _key, _label, _name, _steps in (
+    ("m_acc", "M-Acc", "Multi-hop accuracy", False),
+    ("h_acc", "H-Acc", "Hop-wise accuracy", True),
+):
+    _reads = (ProbeKind.PORTABILITY, ProbeKind.HOP_STEP) if _steps else (ProbeKind.PORTABILITY,)
+    _what = "and every sub-question " if _steps else ""
+    metric(
+        _key,
+        label=_label,
+        name=_name,
+        paper="MMQAKE",
+        reads=_reads,
+        help=f"multi-hop chains whose final answer {_what}is right under some paraphrase",
+    )(partial(chain_accuracy, steps=_steps))
+    for _hop in range(1, 5):
+        # MMQAKE counts the edit as a hop: VLKEB's 1-hop question ends a 2-hop chain
+        metric(
+            f"{_key}_hop{_hop}",
+            label=f"{_label}-{_hop + 1}",
+            name=f"{_name} of {_hop + 1}-hop chains",
+            paper="MMQAKE",
+            reads=_reads,
+            help=f"{_label} of {_hop + 1}-hop chains (portability hop {_hop})",
+            parent=_key,
+        )(partial(chain_accuracy, steps=_steps, hop=_hop))
+
+
 # ---------------------------------------------------------------- per probe
 
 
@@ -235,17 +365,27 @@ def probe_result(
     kind = ProbeKind(probe.kind)
     attack = None if probe.attack is None else AttackType(probe.attack).value
     local = kind in LOCALITY_KINDS
-    gen_match = None
+    gen_match = vqa = f1 = None
     if generated is not None and local and pre_generated is not None:
         gen_match = same_answer(pre_generated, generated)
     elif generated is not None and not local:
         gen_match = answer_matches(generated, probe.target, probe.aliases, probe.options)
+        vqa = vqa_accuracy(generated, probe.target, probe.aliases)
+        f1 = token_f1(generated, probe.target, probe.aliases)
     judged = (
         {}
         if verdict is None
         else {"judge_verdict": verdict.verdict, "judge_reply": verdict.reply, "judge_error": verdict.error}
     )
-    gen = {"generated": generated, "generated_match": gen_match, **judged}
+    gen = {
+        "generated": generated,
+        "generated_match": gen_match,
+        "generated_vqa": vqa,
+        "generated_f1": f1,
+        "group": probe.group,
+        "variant": probe.variant,
+        **judged,
+    }
     if local:
         if pre is None:
             raise ValueError(f"{kind.value} probe needs the pre-edit score to measure agreement")
@@ -326,6 +466,8 @@ class CaseScores:
     generated: dict[str, float] = field(default_factory=dict)
     judged: dict[str, float] = field(default_factory=dict)
     base_generated: dict[str, float] = field(default_factory=dict)
+    generated_vqa: dict[str, float] = field(default_factory=dict)
+    generated_f1: dict[str, float] = field(default_factory=dict)
 
 
 def score_case(
@@ -361,6 +503,8 @@ def score_case(
         case_values(results, "generated_match"),
         case_values(results, "judge_score"),
         case_values(base_results, "generated_match"),
+        case_values(results, "generated_vqa"),
+        case_values(results, "generated_f1"),
     )
 
 
@@ -441,6 +585,8 @@ def _group(ident: dict[str, Any], records: Sequence[CaseRecord]) -> GroupSummary
         judged=_rounded(_macro(r.judged for r in ok)),
         base_generated=_rounded(_macro(r.base_generated for r in ok)),
         n_judge_failed=_judge_failures(ok),
+        generated_vqa=_rounded(_macro(r.generated_vqa for r in ok)),
+        generated_f1=_rounded(_macro(r.generated_f1 for r in ok)),
     )
 
 
@@ -459,9 +605,9 @@ def _shared(values: Iterable[Any]) -> Any:
 
 
 def _sort_key(ident: Mapping[str, Any]) -> tuple:
-    # None sorts before any value; "all" before every edit type.
+    # None sorts before any value; "all" before every edit type, then the task groups.
     parts = [(ident[k] is not None, ident[k] if ident[k] is not None else 0) for k in RunBlock.GROUP_KEYS]
-    return (*parts, ident["edit_type"] != "all", ident["edit_type"])
+    return (*parts, ident["edit_type"] != "all", ident["edit_type"], ident["task"] or "")
 
 
 def _common_run(records: Sequence[CaseRecord]) -> RunInfo:
@@ -474,15 +620,18 @@ def _common_run(records: Sequence[CaseRecord]) -> RunInfo:
 
 
 def summarize(records: Iterable[CaseRecord], run: RunInfo | None = None) -> RunSummary:
-    """The run summary: per (model, method, protocol, gap, checkpoint) x edit type ("all" + each).
+    """The run summary: per (model, method, protocol, gap, checkpoint) x edit type ("all" + each),
+    and x task type for records that have one.
 
     Records are put in a fixed order first, so parallel workers' arrival order cannot change a sum.
     """
     recs = sorted(records, key=lambda r: (repr(sorted(r.run.__dict__.items())), r.case_id))
     groups: dict[tuple, list[CaseRecord]] = defaultdict(list)
     for r in recs:
-        groups[(*r.run.group, "all")].append(r)
-        groups[(*r.run.group, r.edit_type)].append(r)
-    idents = [dict(zip((*RunBlock.GROUP_KEYS, "edit_type"), key, strict=True)) for key in groups]
+        groups[(*r.run.group, "all", None)].append(r)
+        groups[(*r.run.group, r.edit_type, None)].append(r)
+        if r.task is not None:
+            groups[(*r.run.group, "all", r.task)].append(r)
+    idents = [dict(zip((*RunBlock.GROUP_KEYS, "edit_type", "task"), key, strict=True)) for key in groups]
     out = tuple(_group(i, groups[tuple(i.values())]) for i in sorted(idents, key=_sort_key))
     return RunSummary(run if run is not None else _common_run(recs), out)

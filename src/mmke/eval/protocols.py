@@ -89,8 +89,9 @@ class Protocol:
         raise NotImplementedError
 
     def writes(self, case: EditCase) -> tuple[EditCase, ...]:
-        """The edits that editing ``case`` applies, in order (none: the case is not run)."""
-        return (case,)
+        """The edits that editing ``case`` applies, in order (none: the case is not run): the case,
+        then its companion facts (CCKEB writes the visual edit, then the textual one)."""
+        return (case, *companion_writes(case))
 
     def scored(self, case: EditCase) -> tuple[int, ...] | None:
         """The positions of the probes of ``case`` that are scored (None: all)."""
@@ -189,7 +190,7 @@ class EditOneHop(Protocol):
         if not facts:
             return ()
         hops = tuple(EditCase(f"{case.case_id}/onehop", case.edit_type, fact, ()) for fact in facts)
-        return (case, *hops)
+        return (*super().writes(case), *hops)
 
     def scored(self, case: EditCase) -> tuple[int, ...] | None:
         return tuple(i for i, p in enumerate(case.probes) if p.kind == ProbeKind.PORTABILITY)
@@ -217,6 +218,14 @@ class BatchEdit(Protocol):
             checks = tuple(Check(i, 0, i) for i in cases)
             out.append(Episode((Step(first, checks, checkpoint=len(cases), together=cases[1:]),)))
         return out
+
+
+def companion_writes(case: EditCase) -> tuple[EditCase, ...]:
+    """A case's companion facts as edits of their own (no probes: the case's probes measure them)."""
+    return tuple(
+        EditCase(f"{case.case_id}/companion{i}", case.edit_type, fact, ())
+        for i, fact in enumerate(case.companions, start=1)
+    )
 
 
 def protocol_named(name: str) -> Protocol:

@@ -152,10 +152,27 @@ class ProbeResult:
     judge_verdict: str | None = None
     judge_reply: str | None = None
     judge_error: str | None = None
+    #: The probe's ``group`` and ``variant`` (a neighbour list, a multi-hop chain and paraphrase).
+    group: str | None = None
+    variant: int | None = None
+    #: ``generated`` scored as MMKU-Bench does, over the whole output: VQAEval's whole-word
+    #: containment of the target (or an alias), and SQuAD token F1 (best over target and aliases).
+    generated_vqa: float | None = None
+    generated_f1: float | None = None
 
     #: Fields later mmke versions added: left out of a record while unset, so older records
     #: are written back byte for byte.
-    ADDED_LATER = ("n_tokens", "pre_generated", "judge_verdict", "judge_reply", "judge_error")
+    ADDED_LATER = (
+        "n_tokens",
+        "pre_generated",
+        "judge_verdict",
+        "judge_reply",
+        "judge_error",
+        "group",
+        "variant",
+        "generated_vqa",
+        "generated_f1",
+    )
 
     @property
     def judge_score(self) -> float | None:
@@ -194,9 +211,14 @@ class CaseRecord:
     generated: Mapping[str, float] = field(default_factory=dict)
     judged: Mapping[str, float] = field(default_factory=dict)
     base_generated: Mapping[str, float] = field(default_factory=dict)
+    #: Per-case means of the generations' VQA accuracy and token F1 (MMKU-Bench's measures).
+    generated_vqa: Mapping[str, float] = field(default_factory=dict)
+    generated_f1: Mapping[str, float] = field(default_factory=dict)
+    #: The case's task type (``EditCase.task``), None when its benchmark has none.
+    task: str | None = None
 
     #: Sections later versions added: left out while empty (older records stay byte-identical).
-    ADDED_LATER = ("generated", "judged", "base_generated")
+    ADDED_LATER = ("generated", "judged", "base_generated", "generated_vqa", "generated_f1")
 
     @property
     def key(self) -> ResumeKey:
@@ -210,7 +232,7 @@ class CaseRecord:
     def to_dict(self) -> dict[str, Any]:
         out = {**asdict(self), "schema": RECORD_SCHEMA}
         _put_provenance(out["run"], self.run.provenance)
-        _drop_unset(out, self.ADDED_LATER)
+        _drop_unset(out, (*self.ADDED_LATER, "task"))
         for probe in out["probes"]:
             _drop_unset(probe, ProbeResult.ADDED_LATER)
         return out
@@ -299,7 +321,8 @@ class RunInfo:
 class GroupSummary:
     """One (model, method, protocol, gap, checkpoint) x edit type group of a summary.
 
-    ``edit_type`` is "all" for every edit type together. The metric sections are macro means
+    ``edit_type`` is "all" for every edit type together. A group with a ``task`` holds the cases
+    of that task type only (its ``edit_type`` is "all"). The metric sections are macro means
     over the group's ok cases (rounded); ``portability_relative_change`` is (post - base) / base
     per portability hop, None where the base is 0.
     """
@@ -325,8 +348,20 @@ class GroupSummary:
     judged: Mapping[str, float] = field(default_factory=dict)
     base_generated: Mapping[str, float] = field(default_factory=dict)
     n_judge_failed: int | None = None
+    generated_vqa: Mapping[str, float] = field(default_factory=dict)
+    generated_f1: Mapping[str, float] = field(default_factory=dict)
+    task: str | None = None
 
-    ADDED_LATER = ("provenance", "generated", "judged", "base_generated", "n_judge_failed")
+    ADDED_LATER = (
+        "provenance",
+        "generated",
+        "judged",
+        "base_generated",
+        "n_judge_failed",
+        "generated_vqa",
+        "generated_f1",
+        "task",
+    )
 
     @property
     def comparable_group(self) -> str:

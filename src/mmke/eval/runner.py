@@ -202,7 +202,19 @@ def _record(
     edit = EditText(case.edit.prompt, case.edit.target, case.edit.ground_truth)
     parts = {} if scored is None else vars(scored)
     s.store.append(
-        CaseRecord(run, case.case_id, case.edit_type.value, index, edit, status, message, at, cost, **parts)
+        CaseRecord(
+            run,
+            case.case_id,
+            case.edit_type.value,
+            index,
+            edit,
+            status,
+            message,
+            at,
+            cost,
+            **parts,
+            task=case.task,
+        )
     )
     s.recorded += 1
     if s.progress is not None:
@@ -371,7 +383,7 @@ def _scored_part(
     if keep is None:
         return case, pre, pre_gen
     probes = tuple(case.probes[i] for i in keep)
-    part = EditCase(case.case_id, case.edit_type, case.edit, probes)
+    part = replace(case, probes=probes)
     return part, [pre[i] for i in keep], None if pre_gen is None else [pre_gen[i] for i in keep]
 
 

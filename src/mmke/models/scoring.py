@@ -262,8 +262,11 @@ class InContext(Scorer):
         return OWN_FORMAT
 
 
-#: Text-locality k and image-locality k of the anchors' top-k comparison.
-PAPER_K: Mapping[str, int] = MappingProxyType({"text_locality": 1, "image_locality": 10})
+#: Text-locality k and image-locality k of the anchors' top-k comparison (the newer benchmarks'
+#: locality kinds as their text or image counterpart: CCKEB's textual edit, ComprehendEdit's KPI).
+PAPER_K: Mapping[str, int] = MappingProxyType(
+    {"text_locality": 1, "image_locality": 10, "textual_edit_locality": 1, "in_domain_locality": 10}
+)
 
 
 class AllPositions(Scorer):

@@ -160,13 +160,16 @@ def edit_type_label(edit_type: str) -> str:
 
 
 def select_groups(
-    summary: RunSummary, protocol: str = "single", edit_type: str | None = "all"
+    summary: RunSummary, protocol: str = "single", edit_type: str | None = "all", tasks: bool = False
 ) -> list[GroupSummary]:
-    """Summary groups of one protocol (and edit type; None = every edit type)."""
+    """Summary groups of one protocol (and edit type; None = every edit type); ``tasks``: the
+    per-task groups instead of the per-edit-type ones."""
     return [
         g
         for g in summary.groups
-        if g.protocol == protocol and (edit_type is None or g.edit_type == edit_type)
+        if g.protocol == protocol
+        and (edit_type is None or g.edit_type == edit_type)
+        and (g.task is not None) == tasks
     ]
 
 
@@ -533,7 +536,9 @@ def _progression_note(protocol: str) -> str:
 
 def efficiency_table(summary: RunSummary) -> ReportTable | None:
     """Mean edit and scoring seconds, peak memory and edited parameters per model x method."""
-    groups = select_groups(summary, "single", "all") or [g for g in summary.groups if g.edit_type == "all"]
+    groups = select_groups(summary, "single", "all") or [
+        g for g in summary.groups if g.edit_type == "all" and g.task is None
+    ]
     columns = [
         c for c in EFFICIENCY_COLUMNS if any(_value(g, "efficiency", c[0]) is not None for g in groups)
     ]
