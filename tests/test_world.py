@@ -79,6 +79,8 @@ class Built:
     corpus: list[Sample]
     kg: KnowledgeGraph
     meta: dict
+    #: MultiMedEdit's reasoning cases (eval only), kept apart: their checks are their own.
+    reasoning: list[EditCase]
 
     @property
     def cases(self) -> list[EditCase]:
@@ -91,7 +93,16 @@ def built(request: pytest.FixtureRequest) -> Built:
     got = request.getfixturevalue(request.param)
     out = got[0] if isinstance(got, tuple) else got
     corpus = read_samples(out / "corpus_train.jsonl")
-    return Built(out, _cases(out, "eval"), _cases(out, "train"), corpus, load_kg(out), _world_json(out))
+    evals = _cases(out, "eval")
+    return Built(
+        out,
+        [c for c in evals if c.task != "reasoning"],
+        _cases(out, "train"),
+        corpus,
+        load_kg(out),
+        _world_json(out),
+        [c for c in evals if c.task == "reasoning"],
+    )
 
 
 def _cases(out: Path, split: str = "eval") -> list[EditCase]:
@@ -115,7 +126,10 @@ def test_default_world_has_the_issue_counts(default: tuple[Path, dict]) -> None:
     assert stats["eval"]["n_cases"] >= 300 and stats["train"]["n_cases"] >= 1000
     assert set(stats["eval"]["cases"]) == {e.value for e in EditType}
     assert set(stats["train"]["cases"]) == {e.value for e in EditType}
-    assert set(stats["eval"]["probes"]) == {k.value for k in ProbeKind}
+    # the newer benchmarks' kinds (KGI/KPI, CCKEB's textual edit, MMQAKE's steps) are read, not generated
+    foreign = {"in_domain_generality", "in_domain_locality", "compositional", "hop_step"}
+    foreign |= {f"textual_edit_{k}" for k in ("reliability", "generality", "locality")}
+    assert set(stats["eval"]["probes"]) == {k.value for k in ProbeKind} - foreign
     assert set(stats["eval"]["portability_hops"]) == {"1", "2", "3", "4"}
     assert set(stats["eval"]["robustness_attacks"]) == {a.value for a in AttackType}
     assert 10_000 <= stats["corpus"]["corpus_train"] <= 40_000
@@ -169,7 +183,7 @@ def test_stats_match_the_config(small: Path) -> None:
         "visual_entity": c.eval_visual_entity,
         "visual_semantic": c.eval_visual_semantic,
         "user_specific": c.eval_user_specific,
-        "medical_mcq": c.eval_medical,
+        "medical_mcq": c.eval_medical + c.eval_medical_reasoning,
     }
     assert stats["train"]["n_cases"] == (
         c.train_visual_entity + c.train_visual_semantic + c.train_user_specific + c.train_medical
@@ -182,6 +196,9 @@ def test_case_ids_are_stable_unique_and_subjects_disjoint(built: Built) -> None:
     ids = [c.case_id for c in built.cases]
     assert len(ids) == len(set(ids))
     assert all(re.fullmatch(r"world/(eval|train)/(ve|vs|us|med)-\d{4}", i) for i in ids)
+    assert [c.case_id for c in built.reasoning] == [
+        f"world/eval/medr-{i:04d}" for i in range(len(built.reasoning))
+    ]
     assert built.eval[0].case_id == "world/eval/ve-0000"
     assert {c.subject for c in built.eval}.isdisjoint({c.subject for c in built.train})
     assert {c.subject for c in built.eval} == {s for ss in built.meta["splits"]["eval"].values() for s in ss}
@@ -438,3 +455,57 @@ def test_checks_cover_the_pre_edit_measurements(built: Built) -> None:
     vocab = set((out / "vocab.txt").read_text(encoding="utf-8").split())
     for c in built.eval:
         assert set(c.edit.prompt.split()) <= vocab and set(c.edit.target.split()) <= vocab
+
+
+# ---------------------------------------------------------------- MultiMedEdit's task split, aliases
+
+
+def test_reasoning_cases_ask_what_the_edited_finding_calls_for(built: Built) -> None:
+    """A reasoning case writes the treatment of the finding its scan's understanding case writes:
+    the edited finding plus one step of the world's medical knowledge."""
+    treatment = {f.name: f.treatment for f in FINDINGS}
+    understanding = {c.subject: c for c in built.eval if c.edit_type == EditType.MEDICAL_MCQ}
+    assert built.reasoning and len(built.reasoning) == built.meta["config"]["eval_medical_reasoning"]
+    assert {c.task for c in understanding.values()} == {"understanding"}
+    assert all(c.task is None for c in built.eval if c.edit_type != EditType.MEDICAL_MCQ)
+    taught = {s.prompt for s in built.corpus}
+    for r in built.reasoning:
+        u = understanding[r.subject]
+        assert r.edit_type == EditType.MEDICAL_MCQ and r.edit.image == u.edit.image
+        assert r.edit.options == tuple(treatment[o] for o in u.edit.options)
+        assert (
+            r.edit.target == treatment[u.edit.target] != r.edit.ground_truth == treatment[u.edit.ground_truth]
+        )
+        assert r.edit.prompt.split(" options :")[0] in taught  # the question the model was taught
+        kinds = [p.kind for p in r.probes]
+        assert set(kinds) == {
+            ProbeKind.RELIABILITY,
+            ProbeKind.TEXT_GENERALITY,
+            ProbeKind.IMAGE_GENERALITY,
+            ProbeKind.TEXT_LOCALITY,
+            ProbeKind.IMAGE_LOCALITY,
+        }
+        (loc,) = r.probes_of(ProbeKind.IMAGE_LOCALITY)
+        assert loc.target in loc.options and loc.target not in (r.edit.target, r.edit.ground_truth)
+
+
+def test_entity_targets_carry_their_aliases(built: Built) -> None:
+    kg = built.kg
+    names = {e.name for e in kg.entities}
+    by_name = {e.name: e for e in kg.entities}
+    seen = 0
+    for c in [*built.eval, *built.reasoning]:
+        for p in c.probes:
+            assert not (set(p.aliases) & names), (c.case_id, p.aliases)
+            if p.kind in (ProbeKind.TEXT_LOCALITY, ProbeKind.IMAGE_LOCALITY):
+                assert p.aliases == ()
+                continue
+            e = by_name.get(p.target)
+            if e is not None and e.type == "person":
+                assert p.aliases == (p.target.split()[1],)
+                seen += 1
+            if e is not None and e.type == "country":
+                assert p.aliases == (f"republic of {p.target}",)
+            if p.target == "fracture":
+                assert p.aliases == ("break", "broken bone")
+    assert seen > 0

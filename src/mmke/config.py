@@ -171,9 +171,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}={value}: must be at least 1")
-        for name in ("gaps", "checkpoints"):
-            if any(v < 1 for v in getattr(self, name)):
-                raise ConfigError(f"{name}={list(getattr(self, name))}: every value must be at least 1")
+        # gap 0 scores each case right after its own edit, never restoring (CCKEB's continual setting)
+        for name, least in (("gaps", 0), ("checkpoints", 1)):
+            if any(v < least for v in getattr(self, name)):
+                raise ConfigError(f"{name}={list(getattr(self, name))}: every value must be at least {least}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,12 +45,11 @@ def first_answer(text: str) -> str:
     return (line[: end.start()] if end else line).strip()
 
 
-def normalize_answer(text: str, numbers: bool = True) -> str:
-    """Lower case, no punctuation or articles, single spaces (SQuAD-style); ``numbers``: number
-    words as digits."""
+def normalize_answer(text: str) -> str:
+    """Lower case, number words as digits, no punctuation or articles, single spaces (SQuAD-style)."""
     text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
-    words = _ARTICLES.sub(" ", text).split()
-    return " ".join(NUMBER_WORDS.get(w, w) for w in words) if numbers else " ".join(words)
+    words = [NUMBER_WORDS.get(w, w) for w in _ARTICLES.sub(" ", text).split()]
+    return " ".join(words)
 
 
 def _starts_with(answer: str, target: str) -> bool:
@@ -89,37 +88,57 @@ def same_answer(before: str, after: str) -> float:
 
 _VQA_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 _VQA_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
-#: VQAEval's period rule as it runs: its look-behind is mistyped, so every "." not before a digit goes.
+#: VQAEval's period rule as it runs: its look-behind is mistyped, so every "." not before a digit
+#: goes, and ``re.UNICODE`` lands in the count argument, so only the first 32 do.
 _VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_PERIOD_COUNT = int(re.UNICODE)
 _VQA_NUMBERS = {"none": "0"} | {w: d for w, d in NUMBER_WORDS.items() if int(d) <= 10}
+#: VQAEval writes contractions typed without their apostrophe with it ("dont" -> "don't"); these
+#: are the common English ones (words that are also plain words, "its", "well", "ill", are not).
+_NEGATED = ("do", "does", "did", "is", "are", "was", "were", "have", "has", "had", "can", "could")
+_NEGATED += ("would", "should", "wo", "must", "need", "ca", "ai")
+_PRONOUNS = ("i'm", "i've", "you're", "you've", "you'll", "you'd", "we've", "they're", "they've")
+_PRONOUNS += ("they'll", "they'd", "he's", "she's", "that's", "what's", "there's", "who's", "where's")
+_CONTRACTIONS = {w.replace("'", ""): w for w in (*(f"{v}n't" for v in _NEGATED), *_PRONOUNS)}
 
 
 def vqa_normalize(text: str) -> str:
-    """VQAEval's answer processing: punctuation, periods, lower case, number words 0-10, articles."""
+    """VQAEval's answer processing: punctuation, periods, lower case, number words 0-10, articles,
+    contractions."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
     out = text
     for p in _VQA_PUNCT:
         glued = (p + " " in text or " " + p in text) or _VQA_COMMA_NUMBER.search(text) is not None
         out = out.replace(p, "" if glued else " ")
-    out = _VQA_PERIOD.sub("", out)
+    out = _VQA_PERIOD.sub("", out, count=_VQA_PERIOD_COUNT)
     words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split() if w not in ("a", "an", "the")]
-    return " ".join(words)
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
 def vqa_accuracy(generated: str, target: str, aliases: Sequence[str] = ()) -> float:
-    """1.0 when the target (or an alias), normalised, appears as whole words in the whole output."""
+    """1.0 when the target (or an alias), normalised, appears as whole words in the whole output.
+
+    As MMKU-Bench scores it: the reference loses its apostrophes first (its ``normalize_text``), and
+    a reference that normalises to nothing ("a") is an empty pattern, found next to any word.
+    """
     said = vqa_normalize(generated)
     for gold in (target, *aliases):
-        g = vqa_normalize(gold)
-        if g and re.search(r"\b" + re.escape(g) + r"\b", said):
+        g = vqa_normalize(gold.strip().replace("'", ""))
+        if re.search(r"\b" + re.escape(g) + r"\b", said):
             return 1.0
     return 0.0
 
 
+def _squad_words(text: str) -> list[str]:
+    """SQuAD's normalisation: lower case, punctuation deleted (not spaced), no articles."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return _ARTICLES.sub(" ", text).split()
+
+
 def token_f1(generated: str, target: str, aliases: Sequence[str] = ()) -> float:
     """SQuAD token F1 of the whole output against the target, the best over the target and aliases."""
-    said = normalize_answer(generated, numbers=False).split()
-    return max(_f1(said, normalize_answer(g, numbers=False).split()) for g in (target, *aliases))
+    said = _squad_words(generated)
+    return max(_f1(said, _squad_words(g)) for g in (target, *aliases))
 
 
 def _f1(said: list[str], gold: list[str]) -> float:

@@ -72,6 +72,42 @@ SEQUENTIAL_ORDER = (
     "image_locality",
     "portability",
 )
+#: Further metrics a progression table shows when the run has them (CCKEB's continual table).
+PROGRESSION_MORE = (
+    "robustness",
+    "textual_edit_reliability",
+    "textual_edit_generality",
+    "textual_edit_locality",
+    "compositional",
+)
+#: MultiMedEdit's columns (reliability, generality, locality), in its order.
+TASK_ORDER = ("reliability", "text_generality", "image_generality", "text_locality", "image_locality")
+#: Breakdown tables of the newer benchmarks' metrics: name, parents, the section the paper
+#: scores them on, and the title.
+BREAKDOWNS = (
+    (
+        "comprehendedit",
+        ("in_domain_generality", "in_domain_locality"),
+        "exact_match",
+        "KGI and KPI per neighbour list (exact match, %) — ComprehendEdit",
+        "KGI: in-domain neighbours (the test set's nearest or farthest by image or question) answered "
+        "with their own answer after the edit; KPI: originally right samples still answered as before.",
+    ),
+    (
+        "mmqake",
+        ("m_acc", "h_acc"),
+        "generated",
+        "Multi-hop and hop-wise accuracy by chain length (free generation, %) — MMQAKE",
+        "M-Acc: some paraphrase's final answer right (aliases count); H-Acc: the same paraphrase's "
+        "sub-questions right too. Chain length counts the edit as a hop (VLKEB's 1-hop ends a 2-hop chain).",
+    ),
+)
+#: MMKU-Bench's measures of free generation beside mmke's first-answer match.
+GENERATION_MEASURES = (
+    ("generated", "match"),
+    ("generated_vqa", "VQA-Acc"),
+    ("generated_f1", "F1"),
+)
 EFFICIENCY_COLUMNS = (
     ("edit_seconds", "Edit s", "{:.3f}"),
     ("score_seconds", "Score s", "{:.3f}"),
@@ -487,7 +523,7 @@ STEPS = {
 def progression_table(summary: RunSummary, protocol: str = "sequential") -> ReportTable | None:
     """VLKEB Fig. 4 as numbers: metrics per method by sequential gap, lifelong checkpoint or batch size."""
     groups = select_groups(summary, protocol, "all")
-    keys = present_keys(groups, "metrics", (*SEQUENTIAL_ORDER, ProbeKind.ROBUSTNESS.value))
+    keys = present_keys(groups, "metrics", (*SEQUENTIAL_ORDER, *PROGRESSION_MORE))
     if not groups or not keys:
         return None
     step, label, title = STEPS[protocol]
@@ -532,6 +568,104 @@ def _progression_note(protocol: str) -> str:
     if protocol == "batch":
         return "Each batch written in one update, then every case of it scored; the last may be smaller."
     return "Gap g: case s-g is scored right after edit s, so larger gaps test older edits."
+
+
+def task_table(summary: RunSummary) -> ReportTable | None:
+    """MultiMedEdit's task split: per model, setting (single; lifelong after the whole stream), task
+    type and method, reliability, generality and locality (and any other headline metric present)."""
+    settings = []
+    for protocol in ("single", "lifelong"):
+        groups = select_groups(summary, protocol, "all", tasks=True)
+        if protocol == "lifelong":  # the end of each method's stream
+            last = {}
+            for g in groups:
+                key = (str(g.model), str(g.method))
+                last[key] = max(last.get(key, 0), g.checkpoint or 0)
+            groups = [g for g in groups if g.checkpoint == last[(str(g.model), str(g.method))]]
+        settings.append((protocol, groups))
+    every = [g for _, gs in settings for g in gs]
+    if len({g.task for g in every}) < 2:
+        return None
+    order = [*TASK_ORDER, *(k for k in headline_keys() if k not in TASK_ORDER)]
+    keys = present_keys(every, "metrics", order)
+    models, methods = first_seen(every, "model"), first_seen(summary.groups, "method")
+    tasks = sorted({str(g.task) for g in every})
+    rows: list[tuple[Cell, ...]] = []
+    for model in models:
+        for protocol, groups in settings:
+            for task in tasks:
+                block = [g for g in groups if str(g.model) == model and g.task == task]
+                for g in _ordered(block, models, methods):
+                    setting = protocol if protocol == "single" else f"lifelong ({g.checkpoint:,} edits)"
+                    values = (_pct(_value(g, "metrics", k)) for k in keys)
+                    rows.append((model, setting, task, str(g.method), *values, g.n_cases))
+    return ReportTable(
+        name="tasks",
+        title="Editing by task type (token accuracy, %) — MultiMedEdit's understanding vs reasoning",
+        columns=("Model", "Setting", "Task", "Method", *(metric_label(k) for k in keys), "N"),
+        rows=tuple(rows),
+        formats=("", "", "", "", *(PCT for _ in keys), "{:,}"),
+        group_columns=3,
+        best_columns=tuple(range(4, 4 + len(keys))),
+        note="Lifelong: every case of the task scored after the method's whole edit stream. "
+        "Best value per model, setting and task in bold.",
+    )
+
+
+def breakdown_table(summary: RunSummary, name: str) -> ReportTable | None:
+    """One of ``BREAKDOWNS``: each parent metric and its breakdowns, per model x method (single)."""
+    _, parents, section, title, note = next(b for b in BREAKDOWNS if b[0] == name)
+    groups = select_groups(summary, "single", "all")
+    order = [k for p in parents for k in (p, *_breakdown(p, (s.key for s in metric_specs())))]
+    keys = present_keys(groups, section, order)
+    if not any(p in keys for p in parents):
+        return None
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
+    rows = tuple(
+        (str(g.model), str(g.method), *(_pct(_value(g, section, k)) for k in keys))
+        for g in _ordered(groups, models, methods)
+    )
+    return ReportTable(
+        name=name,
+        title=title,
+        columns=("Model", "Method", *(metric_label(k) for k in keys)),
+        rows=rows,
+        formats=("", "", *(PCT for _ in keys)),
+        group_columns=1,
+        best_columns=tuple(range(2, 2 + len(keys))),
+        note=note,
+    )
+
+
+def generation_measures_table(summary: RunSummary) -> ReportTable | None:
+    """MMKU-Bench's scoring of free generation: per headline metric, mmke's first-answer match, VQA
+    accuracy and token F1 over the whole output (single editing, all edit types)."""
+    groups = select_groups(summary, "single", "all")
+    keys = present_keys(groups, "generated_vqa", headline_keys())
+    if not keys:
+        return None
+    models, methods = first_seen(groups, "model"), first_seen(summary.groups, "method")
+    rows = tuple(
+        (
+            str(g.model),
+            str(g.method),
+            *(_pct(_value(g, section, k)) for k in keys for section, _ in GENERATION_MEASURES),
+        )
+        for g in _ordered(groups, models, methods)
+    )
+    columns = [f"{metric_label(k)} {label}" for k in keys for _, label in GENERATION_MEASURES]
+    return ReportTable(
+        name="generation_measures",
+        title="Free generation scored three ways (single editing, %) — MMKU-Bench's VQA accuracy and F1",
+        columns=("Model", "Method", *columns),
+        rows=rows,
+        formats=("", "", *(PCT for _ in columns)),
+        group_columns=1,
+        best_columns=tuple(range(2, 2 + len(columns))),
+        note="match: the first answer is the target or an alias (mmke); VQA-Acc: the target appears as "
+        "whole words anywhere in the output after VQAEval's normalisation; F1: SQuAD token F1 of the "
+        "whole output. Locality probes have no reference answer here and are left out.",
+    )
 
 
 def efficiency_table(summary: RunSummary) -> ReportTable | None:
@@ -624,6 +758,10 @@ def build_tables(summary: RunSummary) -> list[ReportTable]:
         mmke_bench_table(summary),
         portability_table(summary),
         robustness_table(summary),
+        breakdown_table(summary, "comprehendedit"),
+        breakdown_table(summary, "mmqake"),
+        generation_measures_table(summary),
+        task_table(summary),
         progression_table(summary, "sequential"),
         progression_table(summary, "lifelong"),
         progression_table(summary, "batch"),

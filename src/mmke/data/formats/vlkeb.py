@@ -12,8 +12,7 @@ just their first N-hop entry (so Rel/Gen/Loc are measured on that subset too, as
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mmke.data.formats._foreign import (
     FieldError,
     Fields,
     ImageChecker,
+    LeftOut,
     benchmark_file,
     checked_text,
     decode_file,
@@ -40,11 +40,8 @@ ONEHOP_KEYS = ("port_q", "port_a", "port_edit_q", "port_edit_a")
 ONEHOP_HOP = 2
 
 
-class NoHop(Exception):
-    """The record has no portability entry of the requested hop (VLKEB drops it; not an error)."""
-
-
-def _hop(value: Any, where: str) -> int:
+def port_hop(value: Any, where: str) -> int:
+    """The hop of a ``port_type`` "1-hop".."4-hop" (a FieldError naming ``where`` otherwise)."""
     text = value if isinstance(value, str) else ""
     head = text.split("-")[0]
     if not head.isdigit() or not 1 <= int(head) <= 4 or not text.endswith("-hop"):
@@ -53,16 +50,23 @@ def _hop(value: Any, where: str) -> int:
 
 
 def port_new_probes(
-    f: Fields, image: ImageRef | None, hop: int | None = None, edit_image: bool = False
+    f: Fields,
+    image: ImageRef | None,
+    hop: int | None = None,
+    edit_image: bool = False,
+    skip: Collection[str] = (),
 ) -> list[Probe]:
-    """Portability probes of ``port_new`` asked on ``image`` (only the first ``hop``-hop one if given)."""
+    """Portability probes of ``port_new`` asked on ``image`` (only the first ``hop``-hop one if given);
+    entries whose ``port_type`` is in ``skip`` are another reader's (CCKEB's "comp")."""
     probes: list[Probe] = []
     for i, item in enumerate(f.items("port_new")):
         where = f"port_new[{i}]"
         if not isinstance(item, dict):
             raise FieldError(f"{where} must be an object")
+        if item.get("port_type") in skip:
+            continue
         if "port_type" in item or "Q&A" in item:
-            n = _hop(item.get("port_type"), where)
+            n = port_hop(item.get("port_type"), where)
             qa = item.get("Q&A")
             if not isinstance(qa, dict):
                 raise FieldError(f"{where}: 'Q&A' must be an object with 'Question' and 'Answer'")
@@ -80,7 +84,7 @@ def port_new_probes(
         else:
             raise FieldError(f"{where}: expected 'port_type' + 'Q&A' or {', '.join(ONEHOP_KEYS)}")
     if hop is not None and not probes:
-        raise NoHop
+        raise LeftOut  # VLKEB's hop filter drops the record; it is not a bad one
     return probes
 
 
@@ -92,16 +96,10 @@ def _hop_option(value: Any) -> int | None:
     raise ConfigError(f"benchmark option hop={value!r}: expected 1, 2, 3 or 4")
 
 
-def _case_maker(
-    images: ImageChecker, hop: int | None, twice: bool, dropped: set[str]
-) -> Callable[[Fields, str], EditCase]:
+def _case_maker(images: ImageChecker, hop: int | None, twice: bool) -> Callable[[Fields, str], EditCase]:
     def to_case(f: Fields, cid: str) -> EditCase:
         fact = edit_fact(f, images)
-        try:
-            port = port_new_probes(f, fact.image, hop, twice)
-        except NoHop:
-            dropped.add(cid)
-            raise FieldError(f"no {hop}-hop portability entry") from None
+        port = port_new_probes(f, fact.image, hop, twice)
         return EditCase(cid, EditType.VISUAL_ENTITY, fact, (*base_probes(f, fact, images), *port))
 
     return to_case
@@ -119,13 +117,6 @@ def load_vlkeb(
     file = benchmark_file("vlkeb", path, "path/to/eval_multihop.json")
     twice = bool(opts.get("edit_twice_img", False))
     images = image_checker(image_root, file.parent, opts)
-    dropped: set[str] = set()
-    decoded = decode_file(file, _case_maker(images, _hop_option(opts.get("hop")), twice, dropped))
-    # VLKEB's hop filter drops records without that hop; they are not bad records
-    decoded = replace(decoded, problems=tuple(p for p in decoded.problems if p.case_id not in dropped))
-    train = (
-        decode_file(Path(opts["train"]), _case_maker(images, None, twice, set()))
-        if opts.get("train")
-        else None
-    )
+    decoded = decode_file(file, _case_maker(images, _hop_option(opts.get("hop")), twice))
+    train = decode_file(Path(opts["train"]), _case_maker(images, None, twice)) if opts.get("train") else None
     return make_benchmark("vlkeb", file, decoded, images.root, skip_bad=skip_bad, train=train)

@@ -1,18 +1,27 @@
-"""The four edit types as EditCases: visual entity, visual semantic, user-specific and medical MCQ."""
+"""The four edit types as EditCases: visual entity, visual semantic, user-specific and medical MCQ.
+
+The medical cases carry MultiMedEdit's task types: the scan MCQ is "understanding"; the eval split
+adds "reasoning" cases on the same scans, whose answer needs the (edited) finding plus one step of
+the world's medical knowledge (finding -> treatment). Every probe whose target is an entity name
+carries that entity's aliases.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from numpy.random import Generator
 
 import mmke.data.world._templates as T
 from mmke.data.kg.adversarial import AttackParts
 from mmke.data.mcq import render_options
+from mmke.data.world._aliases import alias_table
 from mmke.data.world._assign import entity_targets, sign_targets
 from mmke.data.world._common import pick, rng_for
 from mmke.data.world._medical import FINDINGS, Combo, mcq_options
 from mmke.data.world._plan import World, entity_image, scan_image, train_slots, user_image
 from mmke.data.world._probes import portability, robustness, text_locality
-from mmke.types import EditCase, EditFact, EditType, Probe, ProbeKind
+from mmke.types import LOCALITY_KINDS, EditCase, EditFact, EditType, Probe, ProbeKind
 
 K = ProbeKind
 _PREFIX = {
@@ -21,6 +30,9 @@ _PREFIX = {
     EditType.USER_SPECIFIC: "us",
     EditType.MEDICAL_MCQ: "med",
 }
+UNDERSTANDING, REASONING = "understanding", "reasoning"
+#: The finding -> treatment step a reasoning case asks about (the world model is taught this wording).
+REASONING_PATH = ("treated_with",)
 
 
 def build_cases(world: World, split: str) -> list[EditCase]:
@@ -38,7 +50,21 @@ def build_cases(world: World, split: str) -> list[EditCase]:
         slots = [(s, 0) for s in subjects[et]] if split == "eval" else train_slots(subjects[et], counts[et])
         ids = [f"world/{split}/{_PREFIX[et]}-{i:04d}" for i in range(len(slots))]
         out += _BUILDERS[et](world, split, ids, slots)
-    return out
+    if split == "eval":  # after every other case, so runs with a limit pick the same cases as before
+        scans = subjects[EditType.MEDICAL_MCQ][: c.eval_medical_reasoning]
+        out += [medical_reasoning_case(world, f"world/eval/medr-{i:04d}", s, 0) for i, s in enumerate(scans)]
+    return with_aliases(out, alias_table(world.kg.entities))
+
+
+def with_aliases(cases: list[EditCase], table: dict[str, tuple[str, ...]]) -> list[EditCase]:
+    """Each probe whose target has aliases gets them (locality probes compare with the unedited
+    model's answer, so theirs would never be read)."""
+
+    def probe(p: Probe) -> Probe:
+        aliases = table.get(p.target, ())
+        return replace(p, aliases=aliases) if aliases and p.kind not in LOCALITY_KINDS else p
+
+    return [replace(c, probes=tuple(probe(p) for p in c.probes)) for c in cases]
 
 
 def _entity_cases(world: World, split: str, ids: list[str], slots: list[tuple[str, int]]) -> list[EditCase]:
@@ -195,7 +221,50 @@ def medical_case(world: World, case_id: str, combo_id: str, rnd: int) -> EditCas
     ]
     meta = {"combo": combo_id, "old_entity": old, "new_entity": new, "portability_paths": ";".join(paths)}
     fact = EditFact(q, cf, img, c.finding.name, options)
-    return EditCase(case_id, EditType.MEDICAL_MCQ, fact, tuple(probes), combo_id, meta)
+    return EditCase(case_id, EditType.MEDICAL_MCQ, fact, tuple(probes), combo_id, meta, task=UNDERSTANDING)
+
+
+def medical_reasoning_case(world: World, case_id: str, combo_id: str, rnd: int) -> EditCase:
+    """MultiMedEdit's reasoning task: the treatment a scan calls for, changed to the treatment of the
+    counterfactual finding its understanding case writes (options: the four findings' treatments).
+
+    Reliability, generality and locality only, as MultiMedEdit measures; the understanding case's
+    portability already asks the treatment after the finding edit.
+    """
+    c, rng = world.combo(combo_id), rng_for(world.seed, "case", case_id)
+    findings, cf = canonical_mcq(world, c)
+    options = tuple(_treatment(f) for f in findings)
+    img = scan_image(combo_id, world.train_scans[rnd % len(world.train_scans)])
+    q = render_options(T.composed(REASONING_PATH, T.FINDING_REF), options)
+    # the scan named by modality and body part instead of "the image": words the model knows
+    rephrased = render_options(T.composed(REASONING_PATH, f"the finding in {c.phrase}"), options)
+    target = _treatment(cf)
+    probes = [
+        Probe(K.RELIABILITY, q, target, img, options=options),
+        Probe(K.TEXT_GENERALITY, rephrased, target, img, options=options),
+        Probe(
+            K.IMAGE_GENERALITY,
+            q,
+            target,
+            scan_image(combo_id, int(pick(rng, world.held_out_scans))),
+            options=options,
+        ),
+        *text_locality(world, case_id),
+        _reasoning_image_locality(world, c, cf, rng),
+    ]
+    old, new = world.finding_id(c.finding.name), world.finding_id(cf)
+    meta = {
+        "combo": combo_id,
+        "old_entity": old,
+        "new_entity": new,
+        "reasoning_path": ";".join(REASONING_PATH),
+    }
+    fact = EditFact(q, target, img, _treatment(c.finding.name), options)
+    return EditCase(case_id, EditType.MEDICAL_MCQ, fact, tuple(probes), combo_id, meta, task=REASONING)
+
+
+def _treatment(finding: str) -> str:
+    return next(f.treatment for f in FINDINGS if f.name == finding)
 
 
 def _medical_attack_parts(
@@ -224,6 +293,14 @@ def _medical_image_locality(world: World, c: Combo, cf: str, rng: Generator) -> 
         scan_image(o.id, int(pick(rng, world.train_scans))),
         options=options,
     )
+
+
+def _reasoning_image_locality(world: World, c: Combo, cf: str, rng: Generator) -> Probe:
+    """The reasoning question about an unrelated scan (as ``_medical_image_locality`` picks it)."""
+    unrelated = _medical_image_locality(world, c, cf, rng)
+    options = tuple(_treatment(f) for f in unrelated.options)
+    q = render_options(T.composed(REASONING_PATH, T.FINDING_REF), options)
+    return Probe(K.IMAGE_LOCALITY, q, _treatment(unrelated.target), unrelated.image, options=options)
 
 
 def _city(world: World, rng: Generator) -> str:

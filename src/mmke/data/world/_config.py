@@ -50,6 +50,9 @@ class WorldConfig:
     eval_visual_semantic: int = 40
     eval_user_specific: int = 40
     eval_medical: int = 60
+    #: MultiMedEdit's reasoning task on the first of the eval scans (the medical cases are its
+    #: understanding task): what the scan calls for, the finding plus one step of medical knowledge.
+    eval_medical_reasoning: int = 24
     train_visual_entity: int = 660
     train_visual_semantic: int = 160
     train_user_specific: int = 152
@@ -82,6 +85,7 @@ class WorldConfig:
             eval_visual_semantic=6,
             eval_user_specific=6,
             eval_medical=6,
+            eval_medical_reasoning=3,
             train_visual_entity=30,
             train_visual_semantic=12,
             train_user_specific=10,
@@ -131,6 +135,7 @@ def _problems(c: WorldConfig) -> list[str]:
             "user-specific cases exceed user_items",
         ),
         (c.eval_medical < combos, "eval_medical must be smaller than modalities x body_parts x findings"),
+        (c.eval_medical_reasoning <= c.eval_medical, "eval_medical_reasoning must be <= eval_medical"),
     ]
     out.extend(why for ok, why in checks if not ok)
     return out

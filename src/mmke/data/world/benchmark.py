@@ -14,7 +14,7 @@ from mmke.errors import ConfigError
 from mmke.registry import register_benchmark
 
 #: Bump when the generator's output changes, so cached worlds are rebuilt rather than reused.
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"
 
 
 def world_dir(seed: int = 0, cache: Path | None = None) -> Path:
