@@ -4,18 +4,22 @@ protocol, ComprehendEdit's neighbour groups, MMQAKE's chain metrics, and MMKU's 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from _runs import small_run
+from mmke.data.schema import read_cases, write_cases
 from mmke.eval.metrics import case_values, probe_result
 from mmke.eval.protocols import protocol_named
 from mmke.eval.records import CaseRecord
+from mmke.methods import IKE
 from mmke.models.scoring import ItemScore
 from mmke.report import write_report
 from mmke.report.tables import build_tables, select_groups
-from mmke.types import EditCase, EditFact, EditType, Probe, ProbeKind
+from mmke.types import LOCALITY_KINDS, EditCase, EditFact, EditType, Probe, ProbeKind
 
 K = ProbeKind
 
@@ -123,3 +127,56 @@ def test_medical_slice_reports_understanding_and_reasoning_single_and_lifelong(
     assert grace == {(f"lifelong ({len(records) // 2} edits)", t) for t in ("understanding", "reasoning")}
     saved = json.loads((lifelong_store.path / "summary.json").read_text())
     assert any(g.get("task") == "understanding" and g["checkpoint"] == 4 for g in saved["groups"])
+
+
+def test_a_case_and_its_text_only_companion_run_on_every_kind_of_method(
+    setup: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt method gets the edit and its companion in one context (its handle holds only what is
+    written through it); a vision-side FT cannot reach a text-only fact and writes nothing for it."""
+    world, _ = setup
+    companion = EditFact("what is four plus nine ?", "ten")
+    cases = [replace(c, companions=(companion,)) for c in read_cases(world / "cases_eval.jsonl", world)[:3]]
+    write_cases(tmp_path / "cases.jsonl", cases)
+    written: list[list[EditFact]] = []
+    many = IKE.apply_many
+
+    def spy(self: IKE, model, group):  # type: ignore[no-untyped-def]
+        written.append([c.edit for c in group])
+        return many(self, model, group)
+
+    monkeypatch.setattr(IKE, "apply_many", spy)
+    store, summary = small_run(
+        setup,
+        tmp_path / "runs",
+        f"benchmark=native:{tmp_path / 'cases.jsonl'}",
+        f"benchmark_options.train={world / 'cases_train.jsonl'}",
+        "methods=[ike,ft_projector]",
+    )
+    assert written == [[c.edit, companion] for c in cases]
+    records = [CaseRecord.from_json(x) for x in (store.path / "cases.jsonl").read_text().splitlines()]
+    assert (
+        sorted((r.run.method, r.status) for r in records)
+        == [("ft_projector", "ok")] * 3 + [("ike", "ok")] * 3
+    )
+    assert not summary.run.not_run
+
+
+def test_a_method_that_cannot_run_is_reported_not_run_not_failed_case_by_case(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    world, _ = setup
+    train = [
+        replace(c, probes=tuple(p for p in c.probes if p.kind not in LOCALITY_KINDS))
+        for c in read_cases(world / "cases_train.jsonl", world)
+    ]
+    write_cases(tmp_path / "train.jsonl", train)
+    store, summary = small_run(
+        setup,
+        tmp_path / "runs",
+        f"benchmark_options.train={tmp_path / 'train.jsonl'}",
+        "methods=[wise,grace]",
+    )
+    assert "no usable locality probes" in summary.run.not_run["wise"]
+    records = [CaseRecord.from_json(x) for x in (store.path / "cases.jsonl").read_text().splitlines()]
+    assert {r.run.method for r in records} == {"grace"} and all(r.ok for r in records)

@@ -535,8 +535,13 @@ def _print_summary(console: Console, summary: RunSummary) -> None:
             counts[g.edit_type] = max(counts.get(g.edit_type, 0), g.n_cases)
     if counts:
         console.print("cases per edit type: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    for table in build_tables(summary):
-        if table.name in ("main", "main_exact", "teacher_vs_generated", "sequential", "lifelong", "batch"):
+    tables = build_tables(summary)
+    shown = {"main", "main_exact", "teacher_vs_generated", "generation_measures", "sequential", "lifelong"}
+    shown |= {"batch", "comprehendedit", "mmqake", "tasks"}
+    if any(t.name == "tasks" for t in tables):  # MultiMedEdit reports efficiency beside its task split
+        shown.add("efficiency")
+    for table in tables:
+        if table.name in shown:
             console.print(rich_table(table))
     for line in run_failures(summary):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -714,14 +719,23 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a benchmark file; print file:line (case): problem")
     val.add_argument("file", type=Path)
-    val.add_argument("--format", default="native", help="native, mmedit, vlkeb, mmke_bench, medmcq")
+    val.add_argument(
+        "--format",
+        default="native",
+        help="native or a reader of `mmke list benchmarks` (mmedit, vlkeb, cckeb …)",
+    )
     val.add_argument("--image-root", type=Path, default=None)
     val.add_argument("options", nargs="*", metavar="key=value", help="the reader's options, e.g. hop=2")
     val.set_defaults(func=cmd_validate)
 
     conv = sub.add_parser("convert", help="write a foreign benchmark file as native JSONL")
     conv.add_argument("file", type=Path)
-    conv.add_argument("--from", dest="source", required=True, help="mmedit, vlkeb, mmke_bench, medmcq")
+    conv.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="a reader of `mmke list benchmarks` (mmedit, vlkeb, cckeb …)",
+    )
     conv.add_argument("--to", default="native", help="native (the only writer)")
     conv.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
     conv.add_argument("--image-root", type=Path, default=None)

@@ -329,8 +329,13 @@ def walk(s: Session, editor: Editor, method: str, episode: Episode, done: set[Re
                     return
                 if step.edit > 0 and s.emulating("ft_stale_pre", method):
                     stale[step.edit] = _stale_pre(s, editor, step.edit)
+                # a prompt method's handle holds only the facts written through it, so a case's
+                # companion or one-hop fact goes into the same context as its edit
+                together = bool(step.together) or (editor.in_context and len(writes) > 1)
                 try:
-                    applied.append(_apply(s, editor, writes, step.edit, stack, bool(step.together)))
+                    applied.append(_apply(s, editor, writes, step.edit, stack, together))
+                except EditorNotReadyError:
+                    raise  # the method cannot run at all (no usable train split): not this case's failure
                 except (EditCollapsed, MmkeError) as e:
                     _failure_record(s, run, case, step.edit, e)
                     return

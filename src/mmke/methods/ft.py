@@ -10,6 +10,7 @@ passed), hence our default. The site is a role resolved through ``model.layout``
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -38,6 +39,8 @@ from mmke.types import EditCase
 #: Sites by role: language MLPs, the vision->language projector/connector, BLIP-2's Q-Former
 #: (VLKEB's FT-Alignment for BLIP-2), and vision-tower layers.
 SITES = ("llm", "projector", "qformer", "vision")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,11 @@ class FineTune(Editor[FTConfig]):
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise EditCollapsed(f"{self.name}: loss became {value} at step {step}", step)
+            if not loss.requires_grad:
+                # a text-only fact (CCKEB's textual edit) never reaches a vision-side site: this
+                # method cannot write it, so it writes nothing rather than failing the case
+                log.info("%s: the edit's inputs never reach %s; nothing written", self.name, cfg.site)
+                return []
             losses.append(value)
             if cfg.stop_at_loss is not None and value <= cfg.stop_at_loss:
                 break
