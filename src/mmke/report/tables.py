@@ -80,6 +80,8 @@ PROGRESSION_MORE = (
     "textual_edit_locality",
     "compositional",
 )
+#: MultiMedEdit's task types in its order (any other task follows, alphabetically).
+TASK_FIRST = ("understanding", "reasoning")
 #: MultiMedEdit's columns (reliability, generality, locality), in its order.
 TASK_ORDER = ("reliability", "text_generality", "image_generality", "text_locality", "image_locality")
 #: Breakdown tables of the newer benchmarks' metrics: name, parents, the section the paper
@@ -589,7 +591,10 @@ def task_table(summary: RunSummary) -> ReportTable | None:
     order = [*TASK_ORDER, *(k for k in headline_keys() if k not in TASK_ORDER)]
     keys = present_keys(every, "metrics", order)
     models, methods = first_seen(every, "model"), first_seen(summary.groups, "method")
-    tasks = sorted({str(g.task) for g in every})
+    tasks = sorted(
+        {str(g.task) for g in every},
+        key=lambda t: (t not in TASK_FIRST, TASK_FIRST.index(t) if t in TASK_FIRST else 0, t),
+    )
     rows: list[tuple[Cell, ...]] = []
     for model in models:
         for protocol, groups in settings:
@@ -598,17 +603,18 @@ def task_table(summary: RunSummary) -> ReportTable | None:
                 for g in _ordered(block, models, methods):
                     setting = protocol if protocol == "single" else f"lifelong ({g.checkpoint:,} edits)"
                     values = (_pct(_value(g, "metrics", k)) for k in keys)
-                    rows.append((model, setting, task, str(g.method), *values, g.n_cases))
+                    rows.append((model, setting, task, str(g.method), *values, g.n_cases, g.n_collapsed))
     return ReportTable(
         name="tasks",
         title="Editing by task type (token accuracy, %) — MultiMedEdit's understanding vs reasoning",
-        columns=("Model", "Setting", "Task", "Method", *(metric_label(k) for k in keys), "N"),
+        columns=("Model", "Setting", "Task", "Method", *(metric_label(k) for k in keys), "N", "Collapsed"),
         rows=tuple(rows),
-        formats=("", "", "", "", *(PCT for _ in keys), "{:,}"),
+        formats=("", "", "", "", *(PCT for _ in keys), "{:,}", "{:,}"),
         group_columns=3,
         best_columns=tuple(range(4, 4 + len(keys))),
-        note="Lifelong: every case of the task scored after the method's whole edit stream. "
-        "Best value per model, setting and task in bold.",
+        note="Lifelong: every case of the task scored after the method's whole edit stream (a stream "
+        "that collapsed ends at the checkpoint where it did). Best value per model, setting and task "
+        "in bold.",
     )
 
 
