@@ -379,11 +379,16 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     return data
 
 
-def load_config(yaml_path: Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, type-checked and validated."""
+def load_config(
+    yaml_path: Path | None = None, overrides: Sequence[str] = (), settings: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Defaults <- YAML file <- ``settings`` (a mapping, as the YAML file's) <- ``key=value``
+    overrides, type-checked and validated."""
     values: dict[str, Any] = RunConfig().to_dict()
     if yaml_path is not None:
         _merge_mapping(values, _read_yaml(yaml_path), f"in {yaml_path}")
+    if settings:
+        _merge_mapping(values, settings, "in the settings given")
     for override in overrides:
         _apply_override(values, override)
     hints = _field_types()
