@@ -430,7 +430,7 @@ def _bad_settings(tmp: Path, afile: Path, sentinel: Path) -> dict[str, list[str]
         "device_tpu": ["device=tpu"],
         "device_cuda_99": ["device=cuda:99"],
         "device_empty": ["device="],
-        "gaps_zero": ["gaps=[0]"],
+        "gaps_negative": ["gaps=[-1]"],  # 0 is CCKEB's gap: scored right after its own edit
         "gaps_text": ["gaps=[a]"],
         "checkpoints_negative": ["checkpoints=[-5]"],
         "edit_types_unknown": ["edit_types=[nope]"],
