@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmke
-from mmke.errors import ConfigError, UnknownNameError
+from mmke.errors import ConfigError, EditorNotReadyError, UnknownNameError
 from mmke.eval.records import RunSummary
 from mmke.models.base import LVLM
 
@@ -48,7 +48,7 @@ def test_load_edit_in_a_block_and_restore(setup: tuple[Path, Path]) -> None:
 
     mine = mmke.edit_case("what is four plus nine ?", "ten")
     assert mine.probes[0].prompt == mine.edit.prompt and mine.edit.image is None
-    with pytest.raises(ConfigError, match="train_cases"):
+    with pytest.raises(EditorNotReadyError, match="no train cases"):
         mmke.load_method("ike", model)
     with pytest.raises(UnknownNameError, match="did you mean 'ft_llm'"):
         mmke.load_method("ft_lm", model)

@@ -75,7 +75,7 @@ def test_list_metrics_shows_every_metric_with_its_paper_name_and_aggregation(
     monkeypatch.setenv("COLUMNS", "400")  # wide enough that no cell wraps
     assert main(["list", "metrics"]) == 0
     rows = _table_rows(capsys.readouterr().out)
-    assert rows == [[s.key, f"{s.label} ({s.paper})", s.aggregate, s.help] for s in metric_specs()]
+    assert rows == [[s.key, f"{s.label} ({s.paper})", s.aggregate, s.help, "mmke"] for s in metric_specs()]
     assert ["text_generality", "T-Gen (VLKEB)"] in [r[:2] for r in rows]
 
 

@@ -67,21 +67,24 @@ def load_benchmark(
     return load(spec, root, skip_bad=skip_bad, options=options)
 
 
-def load_method(name: str, model: LVLM, *, train_cases: Sequence[EditCase] = (), **options: Any) -> Editor:
-    """An editing method for ``model``: its settings are the presets shipped beside the model
-    overridden by ``options`` (as ``method_options.NAME.KEY=VALUE``); a method that learns from a
-    train split (SERAC's classifier, IKE's demonstrations, ROME's statistics…) is given ``train_cases``."""
+def method_settings(name: str, model: LVLM, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings ``mmke run`` gives method ``name`` on ``model``: the presets shipped beside the
+    model, overridden by ``options`` (as ``method_options.NAME.KEY=VALUE``)."""
     from mmke.config import RunConfig
-    from mmke.errors import ConfigError
     from mmke.eval.runner import method_options
+
+    cfg = RunConfig(method_options={name: dict(options or {})})
+    return method_options(model.source, cfg, name, model.layout)
+
+
+def load_method(name: str, model: LVLM, *, train_cases: Sequence[EditCase] = (), **options: Any) -> Editor:
+    """An editing method for ``model`` with ``method_settings``; a method that learns from a train
+    split (SERAC's classifier, IKE's demonstrations, ROME's statistics…) is given ``train_cases``
+    (without them it says, in one line, that it cannot run)."""
     from mmke.registry import methods
 
-    editor = methods.get(name)(
-        method_options(model.source, RunConfig(method_options={name: options}), name, model.layout)
-    )
+    editor = methods.get(name)(method_settings(name, model, options))
     if editor.needs_train_cases:
-        if not train_cases:
-            raise ConfigError(f"{name} learns from a train split: pass train_cases= (e.g. a benchmark's)")
         editor.train(model, train_cases)
     return editor
 

@@ -234,21 +234,22 @@ def cmd_convert_model(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _bundled_rows() -> list[tuple[str, str]]:
+def _bundled_rows() -> list[tuple[str, str, str]]:
     from mmke.bundled import bundled_dir
     from mmke.registry import bundled_models
 
     rows = []
-    for name in bundled_models.names():
+    for name, source, _ in bundled_models.listing():
         built = (bundled_dir(name) / "config.json").is_file()
         state = "ready" if built else "not built: run `mmke build model`"
-        rows.append((name, f"bundled model (LLaVA trained on the world, {state})"))
+        rows.append((name, source, f"bundled model (LLaVA trained on the world, {state})"))
     return rows
 
 
 #: A listing's column names and its rows.
 Listing = tuple[tuple[str, ...], list[tuple[str, ...]]]
-NAME_COLUMNS = ("name", "what it is")
+#: "from": mmke for a built-in, "DIST VERSION" for a plugin's (``Registry.source``).
+NAME_COLUMNS = ("name", "from", "what it is")
 
 
 def _registered(kind: str) -> Callable[[], Listing]:
@@ -257,21 +258,24 @@ def _registered(kind: str) -> Callable[[], Listing]:
     def rows() -> Listing:
         from mmke import registry
 
-        return NAME_COLUMNS, list(getattr(registry, kind).describe())
+        return NAME_COLUMNS, list(getattr(registry, kind).listing())
 
     return rows
 
 
 def _model_listing() -> Listing:
     _, families = _registered("model_families")()
-    return NAME_COLUMNS, [(f"family: {n}", h) for n, h in families] + _bundled_rows()
+    return NAME_COLUMNS, [(f"family: {n}", src, h) for n, src, h in families] + _bundled_rows()
 
 
 def _metric_listing() -> Listing:
     from mmke.eval.metrics import metric_specs
+    from mmke.registry import metrics
 
-    rows = [(s.key, f"{s.label} ({s.paper})", s.aggregate, s.help) for s in metric_specs()]
-    return ("key", "paper name", "aggregation", "meaning"), rows
+    specs = metric_specs()
+    sources = {name: src for name, src, _ in metrics.listing()}
+    rows = [(s.key, f"{s.label} ({s.paper})", s.aggregate, s.help, sources[s.key]) for s in specs]
+    return ("key", "paper name", "aggregation", "meaning", "from"), rows
 
 
 def _scorer_listing() -> Listing:
@@ -280,8 +284,9 @@ def _scorer_listing() -> Listing:
     helps, rows = dict(scorers.describe()), []
     for name in scorers.declared():
         sc = scorers.get(name)
-        rows.append((f"{name} (v{sc.version})", sc.follows, ", ".join(sc.emulations) or "–", helps[name]))
-    return ("scoring=", "follows", "emulate=", "what"), rows
+        emulations = ", ".join(sc.emulations) or "–"
+        rows.append((f"{name} (v{sc.version})", sc.follows, emulations, helps[name], scorers.source(name)))
+    return ("scoring=", "follows", "emulate=", "what", "from"), rows
 
 
 def _listings() -> dict[str, Callable[[], Listing]]:
@@ -293,7 +298,15 @@ def _listings() -> dict[str, Callable[[], Listing]]:
         "metrics": _metric_listing,
         "scorers": _scorer_listing,
         "protocols": _registered("protocols"),
+        "judges": _registered("judges"),
     }
+
+
+def cmd_chat(args: argparse.Namespace, console: Console) -> int:
+    """``mmke chat``: ask a model (and an edited copy) questions about an image, in the terminal."""
+    from mmke.chat import cmd_chat as chat
+
+    return chat(args, console)
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -667,8 +680,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp.set_defaults(func=cmd_compare)
 
+    chat = sub.add_parser("chat", help="ask a model, and an edited copy of it, questions about an image")
+    chat.add_argument("model", help="a model directory or a bundled model name (world)")
+    chat.add_argument(
+        "--edited",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="what `mmke edit` saved (or any model folder): both answer, side by side",
+    )
+    chat.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the image asked about (:image PATH switches)",
+    )
+    chat.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="longest answer, in tokens")
+    chat.add_argument(
+        "--dtype",
+        default=None,
+        metavar="D",
+        help="float32, bfloat16 or float16 (default: float32, or the edited model's)",
+    )
+    chat.add_argument("--device", default="cpu", metavar="D", help="torch device: cpu, cuda, cuda:1 …")
+    chat.set_defaults(func=cmd_chat)
+
     lst = sub.add_parser(
-        "list", help="registered benchmarks, model families, methods, metrics, scorers, protocols"
+        "list", help="registered benchmarks, model families, methods, metrics, scorers, protocols, judges"
     )
     lst.add_argument("what", nargs="?", choices=list(_listings()))
     lst.set_defaults(func=cmd_list)
@@ -751,6 +790,10 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("src", type=Path, help="the folder of the original files (README: Original checkpoints)")
     cm.add_argument("--out", type=Path, required=True, help="a new folder for the converted model")
     cm.set_defaults(func=cmd_convert_model)
+
+    from mmke.saving import add_edit_parser
+
+    add_edit_parser(sub)  # mmke edit MODEL --method M (--edits F | --prompt P --target T …) --out DIR
     return p
 
 

