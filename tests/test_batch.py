@@ -151,5 +151,5 @@ def test_a_batch_run_scores_every_case_through_its_batch(setup: Setup, tmp_path:
     # the four cases of a batch share one edit: one cost, all of it
     assert len({r.efficiency["edit_seconds"] for r in ft[:4]}) == 1
     assert ft[0].efficiency["edited_params"] == ft[4].efficiency["edited_params"] > 0
-    noop = next(g for g in summary.groups if g.method == "noop" and g.edit_type == "all")
+    noop = next(g for g in summary.groups if g.method == "noop" and g.edit_type == "all" and g.task is None)
     assert noop.metrics["text_locality"] == 1.0

@@ -23,7 +23,7 @@ Setup = tuple[Path, Path]  # (world dir, model dir): the `setup` fixture in conf
 
 def test_noop_keeps_locality_at_one_and_reliability_at_base(setup: Setup, tmp_path: Path) -> None:
     _store, summary = small_run(setup, tmp_path, "methods=[noop]")
-    group = next(g for g in summary.groups if g.edit_type == "all")
+    group = next(g for g in summary.groups if g.edit_type == "all" and g.task is None)
     assert group.metrics["text_locality"] == 1.0
     assert group.metrics["image_locality"] == 1.0
     assert group.metrics["reliability"] == group.base["reliability"]
@@ -82,7 +82,7 @@ def test_nan_logits_are_recorded_as_collapse_and_the_run_goes_on(
     assert statuses.count("collapsed") == 1 and len(statuses) == 6
     collapsed = next(r for r in store.records() if r.status == "collapsed")
     assert collapsed.collapsed_at == collapsed.index and "NaN" in collapsed.message
-    assert next(g for g in summary.groups if g.edit_type == "all").n_collapsed == 1
+    assert next(g for g in summary.groups if g.edit_type == "all" and g.task is None).n_collapsed == 1
 
 
 def test_a_model_that_answers_nothing_is_recorded_as_collapsed_in_a_stream(
@@ -111,7 +111,7 @@ def test_a_model_that_answers_nothing_is_recorded_as_collapsed_in_a_stream(
     last = records[-1]
     assert "behavioural collapse after edit" in last.message and last.collapsed_at == last.index
     assert all(v == 0.0 for v in last.metrics.values())  # kept, so the collapse can be inspected
-    assert next(g for g in summary.groups if g.edit_type == "all").n_collapsed == 1
+    assert next(g for g in summary.groups if g.edit_type == "all" and g.task is None).n_collapsed == 1
 
 
 def test_behavioural_collapse_needs_locality_and_all_zero() -> None:
@@ -172,7 +172,7 @@ def test_generation_keeps_raw_text_a_match_and_pre_answers_for_locality(setup: S
     # noop: the edited model is the unedited one, so its answers are the pre-edit answers
     assert local and all(p.pre_generated == p.generated and p.generated_match == 1.0 for p in local)
     assert all(r.generated and r.base_generated for r in records)
-    (noop,) = [g for g in summary.groups if g.method == "noop" and g.edit_type == "all"]
+    (noop,) = [g for g in summary.groups if g.method == "noop" and g.edit_type == "all" and g.task is None]
     assert noop.generated["text_locality"] == 1.0
     assert noop.generated["reliability"] == noop.base_generated["reliability"]
 
@@ -196,7 +196,7 @@ def test_vlkeb_scoring_runs_end_to_end(setup: Setup, tmp_path: Path) -> None:
     assert len(records) == 6 and all(r.status == "ok" for r in records)
     assert all(r.run.scoring == "vlkeb" for r in records)
     assert summary.run.config["scoring"] == "vlkeb"
-    groups = {g.method: g for g in summary.groups if g.edit_type == "all"}
+    groups = {g.method: g for g in summary.groups if g.edit_type == "all" and g.task is None}
     for group in groups.values():
         assert group.metrics and all(math.isfinite(v) for v in group.metrics.values())
     assert groups["noop"].metrics["text_locality"] == 1.0

@@ -186,16 +186,9 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
 def _options(pairs: Sequence[str]) -> dict[str, object]:
     """Reader options given as key=value (values parsed as YAML, like run overrides)."""
-    from mmke.config import parse_value
-    from mmke.errors import ConfigError
+    from mmke.config import key_values
 
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"option {pair!r}: expected key=value, e.g. hop=2")
-        out[key.strip()] = parse_value(raw, pair)
-    return out
+    return key_values(pairs, "option", "hop=2")
 
 
 def cmd_convert(args: argparse.Namespace, console: Console) -> int:

@@ -343,6 +343,18 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     node[path[-1]] = value
 
 
+def key_values(pairs: Sequence[str], what: str, example: str) -> dict[str, Any]:
+    """Settings given as ``key=value`` (values parsed as YAML, as ``mmke run``'s); ``what`` names
+    them in the one-line error, ``example`` shows one."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {pair!r}: expected key=value, e.g. {example}")
+        out[key.strip()] = parse_value(raw, pair)
+    return out
+
+
 def parse_value(raw: str, setting: str) -> Any:
     """A ``key=value`` setting's value parsed as YAML (safe: plain data only)."""
     shown = setting if len(setting) <= 80 else setting[:79] + "…"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from mmke.config import key_values
 from mmke.data.checks import FieldError, ImagePathChecks, loads_record, utf8_lines
 from mmke.data.images import ImageStore
 from mmke.data.schema import FORMAT, case_from_json, write_cases
@@ -754,7 +755,7 @@ def cmd_edit(args: argparse.Namespace, console: Console) -> int:
         args.method,
         cases,
         args.out,
-        options=_key_values(args.options),
+        options=key_values(args.options, "method setting", "steps=20"),
         image_root=root,
         train=train,
         seed=args.seed,
@@ -796,19 +797,6 @@ def _cli_facts(args: argparse.Namespace) -> tuple[tuple[EditCase, ...], Path | N
             raise BadRecordError(f"--image {args.image}: {why}")
     fact = EditFact(args.prompt, args.target, None if ref is None else ImageRef(ref), args.ground_truth)
     return (fact_case("fact-1", fact),), root
-
-
-def _key_values(pairs: Sequence[str]) -> dict[str, Any]:
-    """Method settings given as key=value (values parsed as YAML, as in ``mmke run``)."""
-    from mmke.config import parse_value
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"method setting {pair!r}: expected key=value, e.g. steps=20")
-        out[key.strip()] = parse_value(raw, pair)
-    return out
 
 
 __all__ = [
