@@ -274,6 +274,7 @@ def test_run_scores_generation_as_mmku_does(capsys: pytest.CaptureFixture[str], 
     args += ["methods=[ft,ike]", "evaluation=[teacher_forced,generation]", "max_new_tokens=64"]
     args += [f"benchmark_options.train={TRAIN}", f"out={tmp_path / 'runs'}", "--run-id", "r"]
     assert main(args) == 0
+    assert "Rel VQA-Acc" in capsys.readouterr().out  # the CLI prints MMKU-Bench's measures
     run = tmp_path / "runs" / "r"
     summary = json.loads((run / "summary.json").read_text())
     for method in ("ft", "ike"):

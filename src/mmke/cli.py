@@ -547,6 +547,9 @@ def _print_summary(console: Console, summary: RunSummary) -> None:
     if any(t.name == "tasks" for t in tables):  # MultiMedEdit reports efficiency beside its task split
         shown.add("efficiency")
     for table in tables:
+        # three columns per metric: on a run with many metrics it would not fit; the report has it
+        if table.name == "generation_measures" and len(table.columns) > 11:
+            continue
         if table.name in shown:
             console.print(rich_table(table))
     for line in run_failures(summary):
