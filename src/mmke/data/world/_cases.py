@@ -8,6 +8,7 @@ carries that entity's aliases.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from numpy.random import Generator
@@ -21,7 +22,7 @@ from mmke.data.world._common import pick, rng_for
 from mmke.data.world._medical import FINDINGS, Combo, mcq_options
 from mmke.data.world._plan import World, entity_image, scan_image, train_slots, user_image
 from mmke.data.world._probes import portability, robustness, text_locality
-from mmke.types import LOCALITY_KINDS, EditCase, EditFact, EditType, Probe, ProbeKind
+from mmke.types import LOCALITY_KINDS, EditCase, EditFact, EditType, ImageRef, Probe, ProbeKind
 
 K = ProbeKind
 _PREFIX = {
@@ -202,20 +203,19 @@ def medical_case(world: World, case_id: str, combo_id: str, rnd: int) -> EditCas
     old, new = world.finding_id(c.finding.name), world.finding_id(cf)
     port, paths = portability(world, T.FINDING_REF, new, old, img)
     parts = _medical_attack_parts(world, c, cf, options, rng)
+    asked = (q, render_options(T.mcq(c.phrase, T.HELD_OUT), options))
     probes = [
-        Probe(K.RELIABILITY, q, cf, img, options=options),
-        Probe(
-            K.TEXT_GENERALITY, render_options(T.mcq(c.phrase, T.HELD_OUT), options), cf, img, options=options
-        ),
-        Probe(
-            K.IMAGE_GENERALITY,
-            q,
+        *_scan_probes(
+            world,
+            case_id,
+            combo_id,
+            asked,
             cf,
-            scan_image(combo_id, int(pick(rng, world.held_out_scans))),
-            options=options,
+            img,
+            options,
+            rng,
+            lambda: _medical_image_locality(world, c, cf, rng),
         ),
-        *text_locality(world, case_id),
-        _medical_image_locality(world, c, cf, rng),
         *port,
         *robustness(world, q, img, cf, parts, options),
     ]
@@ -239,19 +239,17 @@ def medical_reasoning_case(world: World, case_id: str, combo_id: str, rnd: int) 
     # the scan named by modality and body part instead of "the image": words the model knows
     rephrased = render_options(T.composed(REASONING_PATH, f"the finding in {c.phrase}"), options)
     target = _treatment(cf)
-    probes = [
-        Probe(K.RELIABILITY, q, target, img, options=options),
-        Probe(K.TEXT_GENERALITY, rephrased, target, img, options=options),
-        Probe(
-            K.IMAGE_GENERALITY,
-            q,
-            target,
-            scan_image(combo_id, int(pick(rng, world.held_out_scans))),
-            options=options,
-        ),
-        *text_locality(world, case_id),
-        _reasoning_image_locality(world, c, cf, rng),
-    ]
+    probes = _scan_probes(
+        world,
+        case_id,
+        combo_id,
+        (q, rephrased),
+        target,
+        img,
+        options,
+        rng,
+        lambda: _reasoning_image_locality(world, c, cf, rng),
+    )
     old, new = world.finding_id(c.finding.name), world.finding_id(cf)
     meta = {
         "combo": combo_id,
@@ -265,6 +263,30 @@ def medical_reasoning_case(world: World, case_id: str, combo_id: str, rnd: int) 
 
 def _treatment(finding: str) -> str:
     return next(f.treatment for f in FINDINGS if f.name == finding)
+
+
+def _scan_probes(
+    world: World,
+    case_id: str,
+    combo_id: str,
+    questions: tuple[str, str],
+    target: str,
+    img: ImageRef,
+    options: tuple[str, ...],
+    rng: Generator,
+    image_locality: Callable[[], Probe],
+) -> list[Probe]:
+    """A scan question's Rel, T-Gen (its rephrasing), I-Gen (a held-out scan of the same item),
+    T-Loc and I-Loc; ``image_locality`` draws from ``rng`` after I-Gen does, in one fixed order."""
+    q, rephrased = questions
+    other = scan_image(combo_id, int(pick(rng, world.held_out_scans)))
+    return [
+        Probe(K.RELIABILITY, q, target, img, options=options),
+        Probe(K.TEXT_GENERALITY, rephrased, target, img, options=options),
+        Probe(K.IMAGE_GENERALITY, q, target, other, options=options),
+        *text_locality(world, case_id),
+        image_locality(),
+    ]
 
 
 def _medical_attack_parts(
