@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from mmke.api import fact_case
 from mmke.cli import _Parser
 from mmke.data.images import ImageStore
 from mmke.data.schema import fact_to_json
@@ -25,7 +26,6 @@ from mmke.saving import (
     EditedModel,
     add_edit_parser,
     edit_and_save,
-    fact_case,
     load_edited,
     read_facts,
 )
@@ -53,7 +53,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cases() -> tuple[EditCase, ...]:
-    return tuple(fact_case(f"fact-{i}", f) for i, f in enumerate(FACTS))
+    return tuple(fact_case(f, case_id=f"fact-{i}") for i, f in enumerate(FACTS))
 
 
 def load(path: Path, images: Path) -> LVLM:

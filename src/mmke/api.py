@@ -101,10 +101,18 @@ def edit_case(
 ) -> EditCase:
     """One edit written by hand: ``prompt`` (+ ``image``, a path the model's image store opens)
     -> ``target``, measured by ``probes`` (default: its own reliability)."""
-    ref = None if image is None else ImageRef(image)
-    fact = EditFact(prompt, target, ref, ground_truth)
-    asked = tuple(probes) or (Probe(ProbeKind.RELIABILITY, prompt, target, ref),)
-    return EditCase(case_id, edit_type, fact, asked)
+    fact = EditFact(prompt, target, None if image is None else ImageRef(image), ground_truth)
+    return fact_case(fact, case_id=case_id, edit_type=edit_type, probes=probes)
+
+
+def fact_case(
+    fact: EditFact, *, case_id: str = "edit", edit_type: EditType | None = None, probes: Sequence[Probe] = ()
+) -> EditCase:
+    """The case that writes ``fact``, measured by ``probes`` (default: the fact asked again,
+    reliability); its edit type, when not given: an insertion without a ground truth, else an entity edit."""
+    kind = edit_type or (EditType.USER_SPECIFIC if fact.ground_truth is None else EditType.VISUAL_ENTITY)
+    own = Probe(ProbeKind.RELIABILITY, fact.prompt, fact.target, fact.image, options=fact.options)
+    return EditCase(case_id, kind, fact, tuple(probes) or (own,))
 
 
 def evaluate(

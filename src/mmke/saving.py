@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from mmke.api import fact_case
 from mmke.config import key_values
 from mmke.data.checks import FieldError, ImagePathChecks, loads_record, utf8_lines
 from mmke.data.images import ImageStore
@@ -33,7 +34,7 @@ from mmke.errors import BadRecordError, ConfigError, EditorNotReadyError, ModelL
 from mmke.methods.base import Edited, Editor, ParamEdited, swap_module
 from mmke.models.base import LVLM, Item, ModalityError
 from mmke.models.scoring import ScoredBatch
-from mmke.types import EditCase, EditFact, EditType, ImageRef, Probe, ProbeKind
+from mmke.types import EditCase, EditFact, EditType, ImageRef, ProbeKind
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -187,19 +188,14 @@ def _simple_fact(line: str, checks: ImagePathChecks, where: str) -> EditFact:
         raise BadRecordError(f"{where}: {e}") from None
 
 
-def fact_case(case_id: str, fact: EditFact, edit_type: EditType | None = None) -> EditCase:
-    """A fact as the case that writes it: its only probe asks the fact itself (reliability)."""
-    kind = edit_type or (EditType.USER_SPECIFIC if fact.ground_truth is None else EditType.VISUAL_ENTITY)
-    probe = Probe(ProbeKind.RELIABILITY, fact.prompt, fact.target, fact.image, options=fact.options)
-    return EditCase(case_id, kind, fact, (probe,))
-
-
 def _fact_cases(facts: Sequence[tuple[str, EditType | None, EditFact]]) -> tuple[EditCase, ...]:
     seen: dict[str, int] = {}
     out = []
     for case_id, edit_type, fact in facts:
         n = seen[case_id] = seen.get(case_id, -1) + 1  # a case's companions share its id
-        out.append(fact_case(case_id if n == 0 else f"{case_id}/companion-{n}", fact, edit_type))
+        out.append(
+            fact_case(fact, case_id=case_id if n == 0 else f"{case_id}/companion-{n}", edit_type=edit_type)
+        )
     return tuple(out)
 
 
@@ -796,7 +792,7 @@ def _cli_facts(args: argparse.Namespace) -> tuple[tuple[EditCase, ...], Path | N
         if why:
             raise BadRecordError(f"--image {args.image}: {why}")
     fact = EditFact(args.prompt, args.target, None if ref is None else ImageRef(ref), args.ground_truth)
-    return (fact_case("fact-1", fact),), root
+    return (fact_case(fact, case_id="fact-1"),), root
 
 
 __all__ = [
@@ -808,7 +804,6 @@ __all__ = [
     "add_edit_parser",
     "cmd_edit",
     "edit_and_save",
-    "fact_case",
     "load_edited",
     "read_facts",
     "read_state",

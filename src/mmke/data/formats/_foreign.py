@@ -314,6 +314,14 @@ def take_options(fmt: str, options: Mapping[str, Any], known: Sequence[str]) -> 
     return dict(options)
 
 
+def bool_option(options: Mapping[str, Any], name: str, default: bool) -> bool:
+    """Reader option ``name`` as a boolean (a one-line ConfigError for anything but true/false)."""
+    value = options.get(name, default)
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"benchmark option {name}={value!r}: expected true or false")
+
+
 def benchmark_file(fmt: str, arg: str | None, example: str) -> Path:
     """The file named after ``fmt:``, which must exist."""
     if not arg:

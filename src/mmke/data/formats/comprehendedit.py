@@ -48,6 +48,7 @@ from mmke.data.formats._foreign import (
     ImageChecker,
     LeftOut,
     benchmark_file,
+    bool_option,
     checked_text,
     decode_file,
     iter_records,
@@ -240,12 +241,6 @@ def _k_option(value: Any) -> int:
     raise ConfigError(f"benchmark option k={value!r}: expected an integer 1-{MAX_K} (neighbours per list)")
 
 
-def _bool_option(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"benchmark option {name}={value!r}: expected true or false")
-
-
 def ori_right_file(test_file: Path, option: Any) -> Path | None:
     """The KPI pool: the option's file (which must exist), else the sibling file if there is one."""
     if option is None:
@@ -271,7 +266,7 @@ def load_comprehendedit(
     opts = take_options("comprehendedit", options, OPTIONS)
     file = benchmark_file("comprehendedit", path, "path/to/ComprehendEdit_test.json")
     k = _k_option(opts.get("k"))
-    templates = _bool_option(opts.get("source_templates", False), "source_templates")
+    templates = bool_option(opts, "source_templates", False)
     images = image_checker(image_root, file.parent, {})
     ori = ori_right_file(file, opts.get("ori_right"))
     pools = read_pool(file, images, templates), (read_pool(ori, images, templates) if ori else None)

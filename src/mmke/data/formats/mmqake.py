@@ -49,6 +49,7 @@ from mmke.data.formats._foreign import (
     ImageChecker,
     LeftOut,
     benchmark_file,
+    bool_option,
     checked_text,
     decode_file,
     make_benchmark,
@@ -212,10 +213,7 @@ def read_settings(opts: dict[str, Any]) -> Settings:
     image = opts.get("image", "original")
     if image not in IMAGE_SETTINGS:
         raise ConfigError(f"benchmark option image={image!r}: expected one of {', '.join(IMAGE_SETTINGS)}")
-    aliases = opts.get("aliases", True)
-    if not isinstance(aliases, bool):
-        raise ConfigError(f"benchmark option aliases={aliases!r}: expected true or false")
-    return Settings(rephrased=image == "rephrased", aliases=aliases)
+    return Settings(rephrased=image == "rephrased", aliases=bool_option(opts, "aliases", True))
 
 
 @register_benchmark(
